@@ -1,0 +1,47 @@
+# fersynth: every target creates .venv from requirements.lock when it is missing or stale.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PARAMS ?= params.yaml
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv with the pinned dependencies (done by every target)
+
+run: $(STAMP) ## the main job: demo data -> ingest (the stages that exist), on the embedded default
+	$(BIN)/fersynth --params $(PARAMS) demo-data --force
+	$(BIN)/fersynth --params $(PARAMS) ingest --force
+
+test: lint ## lint, then the whole test suite, slow tests on ../shared included (what CI runs)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP) ## the test suite without the slow tests
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+lock: ## re-resolve requirements.lock from the pins in pyproject.toml (needs the network)
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	{ echo "# Exact versions of every package, resolved once with pip on Python 3.11 / x86_64."; \
+	  echo "# Regenerate with: make lock (after editing the top-level pins in pyproject.toml)."; \
+	  .lock-venv/bin/pip freeze --all --exclude-editable | grep -vE '^(pip|wheel)=='; } > requirements.lock
+	rm -rf .lock-venv
+
+clean: ## remove outputs of make run (keeps .venv)
+	rm -rf data/demo
+
+.PHONY: help venv run test test-fast lint lock clean

@@ -1,0 +1,3 @@
+"""fersynth: FER with generated training data."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,226 @@
+"""The dataset contract: a folder holding `manifest.csv` and the image files it names.
+
+One row per image. Stages add columns and files; they never edit their input. The manifest's
+paths are relative to the folder, and a path that would leave the folder is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fersynth.classes import CLASSES
+from fersynth.errors import FersynthError
+from fersynth.files import atomic_write_text
+
+MANIFEST_NAME = "manifest.csv"
+ORIGINS = ("real", "enhanced", "synthetic")
+TRAIN_SPLIT = "train"
+VAL_SPLIT = "val"
+TEST_SPLIT = "test"
+# Columns every manifest has, in this order; stages append their own after them.
+COLUMNS: tuple[str, ...] = (
+    "id",  # unique within the dataset; synthetic rows name their seed by it
+    "path",  # image file, relative to the dataset folder (POSIX separators)
+    "label",  # canonical class name (fersynth.classes.CLASSES)
+    "split",  # train, val, test, or another lower-case name such as private_test
+    "origin",  # real, enhanced or synthetic
+    "source",  # the dataset the row came from (rafdb, fer2013, ...)
+    "source_id",  # where in that source: file path or CSV row
+    "seed_id",  # for synthetic rows: the id of the training image it was generated from
+    "width",
+    "height",
+    "channels",
+    "pixel_hash",  # hash of the decoded pixels, for exact-duplicate and leakage checks
+)
+_SPLIT_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def is_evaluation_split(split: str) -> bool:
+    """Test-like splits: everything that is neither training nor validation."""
+    return split not in (TRAIN_SPLIT, VAL_SPLIT)
+
+
+def check_relative_path(relative: str) -> PurePosixPath:
+    """The path as a POSIX path, or FersynthError when it is absolute or climbs out."""
+    if (
+        not relative
+        or "\\" in relative
+        or relative.startswith("/")
+        or _WINDOWS_DRIVE.match(relative)
+    ):
+        raise FersynthError(f"path {relative!r} is not a relative POSIX path inside the dataset")
+    posix = PurePosixPath(relative)
+    if ".." in posix.parts:
+        raise FersynthError(f"path {relative!r} escapes the dataset folder")
+    return posix
+
+
+def safe_join(root: Path, relative: str) -> Path:
+    """`root / relative`, refusing paths (and symbolic links) that leave `root`."""
+    full = Path(root) / check_relative_path(relative)
+    if not full.resolve().is_relative_to(Path(root).resolve()):
+        raise FersynthError(f"path {relative!r} escapes the dataset folder through a link")
+    return full
+
+
+# ---------------------------------------------------------------------------------------
+# Images
+
+
+class ImageDecodeError(ValueError):
+    """An input image that cannot be used; the message is the reason for the report."""
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode image bytes to uint8 pixels: H x W for grey, H x W x 3 (RGB) for colour.
+
+    Handles what real datasets contain: EXIF rotation, palette and alpha images (alpha is
+    dropped), CMYK JPEGs, 16-bit PNGs (scaled to 8 bit, not clipped). Empty, truncated and
+    non-image inputs raise ImageDecodeError with the reason.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()  # a truncated file raises here (LOAD_TRUNCATED_IMAGES stays off)
+            image = ImageOps.exif_transpose(opened)
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a readable image format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image ({exc})") from None
+    if image.width < 1 or image.height < 1:
+        raise ImageDecodeError("image has no pixels")
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(image, dtype=np.int64)
+        # 16-bit data spans 0..65535; 32-bit ints from other decoders are scaled by their max.
+        top = 65535 if mode.startswith("I;16") or wide.max() > 255 else 255
+        return np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8)
+    if mode == "F":
+        return np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
+    if mode in ("L", "1", "LA") or (mode == "P" and _palette_is_grey(image)):
+        return np.asarray(image.convert("L"), dtype=np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _palette_is_grey(image: Image.Image) -> bool:
+    palette = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return bool(
+        np.all(palette[..., 0] == palette[..., 1]) and np.all(palette[..., 1] == palette[..., 2])
+    )
+
+
+def pixel_hash(pixels: np.ndarray) -> str:
+    """Hash of shape and pixel values: equal for images with identical decoded pixels."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(pixels.shape).encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+def encode_image(pixels: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
+    """uint8 grey or RGB pixels -> PNG or JPEG bytes."""
+    bgr = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if image_format == "jpg" else []
+    ok, buffer = cv2.imencode(f".{image_format}", bgr, params)
+    if not ok:
+        raise ImageDecodeError(f"could not encode as {image_format}")
+    return buffer.tobytes()
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Read an image file as uint8 RGB (H x W x 3)."""
+    try:
+        pixels = decode_image(Path(path).read_bytes())
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read ({exc.strerror or exc})") from None
+    return to_rgb(pixels)
+
+
+def to_rgb(pixels: np.ndarray) -> np.ndarray:
+    return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
+
+
+# ---------------------------------------------------------------------------------------
+# Manifest
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset folder and its validated manifest."""
+
+    root: Path
+    manifest: pd.DataFrame
+
+    def image_path(self, relative: str) -> Path:
+        return safe_join(self.root, relative)
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.manifest[self.manifest["split"] == name]
+
+    def class_counts(self, split: str) -> dict[str, int]:
+        counts = self.split(split)["label"].value_counts()
+        return {name: int(counts.get(name, 0)) for name in CLASSES}
+
+
+def validate_manifest(frame: pd.DataFrame, where: str) -> None:
+    """Raise FersynthError naming the rows that break the contract (first few, and a count)."""
+    missing = [column for column in COLUMNS if column not in frame.columns]
+    if missing:
+        raise FersynthError(f"{where}: missing columns {', '.join(missing)}")
+    problems: list[str] = []
+
+    def bad(index: int, text: str) -> None:
+        problems.append(f"row {index + 2}: {text}")  # +2: header line, 1-based lines
+
+    for column, allowed in (("label", CLASSES), ("origin", ORIGINS)):
+        for index in frame.index[~frame[column].isin(allowed)]:
+            bad(index, f"{column} {frame.at[index, column]!r} is not one of {', '.join(allowed)}")
+    for index in frame.index[~frame["split"].str.match(_SPLIT_PATTERN)]:
+        bad(index, f"split {frame.at[index, 'split']!r} is not a lower-case name")
+    for index in frame.index[frame["id"].duplicated(keep="first") | (frame["id"] == "")]:
+        bad(index, f"id {frame.at[index, 'id']!r} is empty or repeated")
+    for index, relative in frame["path"].items():
+        try:
+            check_relative_path(relative)
+        except FersynthError as exc:
+            bad(index, str(exc))
+    if problems:
+        shown = "; ".join(problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise FersynthError(f"{where}: {shown}{more}")
+
+
+def read_manifest(folder: Path) -> Dataset:
+    """Read and validate `folder/manifest.csv`."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise FersynthError(f"{path}: no manifest here; is {folder} a fersynth dataset folder?")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise FersynthError(f"{path}: not a readable CSV table ({exc})") from None
+    validate_manifest(frame, str(path))
+    for column in ("width", "height", "channels"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+    return Dataset(folder, frame)
+
+
+def write_manifest(folder: Path, frame: pd.DataFrame) -> Path:
+    """Validate and write `folder/manifest.csv` atomically, contract columns first."""
+    validate_manifest(frame, str(Path(folder) / MANIFEST_NAME))
+    ordered = list(COLUMNS) + [c for c in frame.columns if c not in COLUMNS]
+    target = Path(folder) / MANIFEST_NAME
+    atomic_write_text(target, frame[ordered].to_csv(index=False, lineterminator="\n"))
+    return target

@@ -1,0 +1,123 @@
+"""`fersynth ingest`: any supported source layout -> one canonical dataset folder.
+
+The output folder holds `manifest.csv`, `images/<split>/<id>.<ext>`, the ingest report
+(JSON, Markdown, the rejected inputs and duplicate groups as CSV) and the resolved settings.
+It is built under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from fersynth.classes import CLASSES
+from fersynth.dataset import COLUMNS, write_manifest
+from fersynth.errors import FersynthError
+from fersynth.files import staged_folder
+from fersynth.ingest import affectnet, fer2013, ferplus, folder, rafdb
+from fersynth.ingest.items import Candidate, Rejection
+from fersynth.ingest.report import IngestReport, build_report, find_duplicates, write_report
+from fersynth.ingest.writer import WriteOptions, import_one
+from fersynth.parallel import imap
+from fersynth.settings import IngestSettings, save_resolved
+
+
+def _reader(settings: IngestSettings, seed: int) -> tuple[Iterator[Candidate | Rejection], int]:
+    source, path = settings.source, Path(settings.input)
+    if not path.exists():
+        raise FersynthError(f"{path}: input not found (ingest.input, source {source})")
+    if source == "rafdb":
+        return rafdb.read(path), rafdb.count(path)
+    if source == "fer2013":
+        return fer2013.read(path, settings.fer2013.split_map), fer2013.count(path)
+    if source == "ferplus":
+        labels = settings.ferplus.labels_csv
+        if labels is None:
+            raise FersynthError("ingest.ferplus.labels_csv: set it to Microsoft's fer2013new.csv")
+        return ferplus.read(path, labels, settings.fer2013.split_map), fer2013.count(labels)
+    if source == "affectnet":
+        return affectnet.read(path, settings.affectnet, seed), affectnet.count(
+            path, settings.affectnet
+        )
+    return folder.read(path), folder.count(path)
+
+
+class _Tally:
+    """Counts labelled inputs per split and class, and makes ids unique, as items stream by."""
+
+    def __init__(self) -> None:
+        self.read: Counter[tuple[str, str]] = Counter()
+        self.ids: Counter[str] = Counter()
+
+    def __call__(self, items: Iterator[Candidate | Rejection]) -> Iterator[Candidate | Rejection]:
+        for item in items:
+            if isinstance(item, Candidate):
+                self.read[(item.split, item.label)] += 1
+                self.ids[item.id] += 1
+                if self.ids[item.id] > 1:  # e.g. "a b.jpg" and "a_b.jpg" in one folder
+                    item = dataclasses.replace(item, id=f"{item.id}__{self.ids[item.id]}")
+            yield item
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        splits = sorted({split for split, _ in self.read})
+        return {s: {name: self.read[(s, name)] for name in CLASSES} for s in splits}
+
+
+def run_ingest(
+    settings: IngestSettings,
+    *,
+    seed: int = 2048,
+    force: bool = False,
+    progress: bool = True,
+) -> IngestReport:
+    """Ingest `settings.input` (layout `settings.source`) into `settings.output`."""
+    items, total = _reader(settings, seed)
+    tally = _Tally()
+    rows: list[dict] = []
+    rejections: list[Rejection] = []
+    output = Path(settings.output)
+    with staged_folder(output, force=force) as staging:
+        options = WriteOptions(
+            staging, settings.source, settings.image_format, settings.jpeg_quality
+        )
+        results = imap(import_one, tally(items), settings.workers, chunksize=64, options=options)
+        for result in tqdm(
+            results, total=total, desc=f"ingest {settings.source}", unit="img", disable=not progress
+        ):
+            (rejections if isinstance(result, Rejection) else rows).append(result)
+
+        frame = pd.DataFrame(rows, columns=list(COLUMNS))
+        findings = find_duplicates(frame)
+        remove = settings.drop_train_test_duplicates
+        removed = frame[frame["id"].isin(findings.across["id"])] if remove else frame.iloc[:0]
+        kept = frame.drop(index=removed.index)
+        for relative in removed["path"]:
+            (staging / relative).unlink()
+
+        if kept.empty:
+            raise FersynthError(
+                f"{settings.input}: no image could be imported ({len(rejections)} rejected; "
+                f"first reason: {rejections[0].reason if rejections else 'no input rows'})"
+            )
+        report = build_report(
+            source=settings.source,
+            input_path=Path(settings.input),
+            output=output,
+            read_counts=tally.counts(),
+            kept=kept,
+            removed=removed,
+            rejections=rejections,
+            findings=findings,
+            dropped_test_duplicates=remove,
+        )
+        if not report.accounted:  # a bug, not a user error: refuse to publish the folder
+            raise RuntimeError(f"ingest lost inputs: {report}")
+        write_manifest(staging, kept.reset_index(drop=True))
+        write_report(staging, report, rejections, findings)
+        save_resolved({"seed": seed, "ingest": settings}, staging)
+    return report

@@ -1,0 +1,113 @@
+"""AffectNet: `training.csv` / `validation.csv` with `subDirectory_filePath`, face box and
+`expression`, images under `Manually_Annotated_Images/`.
+
+Training rows become the train split. The test split is the balanced subset the papers use:
+`test_per_class` images per class from the validation file, drawn with a seeded shuffle.
+Contempt (7) and none / uncertain / non-face (8-10) are excluded and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from fersynth.classes import AFFECTNET_EXCLUDED, AFFECTNET_LABELS, CLASSES
+from fersynth.errors import FersynthError
+from fersynth.ingest import fer2013
+from fersynth.ingest.items import Candidate, Rejection, safe_name
+from fersynth.settings import AffectNetSettings
+
+COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression")
+
+
+def _csv(root: Path, name: str) -> Path:
+    path = Path(root) / name
+    if not path.is_file():
+        raise FersynthError(f"{path}: AffectNet CSV not found")
+    return path
+
+
+def count(root: Path, settings: AffectNetSettings) -> int:
+    return sum(
+        len(chunk)
+        for name in (settings.train_csv, settings.test_csv)
+        for chunk in fer2013.read_chunks(_csv(root, name), COLUMNS)
+    )
+
+
+def _rows(path: Path) -> Iterator[tuple[int, tuple[str, ...]]]:
+    number = 0
+    for chunk in fer2013.read_chunks(path, COLUMNS):
+        for row in chunk[list(COLUMNS)].itertuples(index=False):
+            number += 1
+            yield number + 1, tuple(row)  # line number in the file (header is line 1)
+
+
+def _parse(
+    root: Path, images_dir: str, csv_name: str, line: int, row: tuple[str, ...], split: str
+) -> Candidate | Rejection:
+    relative, x, y, w, h, expression = row
+    where = f"{csv_name} row {line}"
+    try:
+        code = int(float(expression))
+    except ValueError:
+        return Rejection(where, f"expression {expression!r} is not a number", split)
+    if code in AFFECTNET_EXCLUDED:
+        return Rejection(
+            where, f"excluded class {AFFECTNET_EXCLUDED[code]} (expression {code})", split
+        )
+    label = AFFECTNET_LABELS.get(code)
+    if label is None:
+        return Rejection(where, f"unknown expression {code} (AffectNet uses 0..10)", split)
+    try:
+        box = tuple(float(v) for v in (x, y, w, h))
+    except ValueError:
+        return Rejection(where, f"face box {x},{y},{w},{h} is not numeric", split, label)
+    if box[2] <= 0 or box[3] <= 0:
+        return Rejection(where, f"face box {x},{y},{w},{h} is empty", split, label)
+    if not relative.strip() or relative.startswith("/") or ".." in Path(relative).parts:
+        return Rejection(where, f"image path {relative!r} leaves the image folder", split, label)
+    return Candidate(
+        id=safe_name(relative),
+        split=split,
+        label=label,
+        source_id=f"{images_dir}/{relative}",
+        file=str(Path(root) / images_dir / relative),
+        crop=box,  # type: ignore[arg-type]
+    )
+
+
+def read(root: Path, settings: AffectNetSettings, seed: int) -> Iterator[Candidate | Rejection]:
+    root = Path(root)
+    train_csv = _csv(root, settings.train_csv)
+    test_csv = _csv(root, settings.test_csv)
+    for line, row in _rows(train_csv):
+        yield _parse(root, settings.images_dir, settings.train_csv, line, row, "train")
+
+    # The validation file is small (about 5.5k rows): parse it whole, then draw the subset.
+    parsed = [
+        _parse(root, settings.images_dir, settings.test_csv, line, row, "test")
+        for line, row in _rows(test_csv)
+    ]
+    by_class: dict[str, list[int]] = {name: [] for name in CLASSES}
+    for index, item in enumerate(parsed):
+        if isinstance(item, Candidate):
+            by_class[item.label].append(index)
+    rng = np.random.default_rng(seed)
+    chosen: set[int] = set()
+    for name in CLASSES:
+        indices = by_class[name]
+        order = rng.permutation(len(indices))
+        chosen.update(indices[i] for i in order[: settings.test_per_class])
+    for index, item in enumerate(parsed):
+        if isinstance(item, Candidate) and index not in chosen:
+            yield Rejection(
+                item.source_id,
+                f"not drawn into the balanced test subset ({settings.test_per_class} per class)",
+                item.split,
+                item.label,
+            )
+        else:
+            yield item

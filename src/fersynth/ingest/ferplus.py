@@ -1,0 +1,83 @@
+"""FER+ (Microsoft's `fer2013new.csv` votes) joined row by row with FER2013's pixels.
+
+Labels follow Microsoft's `majority` rule (FERPlus `ferplus.py`): drop emotions with a
+single vote, keep the top emotion only when it has more than half of the remaining votes,
+and drop images whose result is unknown or not a face. Contempt has no canonical class.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+from fersynth.classes import FERPLUS_LABELS, FERPLUS_VOTE_COLUMNS
+from fersynth.errors import FersynthError
+from fersynth.ingest import fer2013
+from fersynth.ingest.items import Candidate, Rejection
+
+LABEL_COLUMNS = ("Usage", "Image name", *FERPLUS_VOTE_COLUMNS)
+
+
+def majority(votes: list[float]) -> str:
+    """The FER+ vote column that wins by Microsoft's majority rule, or 'unknown'."""
+    kept = [v if v > 1.0 else 0.0 for v in votes]  # a single vote is treated as an outlier
+    top = max(kept)
+    if top > 0.5 * sum(kept):
+        return FERPLUS_VOTE_COLUMNS[kept.index(top)]  # first maximum, as np.argmax
+    return "unknown"
+
+
+def read(
+    pixels_csv: Path, labels_csv: Path, split_map: dict[str, str]
+) -> Iterator[Candidate | Rejection]:
+    labels_name = Path(labels_csv).name
+    pixel_rows = (
+        row
+        for chunk in fer2013.read_chunks(pixels_csv, fer2013.COLUMNS)
+        for row in chunk[["pixels"]].itertuples(index=False)
+    )
+    label_rows = (
+        row
+        for chunk in fer2013.read_chunks(labels_csv, LABEL_COLUMNS)
+        for row in chunk[list(LABEL_COLUMNS)].itertuples(index=False)
+    )
+    for number, pair in enumerate(itertools.zip_longest(pixel_rows, label_rows)):
+        pixel_row, label_row = pair
+        if pixel_row is None or label_row is None:
+            longer = labels_csv if pixel_row is None else pixels_csv
+            raise FersynthError(
+                f"{longer}: has more rows than its partner (row {number + 2}); FER+ labels "
+                "join FER2013 row by row, so both files must be complete (all three Usages)"
+            )
+        where = f"{labels_name} row {number + 2}"
+        usage, image_name, *raw_votes = label_row
+        split = split_map.get(usage.strip())
+        if split is None:
+            yield Rejection(where, f"unknown Usage {usage!r} (expected {', '.join(split_map)})")
+            continue
+        if not image_name.strip():
+            yield Rejection(where, "no image name: FER+ removed this image", split)
+            continue
+        try:
+            votes = [float(v) for v in raw_votes]
+        except ValueError:
+            yield Rejection(where, f"votes are not numbers: {raw_votes}", split)
+            continue
+        winner = majority(votes)
+        if winner == "contempt":
+            yield Rejection(where, "excluded class contempt (not in the 7-class task)", split)
+            continue
+        label = FERPLUS_LABELS.get(winner)
+        if label is None:
+            reason = "not a face" if winner == "NF" else "no majority / unknown"
+            yield Rejection(where, f"FER+ majority rule: {reason}", split)
+            continue
+        yield Candidate(
+            id=f"ferplus_{number:05d}",
+            split=split,
+            label=label,
+            source_id=where,
+            pixels=pixel_row.pixels,
+            pixel_shape=(fer2013.SIDE, fer2013.SIDE),
+        )

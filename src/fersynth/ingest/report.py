@@ -1,0 +1,189 @@
+"""Exact-duplicate analysis by decoded-pixel hash, and the ingest report (JSON, Markdown, CSV)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fersynth.classes import CLASSES
+from fersynth.dataset import is_evaluation_split
+from fersynth.files import atomic_write_text
+from fersynth.ingest.items import Rejection
+
+REPORT_JSON = "ingest_report.json"
+REPORT_MD = "ingest_report.md"
+REJECTED_CSV = "ingest_rejected.csv"
+DUPLICATES_CSV = "ingest_duplicates.csv"
+
+
+def split_class_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{split: {class: count}} with every canonical class present, in canonical order."""
+    counts: dict[str, dict[str, int]] = {}
+    for split, group in frame.groupby("split", sort=True):
+        tally = group["label"].value_counts()
+        counts[str(split)] = {name: int(tally.get(name, 0)) for name in CLASSES}
+    return counts
+
+
+@dataclass
+class DuplicateFindings:
+    """Exact pixel duplicates: within each split, and between learning and test splits."""
+
+    within_split: pd.DataFrame  # rows of groups with >1 member in one split
+    across: pd.DataFrame  # train/val rows whose pixels occur in a test split, with the test ids
+    distinct_across: int  # distinct images shared between learning and test splits
+    test_rows_across: int  # test rows that have a copy in a learning split
+
+
+def find_duplicates(frame: pd.DataFrame) -> DuplicateFindings:
+    sizes = frame.groupby(["split", "pixel_hash"])["id"].transform("size")
+    within = frame.loc[sizes > 1, ["split", "pixel_hash", "id", "path", "label"]]
+    within = within.sort_values(["split", "pixel_hash", "id"])
+
+    evaluation = frame[frame["split"].map(is_evaluation_split)]
+    learning = frame[~frame["split"].map(is_evaluation_split)]
+    test_ids = evaluation.groupby("pixel_hash")["id"].agg(lambda ids: " ".join(sorted(ids)))
+    across = learning[learning["pixel_hash"].isin(test_ids.index)].copy()
+    across["test_ids"] = across["pixel_hash"].map(test_ids)
+    across = across[["split", "pixel_hash", "id", "path", "label", "test_ids"]].sort_values(
+        ["pixel_hash", "id"]
+    )
+    shared = set(across["pixel_hash"])
+    return DuplicateFindings(
+        within_split=within,
+        across=across,
+        distinct_across=len(shared),
+        test_rows_across=int(evaluation["pixel_hash"].isin(shared).sum()),
+    )
+
+
+@dataclass
+class IngestReport:
+    source: str
+    input: str
+    output: str
+    inputs: int
+    written: int
+    rejected: int
+    removed_test_duplicates: int
+    read_counts: dict[str, dict[str, int]]  # labelled inputs per split and class
+    written_counts: dict[str, dict[str, int]]
+    rejected_by_reason: dict[str, int]
+    duplicates: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accounted(self) -> bool:
+        return self.written + self.rejected + self.removed_test_duplicates == self.inputs
+
+
+def _reason_key(reason: str) -> str:
+    # Group "corrupt or truncated image (...detail...)" under its general reason.
+    return reason.split(" (", 1)[0]
+
+
+def build_report(
+    *,
+    source: str,
+    input_path: Path,
+    output: Path,
+    read_counts: dict[str, dict[str, int]],
+    kept: pd.DataFrame,
+    removed: pd.DataFrame,
+    rejections: list[Rejection],
+    findings: DuplicateFindings,
+    dropped_test_duplicates: bool,
+) -> IngestReport:
+    within_groups = findings.within_split.groupby(["split", "pixel_hash"])["label"].nunique()
+    return IngestReport(
+        source=source,
+        input=str(input_path),
+        output=str(output),
+        inputs=len(kept) + len(removed) + len(rejections),
+        written=len(kept),
+        rejected=len(rejections),
+        removed_test_duplicates=len(removed),
+        read_counts=read_counts,
+        written_counts=split_class_counts(kept),
+        rejected_by_reason=dict(Counter(_reason_key(r.reason) for r in rejections).most_common()),
+        duplicates={
+            "within_split_groups": int(len(within_groups)),
+            "within_split_rows": int(len(findings.within_split)),
+            "within_split_groups_with_conflicting_labels": int((within_groups > 1).sum()),
+            "train_test_distinct_images": findings.distinct_across,
+            "train_test_learning_rows": int(len(findings.across)),
+            "train_test_test_rows": findings.test_rows_across,
+            "learning_rows_removed": int(len(removed)),
+            "policy": "removed from training" if dropped_test_duplicates else "kept (flag)",
+        },
+    )
+
+
+def _counts_table(counts: dict[str, dict[str, int]]) -> list[str]:
+    lines = ["| split | " + " | ".join(CLASSES) + " | total |", "|---" * (len(CLASSES) + 2) + "|"]
+    for split, row in counts.items():
+        cells = " | ".join(str(row[name]) for name in CLASSES)
+        lines.append(f"| {split} | {cells} | {sum(row.values())} |")
+    return lines
+
+
+def markdown(report: IngestReport) -> str:
+    dup = report.duplicates
+    lines = [
+        f"# Ingest report: {report.source}",
+        "",
+        f"Input `{report.input}` -> dataset `{report.output}`.",
+        "",
+        f"- inputs: {report.inputs}",
+        f"- written: {report.written}",
+        f"- rejected: {report.rejected} (listed with reasons in `{REJECTED_CSV}`)",
+        f"- training rows removed as copies of test images: {report.removed_test_duplicates}",
+        f"- every input accounted for: {'yes' if report.accounted else 'NO'}",
+        "",
+        "## Images written per split and class",
+        "",
+        *_counts_table(report.written_counts),
+        "",
+        "## Labelled inputs read per split and class",
+        "",
+        *_counts_table(report.read_counts),
+        "",
+        "## Exact duplicates (decoded pixels)",
+        "",
+        f"- within a split: {dup['within_split_groups']} groups, {dup['within_split_rows']} rows, "
+        f"{dup['within_split_groups_with_conflicting_labels']} groups with conflicting labels",
+        f"- shared between training and test: {dup['train_test_distinct_images']} distinct images "
+        f"({dup['train_test_learning_rows']} training rows, "
+        f"{dup['train_test_test_rows']} test rows); training copies {dup['policy']}",
+        f"- every group with its paths: `{DUPLICATES_CSV}`",
+        "",
+    ]
+    if report.rejected_by_reason:
+        lines += ["## Rejected inputs by reason", "", "| reason | count |", "|---|---|"]
+        lines += [f"| {reason} | {n} |" for reason, n in report.rejected_by_reason.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(
+    folder: Path, report: IngestReport, rejections: list[Rejection], findings: DuplicateFindings
+) -> None:
+    folder = Path(folder)
+    atomic_write_text(folder / REPORT_JSON, json.dumps(asdict(report), indent=2) + "\n")
+    atomic_write_text(folder / REPORT_MD, markdown(report))
+    rejected = pd.DataFrame(
+        [asdict(r) for r in rejections], columns=["source_id", "split", "label", "reason"]
+    )
+    atomic_write_text(folder / REJECTED_CSV, rejected.to_csv(index=False, lineterminator="\n"))
+    duplicates = pd.concat(
+        [
+            findings.within_split.assign(kind="within_split", test_ids=""),
+            findings.across.assign(kind="train_test"),
+        ],
+        ignore_index=True,
+    )[["kind", "split", "pixel_hash", "id", "path", "label", "test_ids"]]
+    atomic_write_text(folder / DUPLICATES_CSV, duplicates.to_csv(index=False, lineterminator="\n"))

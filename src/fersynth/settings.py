@@ -1,0 +1,185 @@
+"""params.yaml -> typed, validated settings.
+
+Every stage reads its parameters from one `params.yaml`. Unknown keys are refused and a bad
+value is reported as `params.yaml: <key> = <value>: <what was expected>`. Stages save the
+resolved settings next to their output with `save_resolved`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fersynth.errors import FersynthError
+from fersynth.files import atomic_write_text
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+SplitName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Strict(BaseModel):
+    """Base of every settings block: unknown keys are errors, values are not coerced loosely."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DemoSettings(Strict):
+    """`fersynth demo-data`: procedurally drawn faces written in RAF-DB's layout."""
+
+    output: Path = Path("data/demo/raw")
+    seed: int = 2048
+    train_size: Annotated[int, Field(ge=7)] = 900
+    test_size: Annotated[int, Field(ge=7)] = 300
+    image_size: Annotated[int, Field(ge=32, le=512)] = 100
+    label_noise: Fraction = 0.03
+    blurred_fraction: Fraction = 0.05
+    tiny_fraction: Fraction = 0.05
+    tiny_size: Annotated[int, Field(ge=8, le=64)] = 28
+
+
+class Fer2013Settings(Strict):
+    split_map: dict[str, SplitName] = {
+        "Training": "train",
+        "PublicTest": "test",
+        "PrivateTest": "private_test",
+    }
+
+
+class FerPlusSettings(Strict):
+    # Microsoft's fer2013new.csv; the pixels come from the fer2013.csv given as input.
+    labels_csv: Path | None = None
+
+
+class AffectNetSettings(Strict):
+    images_dir: str = "Manually_Annotated_Images"
+    train_csv: str = "training.csv"
+    test_csv: str = "validation.csv"
+    test_per_class: Annotated[int, Field(ge=1)] = 500
+
+
+Source = Literal["rafdb", "affectnet", "fer2013", "ferplus", "folder"]
+
+
+class IngestSettings(Strict):
+    """`fersynth ingest`: one source layout -> the canonical dataset folder."""
+
+    source: Source = "rafdb"
+    input: Path = Path("data/demo/raw")
+    output: Path = Path("data/demo/ingested")
+    workers: Annotated[int, Field(ge=0)] = 0  # 0 = every CPU core
+    drop_train_test_duplicates: bool = True
+    image_format: Literal["png", "jpg"] = "png"
+    jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95
+    fer2013: Fer2013Settings = Fer2013Settings()
+    ferplus: FerPlusSettings = FerPlusSettings()
+    affectnet: AffectNetSettings = AffectNetSettings()
+
+
+class Settings(Strict):
+    seed: int = 2048
+    demo: DemoSettings = DemoSettings()
+    ingest: IngestSettings = IngestSettings()
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value: int) -> int:
+        if not 0 <= value < 2**32:
+            raise ValueError("expected an integer in [0, 2**32)")
+        return value
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key {key!r}")
+        else:
+            lines.append(f"{source}: {key} = {item.get('input')!r}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise FersynthError(f"override {dotted}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`key.sub=value` strings (values parsed as YAML) -> a nested dict."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise FersynthError(f"override {pair!r}: expected KEY=VALUE, e.g. ingest.workers=2")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    path: Path | None = DEFAULT_PARAMS, overrides: list[str] | None = None
+) -> Settings:
+    """Read and validate params.yaml (defaults when `path` is None) plus KEY=VALUE overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        if not Path(path).is_file():
+            raise FersynthError(f"{path}: parameter file not found")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise FersynthError(f"{path}:{where} is not valid YAML") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise FersynthError(f"{path}: expected a mapping of sections at the top level")
+        raw = loaded
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise FersynthError(_format_errors(source, exc)) from None
+
+
+def resolved_dict(settings: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    """JSON-ready settings; a dict may mix plain values and settings blocks."""
+    if isinstance(settings, BaseModel):
+        return json.loads(settings.model_dump_json())
+    return {
+        k: resolved_dict(v) if isinstance(v, BaseModel | dict) else v for k, v in settings.items()
+    }
+
+
+def save_resolved(
+    settings: BaseModel | dict[str, Any], folder: Path, name: str = "settings.json"
+) -> Path:
+    """Write the resolved settings (every default filled in) next to a stage's output."""
+    target = Path(folder) / name
+    text = json.dumps(resolved_dict(settings), indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write_text(target, text)
+    return target

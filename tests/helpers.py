@@ -1,0 +1,66 @@
+"""Image files of every kind real datasets contain, written by the tests themselves."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def face_like(seed: int, size: int = 48, color: bool = True) -> np.ndarray:
+    """A random but smooth uint8 image (distinct per seed)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(6, 6, 3) if color else (6, 6), dtype=np.uint8)
+    image = Image.fromarray(small).resize((size, size), Image.BILINEAR)
+    return np.asarray(image)
+
+
+def write_jpeg(path: Path, pixels: np.ndarray, quality: int = 95) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=quality)
+    return path
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG")
+    return path
+
+
+def write_truncated_jpeg(path: Path, seed: int = 0) -> Path:
+    buffer = io.BytesIO()
+    Image.fromarray(face_like(seed, 64)).save(buffer, format="JPEG", quality=95)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path
+
+
+def write_empty(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def write_rgba_png(path: Path, seed: int = 0) -> Path:
+    rgb = face_like(seed, 40)
+    alpha = np.full(rgb.shape[:2] + (1,), 128, np.uint8)
+    return write_png(path, np.concatenate([rgb, alpha], axis=2))
+
+
+def write_png16(path: Path, seed: int = 0) -> tuple[Path, np.ndarray]:
+    """A 16-bit grey PNG; returns the 8-bit values it should decode to."""
+    grey8 = face_like(seed, 40, color=False)
+    grey16 = grey8.astype(np.uint16) * 257  # full 16-bit range
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grey16).save(path, format="PNG")
+    return path, grey8
+
+
+def write_cmyk_jpeg(path: Path, seed: int = 0) -> tuple[Path, np.ndarray]:
+    """A CMYK JPEG; returns the RGB image it was made from."""
+    rgb = face_like(seed, 40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).convert("CMYK").save(path, format="JPEG", quality=100)
+    return path, rgb
