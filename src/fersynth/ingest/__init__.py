@@ -39,7 +39,9 @@ def _reader(settings: IngestSettings, seed: int) -> tuple[Iterator[Candidate | R
         labels = settings.ferplus.labels_csv
         if labels is None:
             raise FersynthError("ingest.ferplus.labels_csv: set it to Microsoft's fer2013new.csv")
-        return ferplus.read(path, labels, settings.fer2013.split_map), fer2013.count(labels)
+        return ferplus.read(path, labels, settings.fer2013.split_map), fer2013.count(
+            labels, ferplus.LABEL_COLUMNS
+        )
     if source == "affectnet":
         return affectnet.read(path, settings.affectnet, seed), affectnet.count(
             path, settings.affectnet

@@ -35,8 +35,8 @@ def read_chunks(path: Path, columns: tuple[str, ...]) -> Iterator[pd.DataFrame]:
         raise FersynthError(f"{path}: not a readable CSV file ({exc})") from None
 
 
-def count(path: Path) -> int:
-    return sum(len(chunk) for chunk in read_chunks(path, COLUMNS))
+def count(path: Path, columns: tuple[str, ...] = COLUMNS) -> int:
+    return sum(len(chunk) for chunk in read_chunks(path, columns))
 
 
 def row_id(number: int) -> str:

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fersynth.cli import main
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fersynth.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("command", [[], ["ingest"], ["demo-data"], ["params"]])
+def test_help_everywhere(capsys, command):
+    assert main([*command, "--help"]) == 0
+    assert "Usage: fersynth" in capsys.readouterr().out
+
+
+def test_user_mistakes_are_one_line_errors_without_traceback(tmp_path):
+    bad = tmp_path / "bad-params.yaml"
+    bad.write_text("ingest:\n  workers: lots\n")
+    cases = [
+        (["--params", str(bad), "params"], "ingest.workers = 'lots'"),
+        (["-S", "ingest.sourc=rafdb", "params"], "unknown key 'ingest.sourc'"),
+        (
+            ["ingest", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")],
+            "nothing: input not found",
+        ),
+        (
+            ["ingest", "--source", "fer2013", "--input", str(bad), "--output", str(tmp_path / "o")],
+            "missing columns emotion, pixels, Usage",
+        ),
+    ]
+    for args, expected in cases:
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fersynth: error:"), result.stderr
+        assert expected in lines[0]
+
+
+def test_params_prints_resolved_settings_with_overrides(capsys):
+    assert main(["-S", "ingest.workers=3", "params"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["ingest"]["workers"] == 3 and resolved["seed"] == 2048
+
+
+def test_demo_data_then_ingest_from_the_command_line(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "ds"
+    assert main(["demo-data", "--output", str(raw), "--train-size", "70", "--test-size", "21"]) == 0
+    assert main(["ingest", "--input", str(raw), "--output", str(out), "--quiet"]) == 0
+    manifest = (out / "manifest.csv").read_text().splitlines()
+    assert len(manifest) == 1 + 91
+    # A second run refuses to overwrite silently, and --force replaces.
+    result = run_cli("ingest", "--input", str(raw), "--output", str(out), cwd=tmp_path)
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert main(["ingest", "--input", str(raw), "--output", str(out), "--quiet", "--force"]) == 0
