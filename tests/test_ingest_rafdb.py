@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import pandas as pd
 import pytest
 
@@ -126,3 +127,16 @@ def test_rafdb_missing_label_file_is_a_clear_error(tmp_path):
             progress=False,
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_rafdb_report_has_markdown_and_pictures(rafdb, tmp_path):
+    out = tmp_path / "dataset"
+    run_ingest(IngestSettings(source="rafdb", input=rafdb, output=out, workers=1), progress=False)
+    text = (out / "ingest_report.md").read_text()
+    assert "| train | 1 | 2 | 1 | 1 | 1 | 1 | 0 | 7 |" in text
+    assert "every input accounted for: yes" in text
+    assert "| file not found | 1 |" in text
+    chart = cv2.imread(str(out / "ingest_classes.png"))
+    sheet = cv2.imread(str(out / "ingest_samples.png"))
+    assert chart.shape[0] > 200 and chart.shape[1] > 500
+    assert sheet.shape == (7 * (18 + 64), 8 * 64, 3)  # one captioned row per class

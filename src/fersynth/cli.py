@@ -156,7 +156,7 @@ def ingest_command(
         )
     )
     report = run_ingest(settings.ingest, seed=settings.seed, force=force, progress=not quiet)
-    click.echo(markdown(report))
+    click.echo(markdown(report, figures=False))
     click.echo(f"report: {Path(report.output) / REPORT_MD}")
 
 

@@ -20,11 +20,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from fersynth.classes import CLASSES, RAFDB_LABELS
+from fersynth.figures import contact_sheet, save_png
 from fersynth.files import atomic_write_text, staged_folder
 from fersynth.ingest.rafdb import ALIGNED_DIR, LABEL_FILE
 from fersynth.settings import DemoSettings, save_resolved
 
 TRUTH_FILE = "demo_truth.csv"
+PREVIEW_FILE = "preview.png"
 # RAF-DB basic class counts (train, test): the long tail the demo imitates.
 RAFDB_TRAIN_COUNTS = {
     "surprise": 1290,
@@ -251,8 +253,25 @@ def write_demo_data(settings: DemoSettings, *, force: bool = False, progress: bo
             )
             if not ok:
                 raise OSError(f"could not write {path}")
+        save_png(staging / PREVIEW_FILE, preview(staging, table))
         lines = [f"{row.name}.jpg {raf_number[row.label]}" for row in table.itertuples()]
         atomic_write_text(staging / LABEL_FILE, "\n".join(lines) + "\n")
         atomic_write_text(staging / TRUTH_FILE, table.to_csv(index=False, lineterminator="\n"))
         save_resolved({"demo": settings}, staging)
     return Path(settings.output)
+
+
+def preview(folder: Path, table: pd.DataFrame, per_row: int = 8) -> np.ndarray:
+    """A contact sheet: clean training faces per drawn class, then degraded and relabelled ones."""
+
+    def images(names) -> list[np.ndarray]:
+        paths = [folder / ALIGNED_DIR / f"{name}_aligned.jpg" for name in list(names)[:per_row]]
+        return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
+
+    train = table[table["split"] == "train"]
+    clean = train[train["degradation"] == ""]
+    rows = [(name, images(clean.loc[clean["drawn"] == name, "name"])) for name in CLASSES]
+    rows.append(("blurred or tiny", images(train.loc[train["degradation"] != "", "name"])))
+    flipped = train[train["label"] != train["drawn"]]
+    rows.append(("flipped labels", images(flipped["name"])))
+    return contact_sheet(rows, columns=per_row)

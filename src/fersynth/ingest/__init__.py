@@ -21,7 +21,13 @@ from fersynth.errors import FersynthError
 from fersynth.files import staged_folder
 from fersynth.ingest import affectnet, fer2013, ferplus, folder, rafdb
 from fersynth.ingest.items import Candidate, Rejection
-from fersynth.ingest.report import IngestReport, build_report, find_duplicates, write_report
+from fersynth.ingest.report import (
+    IngestReport,
+    build_report,
+    find_duplicates,
+    split_order,
+    write_report,
+)
 from fersynth.ingest.writer import WriteOptions, import_one
 from fersynth.parallel import imap
 from fersynth.settings import IngestSettings, save_resolved
@@ -66,7 +72,7 @@ class _Tally:
             yield item
 
     def counts(self) -> dict[str, dict[str, int]]:
-        splits = sorted({split for split, _ in self.read})
+        splits = sorted({split for split, _ in self.read}, key=split_order)
         return {s: {name: self.read[(s, name)] for name in CLASSES} for s in splits}
 
 
@@ -120,6 +126,6 @@ def run_ingest(
         if not report.accounted:  # a bug, not a user error: refuse to publish the folder
             raise RuntimeError(f"ingest lost inputs: {report}")
         write_manifest(staging, kept.reset_index(drop=True))
-        write_report(staging, report, rejections, findings)
+        write_report(staging, report, rejections, findings, kept)
         save_resolved({"seed": seed, "ingest": settings}, staging)
     return report

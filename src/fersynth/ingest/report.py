@@ -11,20 +11,28 @@ from typing import Any
 import pandas as pd
 
 from fersynth.classes import CLASSES
-from fersynth.dataset import is_evaluation_split
+from fersynth.dataset import is_evaluation_split, load_image
+from fersynth.figures import class_count_chart, contact_sheet, save_png
 from fersynth.files import atomic_write_text
 from fersynth.ingest.items import Rejection
 
 REPORT_JSON = "ingest_report.json"
+CLASSES_PNG = "ingest_classes.png"
+SAMPLES_PNG = "ingest_samples.png"
 REPORT_MD = "ingest_report.md"
 REJECTED_CSV = "ingest_rejected.csv"
 DUPLICATES_CSV = "ingest_duplicates.csv"
 
 
+def split_order(split: str) -> tuple[int, str]:
+    """train, val, test, then other splits by name."""
+    return ({"train": 0, "val": 1, "test": 2}.get(split, 3), split)
+
+
 def split_class_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     """{split: {class: count}} with every canonical class present, in canonical order."""
     counts: dict[str, dict[str, int]] = {}
-    for split, group in frame.groupby("split", sort=True):
+    for split, group in sorted(frame.groupby("split"), key=lambda item: split_order(item[0])):
         tally = group["label"].value_counts()
         counts[str(split)] = {name: int(tally.get(name, 0)) for name in CLASSES}
     return counts
@@ -131,7 +139,8 @@ def _counts_table(counts: dict[str, dict[str, int]]) -> list[str]:
     return lines
 
 
-def markdown(report: IngestReport) -> str:
+def markdown(report: IngestReport, figures: bool = True) -> str:
+    """The report as Markdown; `figures=False` for the terminal (no image links)."""
     dup = report.duplicates
     lines = [
         f"# Ingest report: {report.source}",
@@ -148,6 +157,11 @@ def markdown(report: IngestReport) -> str:
         "",
         *_counts_table(report.written_counts),
         "",
+        *(
+            [f"![images per class]({CLASSES_PNG})", "", f"![samples]({SAMPLES_PNG})", ""]
+            if figures
+            else []
+        ),
         "## Labelled inputs read per split and class",
         "",
         *_counts_table(report.read_counts),
@@ -169,10 +183,31 @@ def markdown(report: IngestReport) -> str:
     return "\n".join(lines)
 
 
+def write_figures(
+    folder: Path, report: IngestReport, kept: pd.DataFrame, per_class: int = 8
+) -> None:
+    """Class counts per split as a bar chart, and the first training images of each class."""
+    class_count_chart(
+        report.written_counts, f"{report.source}: images per class", folder / CLASSES_PNG
+    )
+    train = kept[kept["split"] == "train"]
+    rows = []
+    for name in CLASSES:
+        paths = train.loc[train["label"] == name, "path"].iloc[:per_class]
+        rows.append((f"{name} ({int((train['label'] == name).sum())})",
+                     [load_image(folder / p) for p in paths]))  # fmt: skip
+    save_png(folder / SAMPLES_PNG, contact_sheet(rows, columns=per_class))
+
+
 def write_report(
-    folder: Path, report: IngestReport, rejections: list[Rejection], findings: DuplicateFindings
+    folder: Path,
+    report: IngestReport,
+    rejections: list[Rejection],
+    findings: DuplicateFindings,
+    kept: pd.DataFrame,
 ) -> None:
     folder = Path(folder)
+    write_figures(folder, report, kept)
     atomic_write_text(folder / REPORT_JSON, json.dumps(asdict(report), indent=2) + "\n")
     atomic_write_text(folder / REPORT_MD, markdown(report))
     rejected = pd.DataFrame(
