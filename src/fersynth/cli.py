@@ -160,6 +160,177 @@ def ingest_command(
     click.echo(f"report: {Path(report.output) / REPORT_MD}")
 
 
+@cli.command("train")
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset folder [train.data].")
+@click.option("--output", type=click.Path(path_type=Path), help="Run folder [train.output].")
+@click.option("--arch", help="timm model name [train.arch].")
+@click.option(
+    "--method", type=click.Choice(["sl", "mek"]), help="Supervised or MEK [train.method]."
+)
+@click.option("--steps", type=int, help="Optimiser steps [train.steps].")
+@click.option("--pretrained", help="Backbone weights: local file or s3:// URI [train.pretrained].")
+@click.option("--device", help="auto, cpu, cuda, cuda:N [train.device].")
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
+@click.option("--force", is_flag=True, help="Delete an existing run folder and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_obj
+def train_command(
+    obj: _Context,
+    data,
+    output,
+    arch,
+    method,
+    steps,
+    pretrained,
+    device,
+    resume: bool,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Train a FER model (plain supervised learning or MEK) on a dataset folder.
+
+    Writes model.pt (best weights by validation), checkpoint.pt (to resume), train_log.jsonl,
+    train_summary.json and the resolved settings.
+    """
+    from fersynth.train.loop import run_train
+
+    settings = obj.settings(
+        _option_overrides(
+            **{
+                "train.data": data,
+                "train.output": output,
+                "train.arch": arch,
+                "train.method": method,
+                "train.steps": steps,
+                "train.pretrained": pretrained,
+                "train.device": device,
+            }
+        )
+    )
+    result = run_train(
+        settings.train, seed=settings.seed, resume=resume, force=force, progress=not quiet
+    )
+    best = result.best_metrics
+    line = f"trained {result.steps} steps at {result.images_per_second:.0f} images/s"
+    if best:
+        line += (
+            f"; best validation at step {result.best_step}: accuracy {best['accuracy']:.2%}, "
+            f"mean per-class {best['mean_accuracy']:.2%}"
+        )
+    click.echo(line)
+    click.echo(f"model: {result.output / 'model.pt'}")
+
+
+@cli.command("evaluate")
+@click.option(
+    "--model", type=click.Path(path_type=Path), help="Model file or run folder [evaluate.model]."
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="Test dataset folder, repeatable [evaluate.data].",
+)
+@click.option("--split", help="Split to evaluate [evaluate.split].")
+@click.option("--output", type=click.Path(path_type=Path), help="Results folder [evaluate.output].")
+@click.option(
+    "--no-tta", is_flag=True, default=None, help="No horizontal-flip test-time augmentation."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_obj
+def evaluate_command(obj: _Context, model, data, split, output, no_tta, quiet: bool) -> None:
+    """Accuracy, mean and per-class accuracy and confusion matrices on one or more test sets."""
+    from fersynth.evaluate import run_evaluate
+
+    settings = obj.settings(
+        _option_overrides(
+            **{
+                "evaluate.model": model,
+                "evaluate.split": split,
+                "evaluate.output": output,
+                "evaluate.tta_flip": False if no_tta else None,
+            }
+        )
+        + ([f"evaluate.data={json.dumps([str(d) for d in data])}"] if data else [])
+    )
+    for result in run_evaluate(settings.evaluate, progress=not quiet):
+        m = result.metrics
+        per_class = ", ".join(
+            f"{k} {v:.0%}" if v is not None else f"{k} -"
+            for k, v in m["per_class_accuracy"].items()
+        )
+        click.echo(
+            f"{result.name}: accuracy {m['accuracy']:.2%}, mean per-class "
+            f"{m['mean_accuracy']:.2%} ({per_class}) -> {result.folder}"
+        )
+
+
+@cli.command("compare")
+@click.argument("runs", nargs=-1, required=True, metavar="NAME=RESULTS...")
+@click.option("--test-set", help="Test set to compare (default: the first in each results folder).")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("runs/compare"),
+    show_default=True,
+    help="Folder for comparison.md and comparison.csv.",
+)
+@click.pass_obj
+def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path) -> None:
+    """The thesis comparison table: one row per run, classes by training count, Total, Mean.
+
+    Each RESULTS is an `fersynth evaluate` output folder, e.g.
+    Original_SL=runs/eval/original_sl Expanded_SL=runs/eval/expanded_sl.
+    """
+    from fersynth.compare import (
+        comparison_table,
+        load_result,
+        parse_run_arguments,
+        to_markdown,
+        write_comparison,
+    )
+
+    results = [load_result(name, folder, test_set) for name, folder in parse_run_arguments(runs)]
+    table = comparison_table(results)
+    title = f"Accuracy (%) on {test_set or results[0].metrics.get('test_set', 'test')}"
+    markdown_path, csv_path = write_comparison(table, output, title)
+    click.echo(to_markdown(table, title))
+    click.echo(f"table: {markdown_path} and {csv_path}")
+
+
+@cli.command("predict")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option(
+    "--model", "model_uri", required=True, help="Model file, training run folder or s3:// URI."
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Write .csv or .json (default: CSV on standard output).",
+)
+@click.option("--face-crop", is_flag=True, help="Crop the largest detected face first.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--no-tta", is_flag=True, help="No horizontal-flip test-time augmentation.")
+def predict_command(
+    target: Path, model_uri: str, output: Path | None, face_crop: bool, device: str, no_tta: bool
+) -> None:
+    """Predict the expression of an image, or of every image in a folder."""
+    from fersynth.files import atomic_write_text
+    from fersynth.predict import Predictor, predict
+
+    predictor = Predictor.from_uri(model_uri, device, tta_flip=not no_tta)
+    table = predict(target, predictor, face_crop=face_crop, progress=output is not None)
+    if output is None:
+        click.echo(table.to_csv(index=False, lineterminator="\n"), nl=False)
+    elif output.suffix == ".json":
+        atomic_write_text(output, table.to_json(orient="records", indent=2) + "\n")
+    else:
+        atomic_write_text(output, table.to_csv(index=False, lineterminator="\n"))
+    failed = int((table["error"] != "").sum())
+    if output is not None:
+        click.echo(f"{len(table)} images, {failed} unreadable -> {output}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes end as one line on stderr and exit status 2."""
     try:

@@ -27,8 +27,16 @@ def contact_sheet(
     bands = []
     for caption, images in rows:
         band = np.full((_CAPTION_HEIGHT + tile, width, 3), 235, np.uint8)
-        cv2.putText(band, caption, (4, _CAPTION_HEIGHT - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                    (20, 20, 20), 1, cv2.LINE_AA)  # fmt: skip
+        cv2.putText(
+            band,
+            caption,
+            (4, _CAPTION_HEIGHT - 5),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.45,
+            (20, 20, 20),
+            1,
+            cv2.LINE_AA,
+        )
         for i, image in enumerate(list(images)[:columns]):
             band[_CAPTION_HEIGHT:, i * tile : (i + 1) * tile] = _tile(image, tile)
         bands.append(band)

@@ -81,10 +81,84 @@ class IngestSettings(Strict):
     affectnet: AffectNetSettings = AffectNetSettings()
 
 
+# The thesis' normalisation statistics (RAF-DB).
+THESIS_MEAN = (0.5863, 0.4595, 0.4030)
+THESIS_STD = (0.2715, 0.2424, 0.2366)
+Positive = Annotated[int, Field(ge=1)]
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")]
+
+
+class MekSettings(Strict):
+    """MEK (Leave No Stone Unturned, NeurIPS 2023), as its official code."""
+
+    smoothing: Fraction = 0.3  # eps of the re-balanced smooth labels
+    attention_weight: Annotated[float, Field(ge=0.0)] = 0.1  # weight of L_rac
+    class_weights: list[Annotated[float, Field(gt=0.0)]] | None = None  # pins w_c (7 values)
+
+    @field_validator("class_weights")
+    @classmethod
+    def _seven(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and len(value) != 7:
+            raise ValueError("expected 7 class weights, in the canonical class order")
+        return value
+
+
+class TrainSettings(Strict):
+    """`fersynth train`: the thesis defaults (Swin-T, AdamW, cosine, 100k steps, fp16)."""
+
+    data: Path = Path("data/demo/ingested")
+    output: Path = Path("runs/models/original_sl")
+    arch: str = "swin_tiny_patch4_window7_224"  # any timm model name
+    pretrained: str | None = None  # local file or s3:// URI; none = random initialisation
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 224
+    resize: Annotated[int, Field(ge=16, le=2048)] | None = None  # default image_size * 256/224
+    window_size: Positive | None = None  # Swin: 4 at 128 px keeps MEK's maps flip-aligned
+    method: Literal["sl", "mek"] = "sl"
+    steps: Positive = 100_000
+    batch_size: Positive = 32
+    lr: Annotated[float, Field(gt=0.0)] = 5e-4
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.05
+    warmup_steps: Annotated[int, Field(ge=0)] = 5_000
+    warmup_lr: Annotated[float, Field(ge=0.0)] = 5e-7
+    min_lr: Annotated[float, Field(ge=0.0)] = 5e-6
+    label_smoothing: Fraction = 0.1
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, else fp32
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = 5.0
+    balanced_sampler: bool = False  # class-balanced sampling (the cheapest competitor)
+    hflip: bool = True
+    rotation: Annotated[float, Field(ge=0.0, le=180.0)] = 5.0
+    mean: tuple[float, float, float] = THESIS_MEAN
+    std: tuple[float, float, float] = THESIS_STD
+    workers: Annotated[int, Field(ge=0)] = 4
+    device: Device = "auto"
+    channels_last: bool = True
+    log_every: Positive = 100
+    checkpoint_every: Positive = 2_000
+    eval_every: Positive = 2_000
+    val_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.1  # when the data has no val split
+    select_metric: Literal["mean_accuracy", "accuracy"] = "mean_accuracy"
+    mek: MekSettings = MekSettings()
+
+
+class EvaluateSettings(Strict):
+    """`fersynth evaluate`: one model on one or more test sets."""
+
+    model: Path = Path("runs/models/original_sl")
+    data: list[Path] = [Path("data/demo/ingested")]
+    split: SplitName = "test"
+    output: Path = Path("runs/eval/original_sl")
+    batch_size: Positive = 128
+    workers: Annotated[int, Field(ge=0)] = 2
+    device: Device = "auto"
+    tta_flip: bool = True  # average the predictions of the image and its mirror
+
+
 class Settings(Strict):
     seed: int = 2048
     demo: DemoSettings = DemoSettings()
     ingest: IngestSettings = IngestSettings()
+    train: TrainSettings = TrainSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
 
     @field_validator("seed")
     @classmethod

@@ -194,8 +194,12 @@ def write_figures(
     rows = []
     for name in CLASSES:
         paths = train.loc[train["label"] == name, "path"].iloc[:per_class]
-        rows.append((f"{name} ({int((train['label'] == name).sum())})",
-                     [load_image(folder / p) for p in paths]))  # fmt: skip
+        rows.append(
+            (
+                f"{name} ({int((train['label'] == name).sum())})",
+                [load_image(folder / p) for p in paths],
+            )
+        )
     save_png(folder / SAMPLES_PNG, contact_sheet(rows, columns=per_class))
 
 

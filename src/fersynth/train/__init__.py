@@ -1,0 +1,1 @@
+"""Training: timm backbones (models), data and sampling (data), MEK losses (losses), loop."""

@@ -1,0 +1,119 @@
+"""Images from a manifest as tensors, the thesis transforms, and a resumable sample stream.
+
+Randomness is a function of (seed, sample position): the sampler's order and every image's
+augmentation are drawn from generators seeded by it. A run resumed at step k therefore sees
+exactly the batches that an uninterrupted run sees, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import InterpolationMode, v2
+
+from fersynth.classes import CLASS_INDEX
+from fersynth.dataset import ImageDecodeError, load_image, safe_join
+from fersynth.errors import FersynthError
+
+
+def _mix(*numbers: int) -> int:
+    """One 63-bit seed from several integers (independent streams per sample and epoch)."""
+    return int(
+        np.random.SeedSequence(list(numbers)).generate_state(2, np.uint32).view(np.uint64)[0] >> 1
+    )
+
+
+def train_transform(image_size: int, resize: int, hflip: bool, rotation: float, mean, std):
+    """Thesis: resize 256, random crop 224, horizontal flip, rotation 5 degrees, normalise."""
+    steps = [
+        v2.Resize((resize, resize), interpolation=InterpolationMode.BILINEAR, antialias=True),
+        v2.RandomCrop(image_size),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if rotation > 0:
+        steps.append(v2.RandomRotation(rotation, interpolation=InterpolationMode.BILINEAR))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+def test_transform(image_size: int, resize: int, mean, std):
+    """Thesis: resize 256, centre crop 224, normalise."""
+    return v2.Compose(
+        [
+            v2.Resize((resize, resize), interpolation=InterpolationMode.BILINEAR, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
+
+
+class ManifestImages(Dataset):
+    """Rows of a manifest as (image tensor, class index).
+
+    Indexed either by a row number (evaluation) or by (row, sample position) from
+    `SampleStream` (training), in which case the augmentation is seeded by the position.
+    """
+
+    def __init__(self, root: Path, frame: pd.DataFrame, transform, seed: int = 0) -> None:
+        self.root = Path(root)
+        self.paths = frame["path"].tolist()
+        unknown = sorted(set(frame["label"]) - set(CLASS_INDEX))
+        if unknown:
+            raise FersynthError(f"{root}: unknown labels {unknown}")
+        self.labels = np.array([CLASS_INDEX[label] for label in frame["label"]], dtype=np.int64)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, position = item if isinstance(item, tuple) else (item, None)
+        path = safe_join(self.root, self.paths[index])
+        try:
+            pixels = load_image(path)
+        except ImageDecodeError as exc:
+            raise FersynthError(f"{path}: {exc}") from None
+        image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)  # writable copy
+        if position is not None:
+            torch.manual_seed(_mix(self.seed, position))  # this worker's RNG, this sample only
+        return self.transform(image), int(self.labels[index])
+
+
+class SampleStream(Sampler):
+    """An endless, resumable stream of (row, position): epoch-wise shuffles, or class-balanced
+    draws (each class equally likely) when `balanced`. Starts at `start` samples in."""
+
+    def __init__(self, labels: np.ndarray, seed: int, balanced: bool = False, start: int = 0):
+        self.labels = np.asarray(labels)
+        self.seed = seed
+        self.balanced = balanced
+        self.start = start
+        counts = np.bincount(self.labels, minlength=int(self.labels.max()) + 1)
+        weights = 1.0 / counts[self.labels]
+        self.probabilities = weights / weights.sum()
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng(_mix(self.seed, 7919, epoch))
+        n = len(self.labels)
+        if self.balanced:
+            return rng.choice(n, size=n, replace=True, p=self.probabilities)
+        return rng.permutation(n)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        n = len(self.labels)
+        position = self.start
+        epoch, offset = divmod(position, n)
+        while True:
+            order = self.epoch_order(epoch)
+            for index in order[offset:]:
+                yield int(index), position
+                position += 1
+            epoch, offset = epoch + 1, 0

@@ -1,0 +1,368 @@
+"""`fersynth train`: supervised learning or MEK on a dataset folder, resumable and exact.
+
+The output folder holds `model.pt` (the best weights by validation, ready for evaluate and
+predict), `checkpoint.pt` (everything needed to resume), `train_log.jsonl`,
+`train_summary.json`, `val_ids.csv` and `settings.json`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from fersynth.classes import CLASSES
+from fersynth.dataset import TRAIN_SPLIT, VAL_SPLIT, read_manifest
+from fersynth.errors import FersynthError
+from fersynth.evaluate import compute_metrics, pick_device, predict_probabilities
+from fersynth.files import atomic_write_bytes, atomic_write_text
+from fersynth.settings import TrainSettings, save_resolved
+from fersynth.train.data import ManifestImages, SampleStream, train_transform
+from fersynth.train.losses import (
+    attention_consistency,
+    mek_class_weights,
+    rebalanced_targets,
+    soft_cross_entropy,
+)
+from fersynth.train.models import (
+    MODEL_FILE,
+    ModelSpec,
+    class_activation_maps,
+    create_model,
+    default_resize,
+    save_model,
+)
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+BEST_WEIGHTS = "best_weights.pt"
+LOG_FILE = "train_log.jsonl"
+SUMMARY = "train_summary.json"
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    best_step: int
+    best_metrics: dict[str, Any] | None
+    images_per_second: float
+
+
+def split_validation(
+    frame: pd.DataFrame, fraction: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, val): the dataset's val split if it has one, else a stratified hold-out of train."""
+    train = frame[frame["split"] == TRAIN_SPLIT]
+    val = frame[frame["split"] == VAL_SPLIT]
+    if not val.empty or fraction == 0:
+        return train, val
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for name in CLASSES:
+        rows = train.index[train["label"] == name].to_numpy()
+        take = int(round(len(rows) * fraction))
+        if len(rows) >= 2:
+            take = min(max(take, 1), len(rows) - 1)  # every class in both parts
+            held.extend(rng.permutation(rows)[:take].tolist())
+    mask = train.index.isin(held)
+    return train[~mask], train[mask]
+
+
+def _precision(settings: TrainSettings, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for float32."""
+    choice = settings.precision
+    if choice == "auto":
+        choice = "fp16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _prepare_output(output: Path, resume: bool, force: bool) -> bool:
+    """Make the output folder ready; True when a checkpoint is there to resume from."""
+    checkpoint = output / CHECKPOINT
+    if output.exists() and any(output.iterdir()):
+        if force:
+            shutil.rmtree(output)
+        elif resume:
+            if checkpoint.is_file():
+                return True
+            log.warning("%s: no checkpoint to resume from; starting from step 0", output)
+        else:
+            raise FersynthError(
+                f"{output}: already holds a training run (pass --resume to continue it, "
+                "or --force to start over)"
+            )
+    output.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def run_train(
+    settings: TrainSettings,
+    *,
+    seed: int = 2048,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    output = Path(settings.output)
+    dataset = read_manifest(settings.data)
+    train_frame, val_frame = split_validation(dataset.manifest, settings.val_fraction, seed)
+    if train_frame.empty:
+        raise FersynthError(f"{settings.data}: no training images (split 'train')")
+    counts = [int((train_frame["label"] == name).sum()) for name in CLASSES]
+    resuming = _prepare_output(output, resume, force)
+
+    device = pick_device(settings.device)
+    dtype = _precision(settings, device)
+    spec = ModelSpec(
+        arch=settings.arch,
+        image_size=settings.image_size,
+        resize=settings.resize or default_resize(settings.image_size),
+        mean=settings.mean,
+        std=settings.std,
+        window_size=settings.window_size,
+        train_counts=dict(zip(CLASSES, counts, strict=True)),
+    )
+    torch.manual_seed(seed)
+    model = create_model(spec, settings.pretrained).to(device)
+    memory_format = (
+        torch.channels_last if settings.channels_last and device.type == "cuda" else None
+    )
+    if memory_format is not None:
+        model = model.to(memory_format=memory_format)
+    optimizer = create_optimizer_v2(
+        model, "adamw", lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=settings.steps,
+        lr_min=settings.min_lr,
+        warmup_t=settings.warmup_steps,
+        warmup_lr_init=settings.warmup_lr,
+        t_in_epochs=False,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    class_weights = None
+    if settings.method == "mek":
+        pinned = settings.mek.class_weights
+        class_weights = (torch.tensor(pinned) if pinned else mek_class_weights(counts)).to(device)
+
+    step, best_step, best_score, best_metrics = 0, 0, -1.0, None
+    if resuming:
+        state = torch.load(output / CHECKPOINT, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, best_step, best_score = state["step"], state["best_step"], state["best_score"]
+        best_metrics = state["best_metrics"] or None
+        log.info("resuming %s at step %d", output, step)
+    else:
+        save_resolved({"seed": seed, "train": settings}, output)
+        atomic_write_text(output / "val_ids.csv", val_frame[["id"]].to_csv(index=False))
+        (output / LOG_FILE).unlink(missing_ok=True)
+
+    transform = train_transform(
+        spec.image_size, spec.resize, settings.hflip, settings.rotation, spec.mean, spec.std
+    )
+    images = ManifestImages(dataset.root, train_frame, transform, seed=seed)
+    sampler = SampleStream(
+        images.labels, seed, settings.balanced_sampler, start=step * settings.batch_size
+    )
+    loader = DataLoader(
+        images,
+        batch_size=settings.batch_size,
+        sampler=sampler,
+        num_workers=settings.workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    batches = iter(loader)
+    if resuming:
+        _set_rng_state(state["rng"])
+
+    def evaluate_val() -> dict[str, Any] | None:
+        if val_frame.empty:
+            return None
+        probs = predict_probabilities(
+            model,
+            spec,
+            dataset.root,
+            val_frame,
+            batch_size=max(64, settings.batch_size),
+            device=device,
+            tta_flip=False,
+        )
+        y_true = np.array([CLASSES.index(v) for v in val_frame["label"]])
+        return compute_metrics(y_true, probs.argmax(axis=1))
+
+    def checkpoint() -> None:
+        _save(
+            output / CHECKPOINT,
+            {
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(),
+                "best_step": best_step,
+                "best_score": best_score,
+                "best_metrics": best_metrics or {},
+            },
+        )
+
+    model.train()
+    bar = tqdm(
+        total=settings.steps,
+        initial=step,
+        desc=f"train {settings.method}",
+        unit="step",
+        disable=not progress,
+    )
+    window_start, window_images, total_images, total_time = time.perf_counter(), 0, 0, 0.0
+    with (output / LOG_FILE).open("a", encoding="utf-8") as log_file:
+        while step < settings.steps:
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if memory_format is not None:
+                x = x.contiguous(memory_format=memory_format)
+            scheduler.step_update(step)
+            with torch.autocast(
+                device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+            ):
+                if class_weights is None:
+                    logits = model(x)
+                    loss = F.cross_entropy(
+                        logits.float(), y, label_smoothing=settings.label_smoothing
+                    )
+                    parts = {}
+                else:
+                    batch = x.shape[0]
+                    features = model.forward_features(torch.cat([x, x.flip(dims=(3,))]))
+                    logits = model.forward_head(features)[:batch]
+                    maps = class_activation_maps(model, features)
+                    targets = rebalanced_targets(y, class_weights, settings.mek.smoothing)
+                    rsl = soft_cross_entropy(logits, targets)
+                    rac = attention_consistency(maps[:batch], maps[batch:], class_weights)
+                    loss = rsl + settings.mek.attention_weight * rac
+                    parts = {"loss_rsl": rsl.detach(), "loss_rac": rac.detach()}
+            if not torch.isfinite(loss):
+                raise FersynthError(
+                    f"training diverged at step {step} (loss {float(loss)}); "
+                    "lower train.lr or use train.precision=bf16"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if settings.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            window_images += x.shape[0]
+            bar.update(1)
+
+            if step % settings.log_every == 0 or step == settings.steps:
+                elapsed = time.perf_counter() - window_start
+                speed = window_images / max(elapsed, 1e-9)
+                total_images, total_time = total_images + window_images, total_time + elapsed
+                record = {
+                    "step": step,
+                    "loss": round(loss.item(), 5),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_s": round(speed, 1),
+                    **{k: round(v.item(), 5) for k, v in parts.items()},
+                }
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.0f}")
+                window_start, window_images = time.perf_counter(), 0
+            if step % settings.eval_every == 0 or step == settings.steps:
+                metrics = evaluate_val()
+                score = metrics[settings.select_metric] if metrics else float(step)
+                if metrics:
+                    log_file.write(
+                        json.dumps(
+                            {
+                                "step": step,
+                                "val_accuracy": metrics["accuracy"],
+                                "val_mean_accuracy": metrics["mean_accuracy"],
+                            }
+                        )
+                        + "\n"
+                    )
+                if score > best_score:
+                    best_step, best_score, best_metrics = step, score, metrics
+                    _save(output / BEST_WEIGHTS, {"step": step, "model": model.state_dict()})
+                window_start = time.perf_counter()  # validation time is not training speed
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                checkpoint()
+    bar.close()
+
+    best = torch.load(output / BEST_WEIGHTS, map_location="cpu", weights_only=True)
+    model.load_state_dict(best["model"])
+    weights_info = (
+        {"mek_class_weights": [round(float(w), 4) for w in class_weights.cpu()]}
+        if class_weights is not None
+        else {}
+    )
+    save_model(
+        output / MODEL_FILE,
+        model,
+        spec,
+        extra={"method": settings.method, "step": best_step, **weights_info},
+    )
+    speed = total_images / total_time if total_time else 0.0
+    summary = {
+        "method": settings.method,
+        "arch": settings.arch,
+        "steps": settings.steps,
+        "best_step": best_step,
+        "select_metric": settings.select_metric,
+        "val_metrics": best_metrics
+        and {k: best_metrics[k] for k in ("accuracy", "mean_accuracy", "per_class_accuracy")},
+        "train_counts": spec.train_counts,
+        "val_images": len(val_frame),
+        "images_per_second": round(speed, 1),
+        "device": str(device),
+        "precision": str(dtype).replace("torch.", "") if dtype else "float32",
+        **weights_info,
+    }
+    atomic_write_text(output / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return TrainResult(output, step, best_step, best_metrics, speed)

@@ -1,0 +1,143 @@
+"""timm backbones for FER: building, pretrained weights, feature maps and the model file.
+
+A trained model is one file, `model.pt`: the weights and everything needed to use them
+(architecture, input size, normalisation, class order, training counts). It holds only
+tensors and plain values, so it loads with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from fersynth.classes import CLASSES
+from fersynth.errors import FersynthError
+from fersynth.files import atomic_write_bytes
+from fersynth.storage import fetch, is_s3
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.pt"
+FORMAT = "fersynth-model/1"
+
+
+@dataclass
+class ModelSpec:
+    """What is needed to rebuild a model and feed it images."""
+
+    arch: str
+    image_size: int
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    window_size: int | None = None
+    classes: tuple[str, ...] = CLASSES
+    train_counts: dict[str, int] = field(default_factory=dict)
+
+
+def default_resize(image_size: int) -> int:
+    """The thesis resizes to 256 before a 224 crop; keep that ratio at other sizes."""
+    return round(image_size * 256 / 224)
+
+
+def _timm_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"num_classes": len(spec.classes)}
+    if spec.window_size is not None:
+        kwargs["window_size"] = spec.window_size
+    return kwargs
+
+
+def create_model(spec: ModelSpec, pretrained: str | None = None) -> nn.Module:
+    """A timm model for `spec`; backbone weights from a local file or s3:// URI when given.
+
+    Never downloads from a hub: with no `pretrained`, the weights are random.
+    """
+    if spec.arch not in timm.list_models():
+        raise FersynthError(f"train.arch = {spec.arch!r}: not a timm model name")
+    kwargs = _timm_kwargs(spec)
+    if pretrained:
+        # timm's own file loader: weights_only loading, checkpoint filters (e.g. Swin's
+        # relative-position tables at other sizes), classifier dropped when classes differ.
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(fetch(pretrained))})
+        log.info("loading pretrained backbone weights from %s", pretrained)
+    else:
+        log.info("no pretrained weights given: %s starts from random initialisation", spec.arch)
+    try:
+        return timm.create_model(spec.arch, img_size=spec.image_size, **kwargs)
+    except TypeError:  # CNNs take any input size and have no img_size argument
+        return timm.create_model(spec.arch, **kwargs)
+
+
+def feature_map(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """forward_features output as NCHW (Swin gives NHWC, CNNs NCHW)."""
+    if getattr(model, "output_fmt", "NCHW") == "NHWC":
+        return features.permute(0, 3, 1, 2)
+    return features
+
+
+def classifier(model: nn.Module) -> nn.Linear:
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise FersynthError(f"{type(model).__name__}: MEK needs a linear classifier head")
+    return head
+
+
+def class_activation_maps(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """CAM[b,k,h,w] = sum_c F[b,c,h,w] W[k,c], with the head weights detached (MEK)."""
+    weight = classifier(model).weight.detach()
+    return torch.einsum("bchw,kc->bkhw", feature_map(model, features), weight.to(features.dtype))
+
+
+def save_model(path: Path, model: nn.Module, spec: ModelSpec, extra: dict | None = None) -> Path:
+    """Write the model file atomically (weights on the CPU, plain metadata)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "spec": asdict(spec), "state_dict": state, **(extra or {})}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    spec: ModelSpec
+    extra: dict[str, Any]
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model file (or a training output folder holding one) for inference."""
+    text = str(path)
+    if not is_s3(text) and Path(text).is_dir():
+        text = str(Path(text) / MODEL_FILE)
+    local = fetch(text)
+    try:
+        payload = torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors of many kinds: all mean "not our file"
+        raise FersynthError(
+            f"{local}: not a loadable model file ({exc.__class__.__name__})"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FersynthError(f"{local}: not a fersynth model file (expected format {FORMAT})")
+    raw = payload["spec"]
+    spec = ModelSpec(
+        **{
+            **raw,
+            "mean": tuple(raw["mean"]),
+            "std": tuple(raw["std"]),
+            "classes": tuple(raw["classes"]),
+        }
+    )
+    if spec.classes != CLASSES:
+        raise FersynthError(f"{local}: class order {spec.classes} differs from {CLASSES}")
+    model = create_model(spec)
+    model.load_state_dict(payload["state_dict"])
+    model.to(device).eval()
+    extra = {k: v for k, v in payload.items() if k not in ("format", "spec", "state_dict")}
+    return LoadedModel(model, spec, extra)
