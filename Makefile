@@ -19,9 +19,27 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP) ## create .venv with the pinned dependencies (done by every target)
 
-run: $(STAMP) ## the main job: demo data -> ingest (the stages that exist), on the embedded default
-	$(BIN)/fersynth --params $(PARAMS) demo-data --force
-	$(BIN)/fersynth --params $(PARAMS) ingest --force
+# Demo-scale training: ResNet-18 at 48 px for 300 steps on two CPU cores. The thesis
+# defaults in params.yaml (Swin-T, 100k steps) are for GPUs.
+DEMO_TRAIN := -S train.arch=resnet18 -S train.image_size=48 -S train.steps=300 \
+	-S train.warmup_steps=30 -S train.eval_every=100 -S train.checkpoint_every=100 \
+	-S train.log_every=50 -S train.workers=1 -S evaluate.workers=1
+FERSYNTH := $(BIN)/fersynth --params $(PARAMS)
+DEMO_RUNS := runs/demo
+
+run: $(STAMP) ## the main job on the demo data: ingest, train SL / balanced SL / MEK, evaluate, compare
+	$(FERSYNTH) demo-data --force
+	$(FERSYNTH) ingest --force
+	$(FERSYNTH) $(DEMO_TRAIN) train --method sl --output $(DEMO_RUNS)/models/original_sl --force
+	$(FERSYNTH) $(DEMO_TRAIN) -S train.balanced_sampler=true train --method sl \
+		--output $(DEMO_RUNS)/models/original_sl_balanced --force
+	$(FERSYNTH) $(DEMO_TRAIN) train --method mek --output $(DEMO_RUNS)/models/original_mek --force
+	for run in original_sl original_sl_balanced original_mek; do \
+		$(FERSYNTH) $(DEMO_TRAIN) evaluate --model $(DEMO_RUNS)/models/$$run \
+			--output $(DEMO_RUNS)/eval/$$run || exit 1; done
+	$(FERSYNTH) compare Original_SL=$(DEMO_RUNS)/eval/original_sl \
+		Original_SL_balanced=$(DEMO_RUNS)/eval/original_sl_balanced \
+		Original_MEK=$(DEMO_RUNS)/eval/original_mek --output $(DEMO_RUNS)/compare
 
 test: lint ## lint, then the whole test suite, slow tests on ../shared included (what CI runs)
 	$(BIN)/python -m pytest
@@ -42,6 +60,6 @@ lock: ## re-resolve requirements.lock from the pins in pyproject.toml (needs the
 	rm -rf .lock-venv
 
 clean: ## remove outputs of make run (keeps .venv)
-	rm -rf data/demo
+	rm -rf data/demo runs/demo
 
 .PHONY: help venv run test test-fast lint lock clean

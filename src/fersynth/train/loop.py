@@ -168,10 +168,12 @@ def run_train(
     )
     scheduler = CosineLRScheduler(
         optimizer,
-        t_initial=settings.steps,
+        # Linear warm-up, then one cosine from the peak to min_lr at the last step.
+        t_initial=max(1, settings.steps - settings.warmup_steps),
         lr_min=settings.min_lr,
         warmup_t=settings.warmup_steps,
         warmup_lr_init=settings.warmup_lr,
+        warmup_prefix=True,
         t_in_epochs=False,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from fersynth.classes import CLASSES
+from fersynth.cli import main
+from fersynth.compare import comparison_table, load_result, to_markdown, write_comparison
+from fersynth.demo import write_demo_data
+from fersynth.errors import FersynthError
+from fersynth.evaluate import compute_metrics, run_evaluate
+from fersynth.ingest import run_ingest
+from fersynth.predict import Predictor, crop_face, predict
+from fersynth.settings import DemoSettings, EvaluateSettings, IngestSettings, TrainSettings
+from fersynth.train.loop import run_train
+
+
+def test_metrics_against_a_hand_computed_confusion_matrix():
+    # true: 3 surprise, 2 fear, 1 happy; predictions below. Rows true, columns predicted.
+    y_true = np.array([0, 0, 0, 1, 1, 3])
+    y_pred = np.array([0, 0, 3, 1, 0, 3])
+    metrics = compute_metrics(y_true, y_pred)
+    expected = np.zeros((7, 7), int)
+    expected[0, 0], expected[0, 3], expected[1, 1], expected[1, 0], expected[3, 3] = 2, 1, 1, 1, 1
+    assert np.array_equal(np.array(metrics["confusion"]), expected)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["per_class_accuracy"]["surprise"] == pytest.approx(2 / 3)
+    assert metrics["per_class_accuracy"]["fear"] == pytest.approx(1 / 2)
+    assert metrics["per_class_accuracy"]["happy"] == 1.0
+    assert metrics["per_class_accuracy"]["sad"] is None  # absent classes have no accuracy
+    assert metrics["mean_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    assert metrics["confusion_normalised"][0][3] == pytest.approx(1 / 3)
+    assert metrics["support"]["surprise"] == 3
+
+
+def hand_made(folder: Path, name: str, per_class: list[float], total: float, counts=None) -> Path:
+    folder = folder / name / "test"
+    folder.mkdir(parents=True)
+    metrics = {
+        "accuracy": total,
+        "mean_accuracy": float(np.mean(per_class)),
+        "per_class_accuracy": dict(zip(CLASSES, per_class, strict=True)),
+        "test_set": "test",
+        "train_counts": counts or {},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder.parent
+
+
+def test_comparison_table_orders_by_training_count_and_marks_best(tmp_path):
+    counts = {
+        "surprise": 1290,
+        "fear": 281,
+        "disgust": 717,
+        "happy": 4772,
+        "sad": 1982,
+        "angry": 705,
+        "neutral": 2524,
+    }
+    a = hand_made(tmp_path, "a", [0.8, 0.3, 0.5, 0.95, 0.8, 0.7, 0.85], 0.85, counts)
+    b = hand_made(tmp_path, "b", [0.82, 0.45, 0.55, 0.93, 0.79, 0.72, 0.84], 0.86)
+    runs = [load_result("Original_SL", a, None), load_result("Expanded_SL", b, "test")]
+    table = comparison_table(runs)
+    assert list(table.columns) == [
+        "happy",
+        "neutral",
+        "sad",
+        "surprise",
+        "disgust",
+        "angry",
+        "fear",
+        "Total",
+        "Mean",
+    ]
+    assert table.loc["Expanded_SL", "fear"] == pytest.approx(45.0)
+    text = to_markdown(table)
+    assert "| Original_SL | **95.00** | **85.00** | **80.00** | 80.00 |" in text
+    assert (
+        "| Expanded_SL | 93.00 | 84.00 | 79.00 | **82.00** | **55.00** | **72.00** | **45.00** "
+        "| **86.00** |" in text
+    )
+    md, csv = write_comparison(table, tmp_path / "out")
+    assert pd.read_csv(csv, index_col=0).loc["Original_SL", "Total"] == pytest.approx(85.0)
+    with pytest.raises(FersynthError, match="no test set 'other'"):
+        load_result("x", a, "other")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    write_demo_data(DemoSettings(output=root / "raw", train_size=70, test_size=21), progress=False)
+    run_ingest(
+        IngestSettings(source="rafdb", input=root / "raw", output=root / "ds"), progress=False
+    )
+    settings = TrainSettings(
+        data=root / "ds",
+        output=root / "model",
+        arch="resnet18",
+        image_size=32,
+        batch_size=8,
+        steps=4,
+        warmup_steps=1,
+        workers=0,
+        eval_every=4,
+        checkpoint_every=4,
+        log_every=2,
+    )
+    run_train(settings, progress=False)
+    return root
+
+
+def test_evaluate_writes_metrics_tables_figure_and_predictions(trained, tmp_path):
+    settings = EvaluateSettings(
+        model=trained / "model",
+        data=[trained / "ds", trained / "ds"],
+        output=tmp_path / "eval",
+        workers=0,
+    )
+    results = run_evaluate(settings, progress=False)
+    assert [r.name for r in results] == ["ds", "ds_"]  # two test sets, distinct folders
+    folder = tmp_path / "eval" / "ds"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    predictions = pd.read_csv(folder / "predictions.csv")
+    assert len(predictions) == metrics["images"] == 21
+    assert metrics["accuracy"] == pytest.approx(predictions["correct"].mean())
+    confusion = pd.read_csv(folder / "confusion.csv", index_col=0)
+    assert confusion.to_numpy().sum() == 21
+    assert np.allclose(predictions[[f"p_{c}" for c in CLASSES]].sum(axis=1), 1.0, atol=1e-4)
+    image = cv2.imread(str(folder / "confusion.png"))
+    assert image.shape[0] > 300 and image.shape[1] > 800
+    assert (
+        json.loads((tmp_path / "eval" / "summary.json").read_text())["ds"]["accuracy"]
+        == metrics["accuracy"]
+    )
+
+
+def test_predict_matches_evaluate_on_the_same_image(trained, tmp_path):
+    run_evaluate(
+        EvaluateSettings(
+            model=trained / "model", data=[trained / "ds"], output=tmp_path / "eval", workers=0
+        ),
+        progress=False,
+    )
+    evaluated = pd.read_csv(tmp_path / "eval" / "ds" / "predictions.csv").iloc[0]
+    image = trained / "ds" / evaluated["path"]
+    table = predict(
+        image, Predictor.from_uri(str(trained / "model" / "model.pt"), "cpu"), progress=False
+    )
+    assert table.loc[0, "predicted"] == evaluated["predicted"]
+    for name in CLASSES:
+        assert table.loc[0, f"p_{name}"] == pytest.approx(evaluated[f"p_{name}"], abs=1e-4)
+
+
+def test_predict_folder_reports_unreadable_images_and_writes_json(trained, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, path in enumerate(sorted((trained / "ds" / "images" / "test").iterdir())[:3]):
+        (folder / f"{i}.jpg").write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    output = tmp_path / "predictions.json"
+    assert (
+        main(["predict", str(folder), "--model", str(trained / "model"), "--output", str(output)])
+        == 0
+    )
+    rows = json.loads(output.read_text())
+    assert len(rows) == 4
+    broken = [r for r in rows if r["path"].endswith("broken.png")][0]
+    assert broken["error"] and broken["predicted"] == ""
+    assert all(r["predicted"] in CLASSES for r in rows if not r["error"])
+
+
+def test_face_crop_finds_a_real_face():
+    from skimage import data
+
+    photo = data.astronaut()  # 512 x 512 photograph with one frontal face
+    face, found = crop_face(photo)
+    assert found
+    assert 60 < face.shape[0] < 400 and face.shape[0] < photo.shape[0]
+    blank = np.full((200, 200, 3), 128, np.uint8)
+    same, found = crop_face(blank)
+    assert not found and same.shape == blank.shape
+
+
+def test_compare_command_prints_and_writes_the_table(tmp_path, capsys):
+    a = hand_made(tmp_path, "a", [0.5] * 7, 0.5)
+    b = hand_made(tmp_path, "b", [0.6] * 7, 0.6)
+    assert (
+        main(["compare", f"Original_SL={a}", f"Expanded_SL={b}", "--output", str(tmp_path / "c")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| Expanded_SL | **60.00**" in out
+    assert (tmp_path / "c" / "comparison.md").is_file()

@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fersynth.classes import CLASSES
+from fersynth.demo import write_demo_data
+from fersynth.errors import FersynthError
+from fersynth.ingest import run_ingest
+from fersynth.settings import DemoSettings, IngestSettings, TrainSettings
+from fersynth.train.data import SampleStream
+from fersynth.train.loop import CHECKPOINT, run_train, split_validation
+from fersynth.train.models import ModelSpec, create_model, load_model
+
+
+@pytest.fixture(scope="module")
+def demo_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    write_demo_data(DemoSettings(output=root / "raw", train_size=140, test_size=42), progress=False)
+    run_ingest(
+        IngestSettings(source="rafdb", input=root / "raw", output=root / "ds"), progress=False
+    )
+    return root / "ds"
+
+
+def tiny(data: Path, output: Path, **changes) -> TrainSettings:
+    values = dict(
+        data=data,
+        output=output,
+        arch="resnet18",
+        image_size=32,
+        batch_size=8,
+        steps=6,
+        warmup_steps=2,
+        workers=0,
+        log_every=2,
+        eval_every=3,
+        checkpoint_every=3,
+        lr=1e-3,
+    )
+    values.update(changes)
+    return TrainSettings(**values)
+
+
+def test_sample_stream_resumes_mid_epoch_and_balances():
+    labels = np.array([0] * 90 + [1] * 10)
+    full = SampleStream(labels, seed=3)
+    first = [item for _, item in zip(range(250), iter(full), strict=False)]
+    resumed = [
+        item for _, item in zip(range(130), iter(SampleStream(labels, 3, start=120)), strict=False)
+    ]
+    assert resumed == first[120:250]
+    assert sorted(i for i, _ in first[:100]) == list(range(100))  # an epoch is a permutation
+    balanced = SampleStream(labels, seed=3, balanced=True)
+    drawn = [labels[i] for _, (i, _pos) in zip(range(4000), iter(balanced), strict=False)]
+    assert 0.45 < np.mean(drawn) < 0.55  # the 10% class drawn half of the time
+
+
+def test_validation_split_is_stratified_and_seeded(demo_dataset):
+    from fersynth.dataset import read_manifest
+
+    frame = read_manifest(demo_dataset).manifest
+    train, val = split_validation(frame, 0.1, seed=1)
+    again_train, again_val = split_validation(frame, 0.1, seed=1)
+    assert list(val["id"]) == list(again_val["id"])
+    assert set(val["label"]) == set(train["label"]) == set(CLASSES)
+    assert not set(val["id"]) & set(train["id"])
+    assert set(val["split"]) == {"train"}  # taken from training, never from test
+
+
+@pytest.mark.parametrize("method", ["sl", "mek"])
+def test_tiny_resnet_run_writes_a_usable_model(demo_dataset, tmp_path, method):
+    result = run_train(tiny(demo_dataset, tmp_path / method, method=method), progress=False)
+    assert result.steps == 6 and result.best_metrics is not None
+    summary = json.loads((tmp_path / method / "train_summary.json").read_text())
+    assert summary["method"] == method and summary["val_images"] > 0
+    records = [
+        json.loads(x) for x in (tmp_path / method / "train_log.jsonl").read_text().split("\n") if x
+    ]
+    losses = [r for r in records if "loss" in r]
+    assert [r["step"] for r in losses] == [2, 4, 6]
+    assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in losses)
+    if method == "mek":
+        assert all("loss_rac" in r and r["loss_rac"] >= 0 for r in losses)
+        assert len(summary["mek_class_weights"]) == 7
+    loaded = load_model(tmp_path / method)
+    assert loaded.spec.train_counts == summary["train_counts"]
+    assert loaded.extra["method"] == method
+    saved = json.loads((tmp_path / method / "settings.json").read_text())
+    assert saved["train"]["method"] == method and saved["seed"] == 2048
+
+
+@pytest.mark.parametrize("method", ["sl", "mek"])
+def test_tiny_swin_run_nhwc_features(demo_dataset, tmp_path, method):
+    settings = tiny(
+        demo_dataset,
+        tmp_path / "swin",
+        arch="swin_tiny_patch4_window7_224",
+        image_size=64,
+        window_size=2,
+        batch_size=4,
+        steps=2,
+        eval_every=2,
+        checkpoint_every=2,
+        log_every=1,
+        method=method,
+    )
+    result = run_train(settings, progress=False)
+    assert result.steps == 2
+    loaded = load_model(tmp_path / "swin")
+    assert loaded.spec.window_size == 2 and loaded.model.output_fmt == "NHWC"
+
+
+def test_learning_rate_schedule_warms_up_then_decays(demo_dataset, tmp_path):
+    settings = tiny(
+        demo_dataset,
+        tmp_path / "lr",
+        steps=10,
+        log_every=1,
+        warmup_steps=3,
+        warmup_lr=5e-7,
+        min_lr=5e-6,
+        lr=1e-3,
+        eval_every=10,
+        checkpoint_every=10,
+    )
+    run_train(settings, progress=False)
+    lrs = [
+        json.loads(x)["lr"]
+        for x in (tmp_path / "lr" / "train_log.jsonl").read_text().split("\n")
+        if x and "lr" in json.loads(x)
+    ]
+    assert lrs[0] < 1e-3 / 2  # still warming up at step 1
+    assert max(lrs) == pytest.approx(1e-3, rel=0.05)
+    assert lrs[-1] < lrs[4] and lrs[-1] >= 5e-6 * 0.999
+
+
+def test_existing_run_needs_resume_or_force(demo_dataset, tmp_path):
+    run_train(tiny(demo_dataset, tmp_path / "r", steps=3), progress=False)
+    with pytest.raises(FersynthError, match="--resume"):
+        run_train(tiny(demo_dataset, tmp_path / "r", steps=3), progress=False)
+    assert (
+        run_train(tiny(demo_dataset, tmp_path / "r", steps=3), force=True, progress=False).steps
+        == 3
+    )
+
+
+def _cli_train(output: Path, data: Path, *extra: str) -> list[str]:
+    overrides = [
+        "arch=resnet18",
+        "image_size=32",
+        "batch_size=8",
+        "steps=40",
+        "warmup_steps=2",
+        "workers=0",
+        "log_every=5",
+        "eval_every=10",
+        "checkpoint_every=4",
+        "lr=1e-3",
+    ]
+    args = [sys.executable, "-m", "fersynth.cli"]
+    for item in overrides:
+        args += ["-S", f"train.{item}"]
+    return [*args, "train", "--data", str(data), "--output", str(output), "--quiet", *extra]
+
+
+def test_killed_and_resumed_run_ends_with_identical_weights(demo_dataset, tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(_cli_train(straight, demo_dataset), check=True, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _cli_train(killed, demo_dataset), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not (killed / CHECKPOINT).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted_at = torch.load(killed / CHECKPOINT, weights_only=True)["step"]
+    assert 0 < interrupted_at < 40, "the run must be killed part-way for this test to mean anything"
+
+    subprocess.run(
+        _cli_train(killed, demo_dataset, "--resume"), check=True, capture_output=True, timeout=600
+    )
+    a = torch.load(straight / CHECKPOINT, weights_only=True)
+    b = torch.load(killed / CHECKPOINT, weights_only=True)
+    assert a["step"] == b["step"] == 40
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["best_step"] == b["best_step"]
+    assert (straight / "model.pt").exists() and (killed / "model.pt").exists()
+
+
+def test_pretrained_backbone_from_a_local_file(tmp_path):
+    spec = ModelSpec(arch="resnet18", image_size=32, resize=37, mean=(0.5,) * 3, std=(0.5,) * 3)
+    torch.manual_seed(1)
+    source = create_model(spec)
+    state = {k: v for k, v in source.state_dict().items()}
+    state["fc.weight"] = torch.zeros(1000, 512)  # an ImageNet head: must be dropped, not loaded
+    state["fc.bias"] = torch.zeros(1000)
+    torch.save(state, tmp_path / "backbone.pth")
+    torch.manual_seed(2)
+    model = create_model(spec, pretrained=str(tmp_path / "backbone.pth"))
+    assert torch.equal(model.state_dict()["conv1.weight"], source.state_dict()["conv1.weight"])
+    assert model.get_classifier().out_features == 7
+    with pytest.raises(FersynthError, match="not found"):
+        create_model(spec, pretrained=str(tmp_path / "absent.pth"))
+    with pytest.raises(FersynthError, match="not a timm model"):
+        create_model(ModelSpec("resnet_nonexistent", 32, 37, (0.5,) * 3, (0.5,) * 3))
