@@ -48,8 +48,8 @@ test-fast: $(STAMP) ## the test suite without the slow tests
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP) ## ruff check and format check
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 lock: ## re-resolve requirements.lock from the pins in pyproject.toml (needs the network)
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv

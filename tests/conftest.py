@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from servers import S3Server, start_s3
+
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub download in a test is a bug
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
@@ -19,3 +21,19 @@ def fer2013_csv() -> Path:
     if not SHARED_FER2013.is_file():
         pytest.skip(f"real FER2013 data not found at {SHARED_FER2013} (../shared is absent)")
     return SHARED_FER2013
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """A real S3-compatible server (rclone serve s3) on loopback, for the whole session."""
+    server = start_s3(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> S3Server:
+    """The S3 server's endpoint and credentials in the environment, as users set them."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server

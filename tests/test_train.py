@@ -216,3 +216,24 @@ def test_pretrained_backbone_from_a_local_file(tmp_path):
         create_model(spec, pretrained=str(tmp_path / "absent.pth"))
     with pytest.raises(FersynthError, match="not a timm model"):
         create_model(ModelSpec("resnet_nonexistent", 32, 37, (0.5,) * 3, (0.5,) * 3))
+
+
+def test_pretrained_backbone_and_model_file_from_s3(s3_env, tmp_path, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("FERSYNTH_CACHE", str(tmp_path / "cache"))
+    spec = ModelSpec(arch="resnet18", image_size=32, resize=37, mean=(0.5,) * 3, std=(0.5,) * 3)
+    torch.manual_seed(3)
+    source = create_model(spec)
+    torch.save(source.state_dict(), tmp_path / "backbone.pth")
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="weights")
+    client.upload_file(str(tmp_path / "backbone.pth"), "weights", "resnet18/backbone.pth")
+    model = create_model(spec, pretrained="s3://weights/resnet18/backbone.pth")
+    assert torch.equal(
+        model.state_dict()["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"]
+    )
+    with pytest.raises(
+        FersynthError, match="s3://weights/absent.pth: download from http://127.0.0.1"
+    ):
+        create_model(spec, pretrained="s3://weights/absent.pth")
