@@ -27,9 +27,10 @@ DEMO_TRAIN := -S train.arch=resnet18 -S train.image_size=48 -S train.steps=300 \
 FERSYNTH := $(BIN)/fersynth --params $(PARAMS)
 DEMO_RUNS := runs/demo
 
-run: $(STAMP) ## the main job on the demo data: ingest, train SL / balanced SL / MEK, evaluate, compare
+run: $(STAMP) ## the main job on the demo data: ingest, quality, train SL / balanced SL / MEK, evaluate, compare
 	$(FERSYNTH) demo-data --force
 	$(FERSYNTH) ingest --force
+	$(FERSYNTH) quality --force
 	$(FERSYNTH) $(DEMO_TRAIN) train --method sl --output $(DEMO_RUNS)/models/original_sl --force
 	$(FERSYNTH) $(DEMO_TRAIN) -S train.balanced_sampler=true train --method sl \
 		--output $(DEMO_RUNS)/models/original_sl_balanced --force

@@ -47,9 +47,7 @@ STEPS = {"sl": 1800, "mek": 1000}  # about 25 minutes each on two cores (MEK: tw
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["sl", "mek"], choices=["sl", "mek"])
     parser.add_argument("--steps", type=int, help="override the steps of every method")
     parser.add_argument("--balanced", action="store_true", help="class-balanced sampling")
@@ -77,9 +75,7 @@ def main() -> int:
         trained = run_train(settings, force=True)
         minutes = (time.perf_counter() - started) / 60
         evaluated = run_evaluate(
-            EvaluateSettings(
-                model=settings.output, data=[dataset], output=CACHE / "eval" / name, workers=1
-            )
+            EvaluateSettings(model=settings.output, data=[dataset], output=CACHE / "eval" / name, workers=1)
         )[0]
         m = evaluated.metrics
         results[name] = {
@@ -91,9 +87,7 @@ def main() -> int:
             "test": "PublicTest (3589 images), flip TTA",
             "accuracy": round(m["accuracy"] * 100, 2),
             "mean_accuracy": round(m["mean_accuracy"] * 100, 2),
-            "per_class_accuracy": {
-                k: round(v * 100, 2) for k, v in m["per_class_accuracy"].items()
-            },
+            "per_class_accuracy": {k: round(v * 100, 2) for k, v in m["per_class_accuracy"].items()},
             "best_step": trained.best_step,
             "recipe": RECIPE,
             "train_images": sum(m["train_counts"].values()),

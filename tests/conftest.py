@@ -37,3 +37,18 @@ def s3_env(s3_server, monkeypatch) -> S3Server:
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def fer2013_dataset(fer2013_csv, tmp_path_factory) -> Path:
+    """The shared FER2013 CSV ingested once per session (about 30 s), every Training row kept
+    (the default ingest drops Training copies of PublicTest images, 11 near-blank frames among them)."""
+    from fersynth.ingest import run_ingest
+    from fersynth.settings import IngestSettings
+
+    output = tmp_path_factory.mktemp("fer2013") / "dataset"
+    settings = IngestSettings(
+        source="fer2013", input=fer2013_csv, output=output, drop_train_test_duplicates=False
+    )
+    run_ingest(settings, progress=False)
+    return output

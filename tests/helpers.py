@@ -64,3 +64,41 @@ def write_cmyk_jpeg(path: Path, seed: int = 0) -> tuple[Path, np.ndarray]:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).convert("CMYK").save(path, format="JPEG", quality=100)
     return path, rgb
+
+
+def make_demo_dataset(root: Path, train_size: int, test_size: int) -> Path:
+    """Demo faces ingested into a dataset folder at root/ds."""
+    from fersynth.demo import write_demo_data
+    from fersynth.ingest import run_ingest
+    from fersynth.settings import DemoSettings, IngestSettings
+
+    demo = DemoSettings(output=root / "raw", train_size=train_size, test_size=test_size)
+    write_demo_data(demo, progress=False)
+    ingest = IngestSettings(source="rafdb", input=root / "raw", output=root / "ds")
+    run_ingest(ingest, progress=False)
+    return root / "ds"
+
+
+def write_tiny_swinir(path: Path, scale: int = 2) -> Path:
+    """A randomly initialised SwinIR saved in the official checkpoint layout {"params": ...}."""
+    import torch
+    from spandrel.architectures.SwinIR import SwinIR
+
+    torch.manual_seed(scale)
+    model = SwinIR(
+        img_size=16,
+        patch_size=1,
+        in_chans=3,
+        embed_dim=12,
+        depths=[2],
+        num_heads=[2],
+        window_size=4,
+        mlp_ratio=2.0,
+        upscale=scale,
+        img_range=1.0,
+        upsampler="pixelshuffle",
+        resi_connection="1conv",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params": model.state_dict()}, path)
+    return path

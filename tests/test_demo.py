@@ -8,7 +8,7 @@ from skimage.feature import hog
 
 from fersynth.classes import CLASSES
 from fersynth.dataset import read_manifest
-from fersynth.demo import TRUTH_FILE, allocate, write_demo_data
+from fersynth.demo import RAFDB_TRAIN_COUNTS, TRUTH_FILE, allocate, write_demo_data
 from fersynth.ingest import run_ingest
 from fersynth.settings import DemoSettings, IngestSettings
 
@@ -21,18 +21,7 @@ def demo(tmp_path_factory):
 
 
 def test_allocate_keeps_total_and_proportions():
-    counts = allocate(
-        900,
-        {
-            "surprise": 1290,
-            "fear": 281,
-            "disgust": 717,
-            "happy": 4772,
-            "sad": 1982,
-            "angry": 705,
-            "neutral": 2524,
-        },
-    )
+    counts = allocate(900, RAFDB_TRAIN_COUNTS)
     assert sum(counts.values()) == 900
     assert 15 < counts["happy"] / counts["fear"] < 19  # RAF-DB's 17
     assert min(allocate(7, {c: 1 if c != "happy" else 1000 for c in CLASSES}).values()) == 1
@@ -94,9 +83,7 @@ def test_demo_expressions_are_learnable(demo):
 
 
 def test_demo_goes_through_the_rafdb_reader(demo, tmp_path):
-    report = run_ingest(
-        IngestSettings(source="rafdb", input=demo, output=tmp_path / "ds"), progress=False
-    )
+    report = run_ingest(IngestSettings(source="rafdb", input=demo, output=tmp_path / "ds"), progress=False)
     assert report.written == 1200 and report.rejected == 0
     dataset = read_manifest(tmp_path / "ds")
     truth = pd.read_csv(demo / TRUTH_FILE, keep_default_na=False).set_index("name")

@@ -11,13 +11,13 @@ import pytest
 from fersynth.classes import CLASSES
 from fersynth.cli import main
 from fersynth.compare import comparison_table, load_result, to_markdown, write_comparison
-from fersynth.demo import write_demo_data
+from fersynth.demo import RAFDB_TRAIN_COUNTS
 from fersynth.errors import FersynthError
 from fersynth.evaluate import compute_metrics, run_evaluate
-from fersynth.ingest import run_ingest
 from fersynth.predict import Predictor, crop_face, predict
-from fersynth.settings import DemoSettings, EvaluateSettings, IngestSettings, TrainSettings
+from fersynth.settings import EvaluateSettings, TrainSettings
 from fersynth.train.loop import run_train
+from helpers import make_demo_dataset
 
 
 def test_metrics_against_a_hand_computed_confusion_matrix():
@@ -53,15 +53,7 @@ def hand_made(folder: Path, name: str, per_class: list[float], total: float, cou
 
 
 def test_comparison_table_orders_by_training_count_and_marks_best(tmp_path):
-    counts = {
-        "surprise": 1290,
-        "fear": 281,
-        "disgust": 717,
-        "happy": 4772,
-        "sad": 1982,
-        "angry": 705,
-        "neutral": 2524,
-    }
+    counts = RAFDB_TRAIN_COUNTS
     a = hand_made(tmp_path, "a", [0.8, 0.3, 0.5, 0.95, 0.8, 0.7, 0.85], 0.85, counts)
     b = hand_made(tmp_path, "b", [0.82, 0.45, 0.55, 0.93, 0.79, 0.72, 0.84], 0.86)
     runs = [load_result("Original_SL", a, None), load_result("Expanded_SL", b, "test")]
@@ -93,10 +85,7 @@ def test_comparison_table_orders_by_training_count_and_marks_best(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    write_demo_data(DemoSettings(output=root / "raw", train_size=70, test_size=21), progress=False)
-    run_ingest(
-        IngestSettings(source="rafdb", input=root / "raw", output=root / "ds"), progress=False
-    )
+    make_demo_dataset(root, train_size=70, test_size=21)
     settings = TrainSettings(
         data=root / "ds",
         output=root / "model",
@@ -134,23 +123,18 @@ def test_evaluate_writes_metrics_tables_figure_and_predictions(trained, tmp_path
     image = cv2.imread(str(folder / "confusion.png"))
     assert image.shape[0] > 300 and image.shape[1] > 800
     assert (
-        json.loads((tmp_path / "eval" / "summary.json").read_text())["ds"]["accuracy"]
-        == metrics["accuracy"]
+        json.loads((tmp_path / "eval" / "summary.json").read_text())["ds"]["accuracy"] == metrics["accuracy"]
     )
 
 
 def test_predict_matches_evaluate_on_the_same_image(trained, tmp_path):
     run_evaluate(
-        EvaluateSettings(
-            model=trained / "model", data=[trained / "ds"], output=tmp_path / "eval", workers=0
-        ),
+        EvaluateSettings(model=trained / "model", data=[trained / "ds"], output=tmp_path / "eval", workers=0),
         progress=False,
     )
     evaluated = pd.read_csv(tmp_path / "eval" / "ds" / "predictions.csv").iloc[0]
     image = trained / "ds" / evaluated["path"]
-    table = predict(
-        image, Predictor.from_uri(str(trained / "model" / "model.pt"), "cpu"), progress=False
-    )
+    table = predict(image, Predictor.from_uri(str(trained / "model" / "model.pt"), "cpu"), progress=False)
     assert table.loc[0, "predicted"] == evaluated["predicted"]
     for name in CLASSES:
         assert table.loc[0, f"p_{name}"] == pytest.approx(evaluated[f"p_{name}"], abs=1e-4)
@@ -163,10 +147,7 @@ def test_predict_folder_reports_unreadable_images_and_writes_json(trained, tmp_p
         (folder / f"{i}.jpg").write_bytes(path.read_bytes())
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
     output = tmp_path / "predictions.json"
-    assert (
-        main(["predict", str(folder), "--model", str(trained / "model"), "--output", str(output)])
-        == 0
-    )
+    assert main(["predict", str(folder), "--model", str(trained / "model"), "--output", str(output)]) == 0
     rows = json.loads(output.read_text())
     assert len(rows) == 4
     broken = [r for r in rows if r["path"].endswith("broken.png")][0]
@@ -189,10 +170,7 @@ def test_face_crop_finds_a_real_face():
 def test_compare_command_prints_and_writes_the_table(tmp_path, capsys):
     a = hand_made(tmp_path, "a", [0.5] * 7, 0.5)
     b = hand_made(tmp_path, "b", [0.6] * 7, 0.6)
-    assert (
-        main(["compare", f"Original_SL={a}", f"Expanded_SL={b}", "--output", str(tmp_path / "c")])
-        == 0
-    )
+    assert main(["compare", f"Original_SL={a}", f"Expanded_SL={b}", "--output", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "| Expanded_SL | **60.00**" in out
     assert (tmp_path / "c" / "comparison.md").is_file()

@@ -77,9 +77,7 @@ EXPECTED_TRAINING = {
 @pytest.mark.slow
 def test_shared_fer2013_counts_and_train_test_duplicates(fer2013_csv, tmp_path):
     out = tmp_path / "fer2013"
-    report = run_ingest(
-        IngestSettings(source="fer2013", input=fer2013_csv, output=out), progress=False
-    )
+    report = run_ingest(IngestSettings(source="fer2013", input=fer2013_csv, output=out), progress=False)
     assert report.read_counts["train"] == EXPECTED_TRAINING
     assert sum(report.read_counts["test"].values()) == 3589
     assert report.read_counts["test"]["disgust"] == 56

@@ -99,6 +99,4 @@ def test_ferplus_row_count_mismatch_is_an_error(tmp_path):
 def test_ferplus_needs_its_labels_file(tmp_path):
     pixels, _ = make_ferplus(tmp_path)
     with pytest.raises(FersynthError, match="ingest.ferplus.labels_csv"):
-        run_ingest(
-            IngestSettings(source="ferplus", input=pixels, output=tmp_path / "o"), progress=False
-        )
+        run_ingest(IngestSettings(source="ferplus", input=pixels, output=tmp_path / "o"), progress=False)

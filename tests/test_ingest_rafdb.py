@@ -51,9 +51,7 @@ def rafdb(tmp_path) -> Path:
 
 def test_rafdb_every_input_is_written_or_reported(rafdb, tmp_path):
     out = tmp_path / "dataset"
-    report = run_ingest(
-        IngestSettings(source="rafdb", input=rafdb, output=out, workers=2), progress=False
-    )
+    report = run_ingest(IngestSettings(source="rafdb", input=rafdb, output=out, workers=2), progress=False)
     assert report.inputs == 18 and report.accounted
     assert report.written == 10 and report.rejected == 7 and report.removed_test_duplicates == 1
 
@@ -99,9 +97,7 @@ def test_rafdb_manifest_labels_splits_and_files(rafdb, tmp_path):
 
     duplicates = pd.read_csv(out / "ingest_duplicates.csv", keep_default_na=False)
     across = duplicates[duplicates["kind"] == "train_test"]
-    assert across["id"].tolist() == ["train_00012"] and across["test_ids"].tolist() == [
-        "test_00001"
-    ]
+    assert across["id"].tolist() == ["train_00012"] and across["test_ids"].tolist() == ["test_00001"]
     settings = json.loads((out / "settings.json").read_text())
     assert settings["ingest"]["source"] == "rafdb" and settings["seed"] == 2048
 
@@ -109,9 +105,7 @@ def test_rafdb_manifest_labels_splits_and_files(rafdb, tmp_path):
 def test_rafdb_keep_test_duplicates_flag(rafdb, tmp_path):
     out = tmp_path / "dataset"
     report = run_ingest(
-        IngestSettings(
-            source="rafdb", input=rafdb, output=out, workers=1, drop_train_test_duplicates=False
-        ),
+        IngestSettings(source="rafdb", input=rafdb, output=out, workers=1, drop_train_test_duplicates=False),
         progress=False,
     )
     assert report.removed_test_duplicates == 0 and report.written == 11

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fersynth.classes import CLASSES
+from fersynth.demo import RAFDB_TRAIN_COUNTS
 from fersynth.errors import FersynthError
 from fersynth.train.losses import (
     attention_consistency,
@@ -13,19 +14,9 @@ from fersynth.train.losses import (
 )
 from fersynth.train.models import ModelSpec, class_activation_maps, create_model
 
-RAFDB_TRAIN = {
-    "surprise": 1290,
-    "fear": 281,
-    "disgust": 717,
-    "happy": 4772,
-    "sad": 1982,
-    "angry": 705,
-    "neutral": 2524,
-}
-
 
 def test_class_weights_match_mek_on_rafdb_counts():
-    weights = mek_class_weights([RAFDB_TRAIN[name] for name in CLASSES])
+    weights = mek_class_weights([RAFDB_TRAIN_COUNTS[name] for name in CLASSES])
     expected = torch.tensor([0.9512, 4.3669, 1.7114, 0.2571, 0.6191, 1.7406, 0.4862])
     assert torch.allclose(weights, expected, atol=1e-4)
 
@@ -36,7 +27,7 @@ def test_class_weights_refuse_empty_class():
 
 
 def test_rebalanced_targets_sum_to_one_with_true_class_at_0_7():
-    weights = mek_class_weights([RAFDB_TRAIN[name] for name in CLASSES])
+    weights = mek_class_weights([RAFDB_TRAIN_COUNTS[name] for name in CLASSES])
     labels = torch.tensor([0, 1, 3, 6])
     targets = rebalanced_targets(labels, weights, eps=0.3)
     assert torch.allclose(targets.sum(dim=1), torch.ones(4))
@@ -104,9 +95,7 @@ def test_attention_consistency_on_model_maps_of_an_image_and_its_mirror():
     model = create_model(spec).eval()
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        maps = class_activation_maps(
-            model, model.forward_features(torch.cat([image, image.flip(dims=(3,))]))
-        )
+        maps = class_activation_maps(model, model.forward_features(torch.cat([image, image.flip(dims=(3,))])))
     weights = torch.ones(7)
     assert attention_consistency(maps[:2], maps[2:], weights).item() > 0
     assert attention_consistency(maps[:2], maps[:2].flip(dims=(3,)), weights).item() == 0.0

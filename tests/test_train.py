@@ -12,23 +12,18 @@ import pytest
 import torch
 
 from fersynth.classes import CLASSES
-from fersynth.demo import write_demo_data
 from fersynth.errors import FersynthError
-from fersynth.ingest import run_ingest
-from fersynth.settings import DemoSettings, IngestSettings, TrainSettings
+from fersynth.settings import TrainSettings
 from fersynth.train.data import SampleStream
 from fersynth.train.loop import CHECKPOINT, run_train, split_validation
 from fersynth.train.models import ModelSpec, create_model, load_model
+from helpers import make_demo_dataset
 
 
 @pytest.fixture(scope="module")
 def demo_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
-    write_demo_data(DemoSettings(output=root / "raw", train_size=140, test_size=42), progress=False)
-    run_ingest(
-        IngestSettings(source="rafdb", input=root / "raw", output=root / "ds"), progress=False
-    )
-    return root / "ds"
+    return make_demo_dataset(root, train_size=140, test_size=42)
 
 
 def tiny(data: Path, output: Path, **changes) -> TrainSettings:
@@ -54,9 +49,7 @@ def test_sample_stream_resumes_mid_epoch_and_balances():
     labels = np.array([0] * 90 + [1] * 10)
     full = SampleStream(labels, seed=3)
     first = [item for _, item in zip(range(250), iter(full), strict=False)]
-    resumed = [
-        item for _, item in zip(range(130), iter(SampleStream(labels, 3, start=120)), strict=False)
-    ]
+    resumed = [item for _, item in zip(range(130), iter(SampleStream(labels, 3, start=120)), strict=False)]
     assert resumed == first[120:250]
     assert sorted(i for i, _ in first[:100]) == list(range(100))  # an epoch is a permutation
     balanced = SampleStream(labels, seed=3, balanced=True)
@@ -82,9 +75,7 @@ def test_tiny_resnet_run_writes_a_usable_model(demo_dataset, tmp_path, method):
     assert result.steps == 6 and result.best_metrics is not None
     summary = json.loads((tmp_path / method / "train_summary.json").read_text())
     assert summary["method"] == method and summary["val_images"] > 0
-    records = [
-        json.loads(x) for x in (tmp_path / method / "train_log.jsonl").read_text().split("\n") if x
-    ]
+    records = [json.loads(x) for x in (tmp_path / method / "train_log.jsonl").read_text().split("\n") if x]
     losses = [r for r in records if "loss" in r]
     assert [r["step"] for r in losses] == [2, 4, 6]
     assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in losses)
@@ -147,10 +138,7 @@ def test_existing_run_needs_resume_or_force(demo_dataset, tmp_path):
     run_train(tiny(demo_dataset, tmp_path / "r", steps=3), progress=False)
     with pytest.raises(FersynthError, match="--resume"):
         run_train(tiny(demo_dataset, tmp_path / "r", steps=3), progress=False)
-    assert (
-        run_train(tiny(demo_dataset, tmp_path / "r", steps=3), force=True, progress=False).steps
-        == 3
-    )
+    assert run_train(tiny(demo_dataset, tmp_path / "r", steps=3), force=True, progress=False).steps == 3
 
 
 def _cli_train(output: Path, data: Path, *extra: str) -> list[str]:
@@ -188,9 +176,7 @@ def test_killed_and_resumed_run_ends_with_identical_weights(demo_dataset, tmp_pa
     interrupted_at = torch.load(killed / CHECKPOINT, weights_only=True)["step"]
     assert 0 < interrupted_at < 40, "the run must be killed part-way for this test to mean anything"
 
-    subprocess.run(
-        _cli_train(killed, demo_dataset, "--resume"), check=True, capture_output=True, timeout=600
-    )
+    subprocess.run(_cli_train(killed, demo_dataset, "--resume"), check=True, capture_output=True, timeout=600)
     a = torch.load(straight / CHECKPOINT, weights_only=True)
     b = torch.load(killed / CHECKPOINT, weights_only=True)
     assert a["step"] == b["step"] == 40
@@ -233,7 +219,5 @@ def test_pretrained_backbone_and_model_file_from_s3(s3_env, tmp_path, monkeypatc
     assert torch.equal(
         model.state_dict()["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"]
     )
-    with pytest.raises(
-        FersynthError, match="s3://weights/absent.pth: download from http://127.0.0.1"
-    ):
+    with pytest.raises(FersynthError, match="s3://weights/absent.pth: download from http://127.0.0.1"):
         create_model(spec, pretrained="s3://weights/absent.pth")

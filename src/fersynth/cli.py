@@ -160,13 +160,57 @@ def ingest_command(
     click.echo(f"report: {Path(report.output) / REPORT_MD}")
 
 
+@cli.command("quality")
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset folder [quality.data].")
+@click.option("--output", type=click.Path(path_type=Path), help="Output dataset folder [quality.output].")
+@click.option(
+    "--sr-model",
+    multiple=True,
+    help="SwinIR weights (file or s3:// URI), repeatable, or 'none' [quality.sr.model].",
+)
+@click.option("--workers", type=int, help="Worker processes, 0 = all cores [quality.workers].")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_obj
+def quality_command(obj: _Context, data, output, sr_model, workers, force: bool, quiet: bool) -> None:
+    """Score image quality, flag poor training images and enhance them with super-resolution.
+
+    Writes a new dataset folder (images hard-linked) with the scores in the manifest, the
+    enhanced images, and quality_report.md with histograms and contact sheets.
+    """
+    from fersynth.quality import run_quality
+    from fersynth.quality.report import REPORT_MD
+
+    models = list(sr_model) if sr_model else None
+    if models == ["none"]:
+        models = "none"
+    settings = obj.settings(
+        _option_overrides(
+            **{
+                "quality.data": data,
+                "quality.output": output,
+                "quality.sr.model": models,
+                "quality.workers": workers,
+            }
+        )
+    )
+    result = run_quality(settings.quality, force=force, progress=not quiet)
+    frame = result.manifest
+    flagged = int((frame["q_flag"] != "").sum())
+    enhanced = int((frame["q_action"] == "enhanced").sum())
+    sr = ", ".join(result.sr_models) if result.sr_models else "skipped (quality.sr.model: none)"
+    click.echo(
+        f"quality: {flagged} training images flagged, {enhanced} enhanced; super-resolution {sr}; "
+        f"{len(result.problems)} unreadable"
+    )
+    click.echo(f"report: {result.output / REPORT_MD}")
+
+
 @cli.command("train")
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset folder [train.data].")
 @click.option("--output", type=click.Path(path_type=Path), help="Run folder [train.output].")
 @click.option("--arch", help="timm model name [train.arch].")
-@click.option(
-    "--method", type=click.Choice(["sl", "mek"]), help="Supervised or MEK [train.method]."
-)
+@click.option("--method", type=click.Choice(["sl", "mek"]), help="Supervised or MEK [train.method].")
 @click.option("--steps", type=int, help="Optimiser steps [train.steps].")
 @click.option("--pretrained", help="Backbone weights: local file or s3:// URI [train.pretrained].")
 @click.option("--device", help="auto, cpu, cuda, cuda:N [train.device].")
@@ -207,9 +251,7 @@ def train_command(
             }
         )
     )
-    result = run_train(
-        settings.train, seed=settings.seed, resume=resume, force=force, progress=not quiet
-    )
+    result = run_train(settings.train, seed=settings.seed, resume=resume, force=force, progress=not quiet)
     best = result.best_metrics
     line = f"trained {result.steps} steps at {result.images_per_second:.0f} images/s"
     if best:
@@ -222,9 +264,7 @@ def train_command(
 
 
 @cli.command("evaluate")
-@click.option(
-    "--model", type=click.Path(path_type=Path), help="Model file or run folder [evaluate.model]."
-)
+@click.option("--model", type=click.Path(path_type=Path), help="Model file or run folder [evaluate.model].")
 @click.option(
     "--data",
     type=click.Path(path_type=Path),
@@ -233,9 +273,7 @@ def train_command(
 )
 @click.option("--split", help="Split to evaluate [evaluate.split].")
 @click.option("--output", type=click.Path(path_type=Path), help="Results folder [evaluate.output].")
-@click.option(
-    "--no-tta", is_flag=True, default=None, help="No horizontal-flip test-time augmentation."
-)
+@click.option("--no-tta", is_flag=True, default=None, help="No horizontal-flip test-time augmentation.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_obj
 def evaluate_command(obj: _Context, model, data, split, output, no_tta, quiet: bool) -> None:
@@ -256,13 +294,86 @@ def evaluate_command(obj: _Context, model, data, split, output, no_tta, quiet: b
     for result in run_evaluate(settings.evaluate, progress=not quiet):
         m = result.metrics
         per_class = ", ".join(
-            f"{k} {v:.0%}" if v is not None else f"{k} -"
-            for k, v in m["per_class_accuracy"].items()
+            f"{k} {v:.0%}" if v is not None else f"{k} -" for k, v in m["per_class_accuracy"].items()
         )
         click.echo(
             f"{result.name}: accuracy {m['accuracy']:.2%}, mean per-class "
             f"{m['mean_accuracy']:.2%} ({per_class}) -> {result.folder}"
         )
+
+
+@cli.command("train-prior")
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset folder [prior.data].")
+@click.option("--output", type=click.Path(path_type=Path), help="Prior folder [prior.output].")
+@click.option("--steps", type=int, help="Training steps [prior.steps].")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_obj
+def train_prior_command(obj: _Context, data, output, steps, force: bool, quiet: bool) -> None:
+    """Train the offline autoencoder prior of the gif-prior backend on the training split."""
+    from fersynth.generate.prior import run_train_prior
+
+    settings = obj.settings(
+        _option_overrides(**{"prior.data": data, "prior.output": output, "prior.steps": steps})
+    )
+    result = run_train_prior(settings.prior, seed=settings.seed, force=force, progress=not quiet)
+    click.echo(
+        f"prior: reconstruction error {result.mae:.2f} grey levels (PSNR {result.psnr:.1f} dB) "
+        f"on held-out training images -> {result.output}"
+    )
+
+
+@cli.command("generate")
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset with the seed images [generate.data].")
+@click.option("--output", type=click.Path(path_type=Path), help="Generation folder [generate.output].")
+@click.option("--backend", type=click.Choice(["gif-prior", "gif-sd"]), help="[generate.backend]")
+@click.option("--shard", type=int, default=0, show_default=True, help="This shard's index.")
+@click.option("--num-shards", type=int, default=1, show_default=True, help="How many shards in all.")
+@click.option("--only", multiple=True, help="Regenerate only this seed id (repeatable).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_obj
+def generate_command(
+    obj: _Context, data, output, backend, shard: int, num_shards: int, only, quiet: bool
+) -> None:
+    """Expand training images K times with GIF guided imagination (one shard; resumable).
+
+    Run shards 0..N-1 anywhere (e.g. one GPU each), then `fersynth merge --num-shards N`.
+    """
+    from fersynth.generate import run_generate
+
+    settings = obj.settings(
+        _option_overrides(**{"generate.data": data, "generate.output": output, "generate.backend": backend})
+    )
+    result = run_generate(
+        settings.generate,
+        shard=shard,
+        num_shards=num_shards,
+        seed=settings.seed,
+        only=list(only) or None,
+        progress=not quiet,
+    )
+    click.echo(
+        f"{result.folder.name}: {result.seeds} seeds, {result.skipped} already done, "
+        f"{result.written} images written -> {result.folder}"
+    )
+
+
+@cli.command("merge")
+@click.option("--num-shards", type=int, default=1, show_default=True, help="How many shards were run.")
+@click.option("--output", type=click.Path(path_type=Path), help="Generation folder [generate.output].")
+@click.option("--force", is_flag=True, help="Replace an existing merged dataset.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_obj
+def merge_command(obj: _Context, num_shards: int, output, force: bool, quiet: bool) -> None:
+    """Join generation shards into one synthetic dataset; fails if anything is missing or doubled."""
+    from fersynth.generate import run_merge
+
+    settings = obj.settings(_option_overrides(**{"generate.output": output}))
+    result = run_merge(
+        settings.generate, num_shards=num_shards, seed=settings.seed, force=force, progress=not quiet
+    )
+    counts = ", ".join(f"{k} {v}" for k, v in result.per_class.items())
+    click.echo(f"merged {result.images} synthetic images ({counts}) -> {result.output}")
 
 
 @cli.command("compare")
@@ -300,9 +411,7 @@ def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path
 
 @cli.command("predict")
 @click.argument("target", type=click.Path(path_type=Path))
-@click.option(
-    "--model", "model_uri", required=True, help="Model file, training run folder or s3:// URI."
-)
+@click.option("--model", "model_uri", required=True, help="Model file, training run folder or s3:// URI.")
 @click.option(
     "--output",
     type=click.Path(path_type=Path),

@@ -52,12 +52,7 @@ def is_evaluation_split(split: str) -> bool:
 
 def check_relative_path(relative: str) -> PurePosixPath:
     """The path as a POSIX path, or FersynthError when it is absolute or climbs out."""
-    if (
-        not relative
-        or "\\" in relative
-        or relative.startswith("/")
-        or _WINDOWS_DRIVE.match(relative)
-    ):
+    if not relative or "\\" in relative or relative.startswith("/") or _WINDOWS_DRIVE.match(relative):
         raise FersynthError(f"path {relative!r} is not a relative POSIX path inside the dataset")
     posix = PurePosixPath(relative)
     if ".." in posix.parts:
@@ -115,9 +110,7 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def _palette_is_grey(image: Image.Image) -> bool:
     palette = np.asarray(image.convert("RGB"), dtype=np.int16)
-    return bool(
-        np.all(palette[..., 0] == palette[..., 1]) and np.all(palette[..., 1] == palette[..., 2])
-    )
+    return bool(np.all(palette[..., 0] == palette[..., 1]) and np.all(palette[..., 1] == palette[..., 2]))
 
 
 def pixel_hash(pixels: np.ndarray) -> str:

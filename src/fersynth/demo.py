@@ -126,14 +126,10 @@ def draw_face(expression: str, rng: np.random.Generator, size: int) -> np.ndarra
     brow_gap = rng.uniform(0.055, 0.075) - e.brow_raise
     for side in (-1, 1):
         ex = cx + side * eye_dx
-        cv2.ellipse(
-            canvas, pt(ex, eye_y), pt(eye_w, eye_h), 0, 0, 360, (245, 245, 240), -1, cv2.LINE_AA
-        )
+        cv2.ellipse(canvas, pt(ex, eye_y), pt(eye_w, eye_h), 0, 0, 360, (245, 245, 240), -1, cv2.LINE_AA)
         iris = max(0.4, min(1.0, e.eye_open)) * eye_h * 0.95
         cv2.circle(canvas, pt(ex, eye_y), int(iris * s), (40, 30, 25), -1, cv2.LINE_AA)
-        cv2.ellipse(
-            canvas, pt(ex, eye_y), pt(eye_w, eye_h), 0, 0, 360, feature, thick // 2 + 1, cv2.LINE_AA
-        )
+        cv2.ellipse(canvas, pt(ex, eye_y), pt(eye_w, eye_h), 0, 0, 360, feature, thick // 2 + 1, cv2.LINE_AA)
         inner_x, outer_x = ex - side * eye_w * 1.1, ex + side * eye_w * 1.2
         by = eye_y - brow_gap
         inner_y = by - e.brow_slant * 0.03 + rng.normal(0, 0.003)
@@ -173,9 +169,7 @@ def draw_face(expression: str, rng: np.random.Generator, size: int) -> np.ndarra
 
     image = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
     # Pose: small rotation, scale and shift.
-    matrix = cv2.getRotationMatrix2D(
-        (size / 2, size / 2), rng.uniform(-8, 8), rng.uniform(0.93, 1.07)
-    )
+    matrix = cv2.getRotationMatrix2D((size / 2, size / 2), rng.uniform(-8, 8), rng.uniform(0.93, 1.07))
     matrix[:, 2] += rng.uniform(-0.04, 0.04, size=2) * size
     image = cv2.warpAffine(image, matrix, (size, size), borderMode=cv2.BORDER_REPLICATE)
     # Lighting: a linear gradient in a random direction.
@@ -237,9 +231,7 @@ def write_demo_data(settings: DemoSettings, *, force: bool = False, progress: bo
     with staged_folder(settings.output, force=force) as staging:
         (staging / ALIGNED_DIR).mkdir(parents=True)
         rows = table.itertuples(index=False)
-        for index, row in enumerate(
-            tqdm(rows, total=len(table), desc="demo faces", disable=not progress)
-        ):
+        for index, row in enumerate(tqdm(rows, total=len(table), desc="demo faces", disable=not progress)):
             rng = np.random.default_rng([settings.seed, index])
             image = degrade(
                 draw_face(row.drawn, rng, settings.image_size),

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from fersynth.classes import CLASSES, NUM_CLASSES
 from fersynth.dataset import read_manifest
 from fersynth.errors import FersynthError
-from fersynth.files import atomic_write_text
+from fersynth.figures import save_figure
+from fersynth.files import atomic_write_text, staged_folder
 from fersynth.settings import EvaluateSettings, save_resolved
 from fersynth.train.data import ManifestImages, test_transform
 from fersynth.train.models import LoadedModel, ModelSpec, load_model
@@ -47,8 +48,7 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
     support = confusion.sum(axis=1)
     correct = np.diag(confusion)
     per_class = {
-        name: (float(correct[i] / support[i]) if support[i] else None)
-        for i, name in enumerate(CLASSES)
+        name: (float(correct[i] / support[i]) if support[i] else None) for i, name in enumerate(CLASSES)
     }
     present = [v for v in per_class.values() if v is not None]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -131,16 +131,10 @@ def confusion_figure(metrics: dict[str, Any], title: str, path: Path) -> Path:
         axis.set_ylabel("true")
         axis.set_title(name)
     figure.suptitle(
-        f"{title}: accuracy {metrics['accuracy']:.2%}, "
-        f"mean per-class {metrics['mean_accuracy']:.2%}"
+        f"{title}: accuracy {metrics['accuracy']:.2%}, mean per-class {metrics['mean_accuracy']:.2%}"
     )
     figure.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp)
-    plt.close(figure)
-    tmp.replace(path)
-    return path
+    return save_figure(figure, path)
 
 
 @dataclass
@@ -167,9 +161,7 @@ def _write_results(
     predictions["correct"] = predictions["predicted"] == predictions["label"]
     for i, cls in enumerate(CLASSES):
         predictions[f"p_{cls}"] = probs[:, i].round(6)
-    atomic_write_text(
-        folder / "predictions.csv", predictions.to_csv(index=False, lineterminator="\n")
-    )
+    atomic_write_text(folder / "predictions.csv", predictions.to_csv(index=False, lineterminator="\n"))
     confusion_figure(metrics, name, folder / "confusion.png")
 
 
@@ -181,47 +173,48 @@ def run_evaluate(
     loaded = loaded or load_model(settings.model, device)
     model = loaded.model.to(device)
     output = Path(settings.output)
-    output.mkdir(parents=True, exist_ok=True)
     results = []
     names: set[str] = set()
-    for data in settings.data:
-        dataset = read_manifest(data)
-        frame = dataset.split(settings.split)
-        if frame.empty:
-            splits = sorted(set(dataset.manifest["split"]))
-            raise FersynthError(f"{data}: no {settings.split!r} split (it has {', '.join(splits)})")
-        name = Path(data).name
-        while name in names:
-            name = f"{name}_"
-        names.add(name)
-        probs = predict_probabilities(
-            model,
-            loaded.spec,
-            dataset.root,
-            frame,
-            batch_size=settings.batch_size,
-            device=device,
-            workers=settings.workers,
-            tta_flip=settings.tta_flip,
-            progress=progress,
-            desc=f"evaluate {name}",
-        )
-        y_true = np.array([CLASSES.index(v) for v in frame["label"]])
-        metrics = compute_metrics(y_true, probs.argmax(axis=1))
-        metrics.update(
-            test_set=name,
-            data=str(data),
-            split=settings.split,
-            model=str(settings.model),
-            train_counts=loaded.spec.train_counts,
-            tta_flip=settings.tta_flip,
-        )
-        _write_results(output / name, name, frame, probs, metrics)
-        results.append(TestSetResult(name, output / name, metrics))
-    save_resolved({"evaluate": settings}, output)
-    summary = {
-        r.name: {k: r.metrics[k] for k in ("accuracy", "mean_accuracy", "per_class_accuracy")}
-        for r in results
-    }
-    atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    # Results are derived: each evaluation replaces the folder whole, so no stale test set stays.
+    with staged_folder(output, force=True) as staging:
+        for data in settings.data:
+            dataset = read_manifest(data)
+            frame = dataset.split(settings.split)
+            if frame.empty:
+                splits = sorted(set(dataset.manifest["split"]))
+                raise FersynthError(f"{data}: no {settings.split!r} split (it has {', '.join(splits)})")
+            name = Path(data).name
+            while name in names:
+                name = f"{name}_"
+            names.add(name)
+            probs = predict_probabilities(
+                model,
+                loaded.spec,
+                dataset.root,
+                frame,
+                batch_size=settings.batch_size,
+                device=device,
+                workers=settings.workers,
+                tta_flip=settings.tta_flip,
+                progress=progress,
+                desc=f"evaluate {name}",
+            )
+            y_true = np.array([CLASSES.index(v) for v in frame["label"]])
+            metrics = compute_metrics(y_true, probs.argmax(axis=1))
+            metrics.update(
+                test_set=name,
+                data=str(data),
+                split=settings.split,
+                model=str(settings.model),
+                train_counts=loaded.spec.train_counts,
+                tta_flip=settings.tta_flip,
+            )
+            _write_results(staging / name, name, frame, probs, metrics)
+            results.append(TestSetResult(name, output / name, metrics))
+        save_resolved({"evaluate": settings}, staging)
+        summary = {
+            r.name: {k: r.metrics[k] for k in ("accuracy", "mean_accuracy", "per_class_accuracy")}
+            for r in results
+        }
+        atomic_write_text(staging / "summary.json", json.dumps(summary, indent=2) + "\n")
     return results

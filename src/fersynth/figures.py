@@ -71,6 +71,13 @@ def class_count_chart(counts: Mapping[str, Mapping[str, int]], title: str, path:
     axis.set_title(title)
     axis.legend()
     figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(tmp)

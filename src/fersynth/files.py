@@ -42,9 +42,7 @@ def staged_folder(target: Path, *, force: bool = False) -> Iterator[Path]:
     if target.exists() and not force:
         raise FersynthError(f"{target}: output already exists (pass --force to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-    )
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
     staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
         yield staging

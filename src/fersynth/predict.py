@@ -108,9 +108,7 @@ def predict(
         for (row, _), p in zip(pending, probs, strict=True):
             row["predicted"] = CLASSES[int(p.argmax())]
             row["confidence"] = round(float(p.max()), 6)
-            row.update(
-                {f"p_{name}": round(float(v), 6) for name, v in zip(CLASSES, p, strict=True)}
-            )
+            row.update({f"p_{name}": round(float(v), 6) for name, v in zip(CLASSES, p, strict=True)})
         pending.clear()
 
     for path in tqdm(paths, desc="predict", unit="img", disable=not progress or len(paths) < 2):

@@ -81,6 +81,50 @@ class IngestSettings(Strict):
     affectnet: AffectNetSettings = AffectNetSettings()
 
 
+QUALITY_SCORES = ("sharpness", "detail", "contrast", "texture", "size")
+
+
+class SuperResolutionSettings(Strict):
+    """SwinIR (or any spandrel model) for the images the quality check flags."""
+
+    # Weights file(s) or s3:// URIs, e.g. an x2 and an x4 model; "none" skips enhancement.
+    model: str | list[str] = "none"
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")] = "auto"
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    tile: Annotated[int, Field(ge=32)] = 256  # larger images go through in overlapping tiles
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA when supported
+
+    def uris(self) -> list[str]:
+        models = [self.model] if isinstance(self.model, str) else list(self.model)
+        return [] if models == ["none"] or not models else models
+
+
+class QualitySettings(Strict):
+    """`fersynth quality`: score training images, enhance the poor ones (thesis Alg. 2, 3)."""
+
+    data: Path = Path("data/demo/ingested")
+    output: Path = Path("data/demo/quality")
+    workers: Annotated[int, Field(ge=0)] = 0  # 0 = every CPU core
+    detail_cutoff: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25  # fraction of Nyquist
+    # Scores are ranked within the dataset (0..1), then combined by these weights.
+    weights: dict[str, Annotated[float, Field(ge=0.0)]] = {name: 1.0 for name in QUALITY_SCORES}
+    threshold_mode: Literal["percentile", "absolute"] = "percentile"
+    threshold: Annotated[float, Field(ge=0.0, le=100.0)] = 10.0  # percentile, or score in 0..1
+    min_size: Annotated[int, Field(ge=1)] = 40  # shorter side below this: always enhanced
+    working_size: Annotated[int, Field(ge=8)] | None = None  # null: median training image size
+    sr: SuperResolutionSettings = SuperResolutionSettings()
+
+    @field_validator("weights")
+    @classmethod
+    def _known_scores(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(QUALITY_SCORES))
+        if unknown:
+            raise ValueError(f"unknown scores {unknown}; expected {', '.join(QUALITY_SCORES)}")
+        if sum(value.values()) <= 0:
+            raise ValueError("at least one weight must be positive")
+        return value
+
+
 # The thesis' normalisation statistics (RAF-DB).
 THESIS_MEAN = (0.5863, 0.4595, 0.4030)
 THESIS_STD = (0.2715, 0.2424, 0.2366)
@@ -106,7 +150,7 @@ class MekSettings(Strict):
 class TrainSettings(Strict):
     """`fersynth train`: the thesis defaults (Swin-T, AdamW, cosine, 100k steps, fp16)."""
 
-    data: Path = Path("data/demo/ingested")
+    data: Path = Path("data/demo/quality")
     output: Path = Path("runs/models/original_sl")
     arch: str = "swin_tiny_patch4_window7_224"  # any timm model name
     pretrained: str | None = None  # local file or s3:// URI; none = random initialisation
@@ -144,7 +188,7 @@ class EvaluateSettings(Strict):
     """`fersynth evaluate`: one model on one or more test sets."""
 
     model: Path = Path("runs/models/original_sl")
-    data: list[Path] = [Path("data/demo/ingested")]
+    data: list[Path] = [Path("data/demo/quality")]
     split: SplitName = "test"
     output: Path = Path("runs/eval/original_sl")
     batch_size: Positive = 128
@@ -153,12 +197,65 @@ class EvaluateSettings(Strict):
     tta_flip: bool = True  # average the predictions of the image and its mirror
 
 
+class PriorSettings(Strict):
+    """`fersynth train-prior`: the offline autoencoder prior of the gif-prior backend."""
+
+    data: Path = Path("data/demo/quality")
+    output: Path = Path("runs/prior")
+    image_size: Annotated[int, Field(ge=16, le=512)] = 64
+    channels: list[Annotated[int, Field(ge=8)]] = [16, 32, 64]  # 3 blocks: 64 px -> 16x16x4 latent
+    steps: Positive = 1500
+    batch_size: Positive = 32
+    lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    kl_weight: Annotated[float, Field(ge=0.0)] = 1e-6
+    workers: Annotated[int, Field(ge=0)] = 1
+    device: Device = "auto"
+
+
+class GenerateSettings(Strict):
+    """`fersynth generate`: GIF guided imagination, K outputs per training image, in shards."""
+
+    data: Path = Path("data/demo/quality")
+    output: Path = Path("data/demo/generated")  # shards/ inside; `fersynth merge` writes dataset/
+    backend: Literal["gif-prior", "gif-sd"] = "gif-prior"
+    k: Positive = 5  # outputs per seed image (thesis K=5)
+    classes: list[str] | None = None  # seed classes to expand; null = every class
+    max_seeds_per_class: Positive | None = None
+    seeds_per_batch: Positive = 1  # seed images per forward batch (x K outputs)
+    guide: Literal["fer", "clip"] = "fer"
+    guide_model: str = "runs/demo/models/original_sl"  # fersynth model (fer) or CLIP folder (clip)
+    prior: Path = Path("runs/prior")  # gif-prior: the trained prior folder
+    sd_model: str | None = None  # gif-sd: diffusers Stable Diffusion folder or s3:// prefix
+    image_size: Annotated[int, Field(ge=32, le=1024)] = 512  # gif-sd working resolution
+    steps: Positive = 50  # DDIM steps (thesis: 50)
+    strength: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1  # noised for int(strength * steps) steps
+    scale: Annotated[float, Field(ge=1.0)] = 50.0  # classifier-free guidance scale (thesis: 50)
+    step_size: Annotated[float, Field(gt=0.0)] = 0.1  # GIF's signed-gradient step on z and b
+    eps: Annotated[float, Field(gt=0.0)] = 0.1  # L-inf radius around the denoised latent
+    prompt_variants: bool = True  # GIF-style domain and adjective variants of the class prompt
+    device: Device = "auto"
+    half: bool = True  # fp16 UNet and text encoder on CUDA
+
+    @field_validator("classes")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        from fersynth.classes import CLASSES
+
+        unknown = sorted(set(value or []) - set(CLASSES))
+        if unknown:
+            raise ValueError(f"unknown classes {unknown}; expected {', '.join(CLASSES)}")
+        return value
+
+
 class Settings(Strict):
     seed: int = 2048
     demo: DemoSettings = DemoSettings()
     ingest: IngestSettings = IngestSettings()
+    quality: QualitySettings = QualitySettings()
     train: TrainSettings = TrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
+    prior: PriorSettings = PriorSettings()
+    generate: GenerateSettings = GenerateSettings()
 
     @field_validator("seed")
     @classmethod
@@ -211,9 +308,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_settings(
-    path: Path | None = DEFAULT_PARAMS, overrides: list[str] | None = None
-) -> Settings:
+def load_settings(path: Path | None = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Settings:
     """Read and validate params.yaml (defaults when `path` is None) plus KEY=VALUE overrides."""
     raw: dict[str, Any] = {}
     source = "defaults"
@@ -244,14 +339,10 @@ def resolved_dict(settings: BaseModel | dict[str, Any]) -> dict[str, Any]:
     """JSON-ready settings; a dict may mix plain values and settings blocks."""
     if isinstance(settings, BaseModel):
         return json.loads(settings.model_dump_json())
-    return {
-        k: resolved_dict(v) if isinstance(v, BaseModel | dict) else v for k, v in settings.items()
-    }
+    return {k: resolved_dict(v) if isinstance(v, BaseModel | dict) else v for k, v in settings.items()}
 
 
-def save_resolved(
-    settings: BaseModel | dict[str, Any], folder: Path, name: str = "settings.json"
-) -> Path:
+def save_resolved(settings: BaseModel | dict[str, Any], folder: Path, name: str = "settings.json") -> Path:
     """Write the resolved settings (every default filled in) next to a stage's output."""
     target = Path(folder) / name
     text = json.dumps(resolved_dict(settings), indent=2, sort_keys=True, default=str) + "\n"

@@ -49,9 +49,7 @@ def _reader(settings: IngestSettings, seed: int) -> tuple[Iterator[Candidate | R
             labels, ferplus.LABEL_COLUMNS
         )
     if source == "affectnet":
-        return affectnet.read(path, settings.affectnet, seed), affectnet.count(
-            path, settings.affectnet
-        )
+        return affectnet.read(path, settings.affectnet, seed), affectnet.count(path, settings.affectnet)
     return folder.read(path), folder.count(path)
 
 
@@ -90,9 +88,7 @@ def run_ingest(
     rejections: list[Rejection] = []
     output = Path(settings.output)
     with staged_folder(output, force=force) as staging:
-        options = WriteOptions(
-            staging, settings.source, settings.image_format, settings.jpeg_quality
-        )
+        options = WriteOptions(staging, settings.source, settings.image_format, settings.jpeg_quality)
         results = imap(import_one, tally(items), settings.workers, chunksize=64, options=options)
         for result in tqdm(
             results, total=total, desc=f"ingest {settings.source}", unit="img", disable=not progress

@@ -55,9 +55,7 @@ def _parse(
     except ValueError:
         return Rejection(where, f"expression {expression!r} is not a number", split)
     if code in AFFECTNET_EXCLUDED:
-        return Rejection(
-            where, f"excluded class {AFFECTNET_EXCLUDED[code]} (expression {code})", split
-        )
+        return Rejection(where, f"excluded class {AFFECTNET_EXCLUDED[code]} (expression {code})", split)
     label = AFFECTNET_LABELS.get(code)
     if label is None:
         return Rejection(where, f"unknown expression {code} (AffectNet uses 0..10)", split)

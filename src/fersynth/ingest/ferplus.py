@@ -28,9 +28,7 @@ def majority(votes: list[float]) -> str:
     return "unknown"
 
 
-def read(
-    pixels_csv: Path, labels_csv: Path, split_map: dict[str, str]
-) -> Iterator[Candidate | Rejection]:
+def read(pixels_csv: Path, labels_csv: Path, split_map: dict[str, str]) -> Iterator[Candidate | Rejection]:
     labels_name = Path(labels_csv).name
     pixel_rows = (
         row

@@ -43,9 +43,7 @@ def read(root: Path) -> Iterator[Candidate | Rejection]:
                 continue
             name, raw_label = fields
             if "/" in name or "\\" in name:
-                yield Rejection(
-                    where, f"name {name!r} is a path; RAF-DB names are plain file names"
-                )
+                yield Rejection(where, f"name {name!r} is a path; RAF-DB names are plain file names")
                 continue
             split = SPLIT_PREFIXES.get(name.split("_", 1)[0])
             if split is None:

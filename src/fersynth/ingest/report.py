@@ -157,11 +157,7 @@ def markdown(report: IngestReport, figures: bool = True) -> str:
         "",
         *_counts_table(report.written_counts),
         "",
-        *(
-            [f"![images per class]({CLASSES_PNG})", "", f"![samples]({SAMPLES_PNG})", ""]
-            if figures
-            else []
-        ),
+        *([f"![images per class]({CLASSES_PNG})", "", f"![samples]({SAMPLES_PNG})", ""] if figures else []),
         "## Labelled inputs read per split and class",
         "",
         *_counts_table(report.read_counts),
@@ -183,13 +179,9 @@ def markdown(report: IngestReport, figures: bool = True) -> str:
     return "\n".join(lines)
 
 
-def write_figures(
-    folder: Path, report: IngestReport, kept: pd.DataFrame, per_class: int = 8
-) -> None:
+def write_figures(folder: Path, report: IngestReport, kept: pd.DataFrame, per_class: int = 8) -> None:
     """Class counts per split as a bar chart, and the first training images of each class."""
-    class_count_chart(
-        report.written_counts, f"{report.source}: images per class", folder / CLASSES_PNG
-    )
+    class_count_chart(report.written_counts, f"{report.source}: images per class", folder / CLASSES_PNG)
     train = kept[kept["split"] == "train"]
     rows = []
     for name in CLASSES:

@@ -23,9 +23,7 @@ from fersynth.errors import FersynthError
 
 def _mix(*numbers: int) -> int:
     """One 63-bit seed from several integers (independent streams per sample and epoch)."""
-    return int(
-        np.random.SeedSequence(list(numbers)).generate_state(2, np.uint32).view(np.uint64)[0] >> 1
-    )
+    return int(np.random.SeedSequence(list(numbers)).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
 def train_transform(image_size: int, resize: int, hflip: bool, rotation: float, mean, std):

@@ -63,9 +63,7 @@ class TrainResult:
     images_per_second: float
 
 
-def split_validation(
-    frame: pd.DataFrame, fraction: float, seed: int
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_validation(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, val): the dataset's val split if it has one, else a stratified hold-out of train."""
     train = frame[frame["split"] == TRAIN_SPLIT]
     val = frame[frame["split"] == VAL_SPLIT]
@@ -158,14 +156,10 @@ def run_train(
     )
     torch.manual_seed(seed)
     model = create_model(spec, settings.pretrained).to(device)
-    memory_format = (
-        torch.channels_last if settings.channels_last and device.type == "cuda" else None
-    )
+    memory_format = torch.channels_last if settings.channels_last and device.type == "cuda" else None
     if memory_format is not None:
         model = model.to(memory_format=memory_format)
-    optimizer = create_optimizer_v2(
-        model, "adamw", lr=settings.lr, weight_decay=settings.weight_decay
-    )
+    optimizer = create_optimizer_v2(model, "adamw", lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = CosineLRScheduler(
         optimizer,
         # Linear warm-up, then one cosine from the peak to min_lr at the last step.
@@ -202,9 +196,7 @@ def run_train(
         spec.image_size, spec.resize, settings.hflip, settings.rotation, spec.mean, spec.std
     )
     images = ManifestImages(dataset.root, train_frame, transform, seed=seed)
-    sampler = SampleStream(
-        images.labels, seed, settings.balanced_sampler, start=step * settings.batch_size
-    )
+    sampler = SampleStream(images.labels, seed, settings.balanced_sampler, start=step * settings.batch_size)
     loader = DataLoader(
         images,
         batch_size=settings.batch_size,
@@ -265,14 +257,10 @@ def run_train(
             if memory_format is not None:
                 x = x.contiguous(memory_format=memory_format)
             scheduler.step_update(step)
-            with torch.autocast(
-                device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-            ):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 if class_weights is None:
                     logits = model(x)
-                    loss = F.cross_entropy(
-                        logits.float(), y, label_smoothing=settings.label_smoothing
-                    )
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
                     parts = {}
                 else:
                     batch = x.shape[0]

@@ -120,9 +120,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     try:
         payload = torch.load(local, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors of many kinds: all mean "not our file"
-        raise FersynthError(
-            f"{local}: not a loadable model file ({exc.__class__.__name__})"
-        ) from None
+        raise FersynthError(f"{local}: not a loadable model file ({exc.__class__.__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FersynthError(f"{local}: not a fersynth model file (expected format {FORMAT})")
     raw = payload["spec"]

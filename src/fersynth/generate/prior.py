@@ -1,0 +1,152 @@
+"""`fersynth train-prior`: the offline generative prior of the `gif-prior` backend.
+
+A small diffusers `AutoencoderKL` trained on the training split (reconstruction L1 + a small
+KL term, as Stable Diffusion's autoencoder). Its latent is scaled to unit variance, like SD's
+(`scaling_factor`), so GIF's perturbation has the same meaning on both backends. The output
+folder holds `vae/` (save_pretrained), `prior.json` (size, steps, reconstruction error on held-out
+training images) and `reconstructions.png` (originals above their reconstructions).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision.transforms import InterpolationMode, v2
+from tqdm import tqdm
+
+from fersynth.dataset import read_manifest
+from fersynth.errors import FersynthError
+from fersynth.evaluate import pick_device
+from fersynth.figures import contact_sheet, save_png
+from fersynth.files import atomic_write_text, staged_folder
+from fersynth.settings import PriorSettings, save_resolved
+from fersynth.train.data import ManifestImages, SampleStream
+from fersynth.train.loop import split_validation
+
+PRIOR_JSON = "prior.json"
+
+
+@dataclass
+class PriorResult:
+    output: Path
+    mae: float  # mean absolute error in grey levels (0..255) on held-out training images
+    psnr: float
+
+
+def build_autoencoder(image_size: int, channels: tuple[int, ...]):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=image_size,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=1,
+        norm_num_groups=min(32, channels[0]),
+        mid_block_add_attention=False,  # attention at the bottleneck costs more than it buys here
+    )
+
+
+def _transform(size: int, train: bool):
+    steps = [v2.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True)]
+    if train:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+def load_prior(folder: Path):
+    """The trained autoencoder and its image size."""
+    from diffusers import AutoencoderKL
+
+    from fersynth.generate.components import quiet_diffusers
+
+    quiet_diffusers()
+    folder = Path(folder)
+    if not (folder / PRIOR_JSON).is_file():
+        raise FersynthError(f"{folder}: no trained prior here (run `fersynth train-prior`)")
+    info = json.loads((folder / PRIOR_JSON).read_text())
+    return AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True), int(info["image_size"])
+
+
+def run_train_prior(
+    settings: PriorSettings, *, seed: int = 2048, force: bool = False, progress: bool = True
+) -> PriorResult:
+    dataset = read_manifest(settings.data)
+    train, held = split_validation(dataset.manifest, 0.05, seed)
+    if train.empty or held.empty:
+        raise FersynthError(f"{settings.data}: too few training images to train a prior")
+    device = pick_device(settings.device)
+    torch.manual_seed(seed)
+    vae = build_autoencoder(settings.image_size, tuple(settings.channels)).to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
+    images = ManifestImages(dataset.root, train, _transform(settings.image_size, True), seed=seed)
+    loader = DataLoader(
+        images,
+        batch_size=settings.batch_size,
+        num_workers=settings.workers,
+        sampler=SampleStream(images.labels, seed),
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    batches = iter(loader)
+    vae.train()
+    bar = tqdm(range(settings.steps), desc="train prior", unit="step", disable=not progress)
+    for step in bar:
+        x, _ = next(batches)
+        x = x.to(device)
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(reconstruction, x) + settings.kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+
+    held_images = ManifestImages(dataset.root, held, _transform(settings.image_size, False))
+    originals, reconstructions, latents = [], [], []
+    with torch.no_grad():
+        for x, _ in DataLoader(held_images, batch_size=64):
+            x = x.to(device)
+            distribution = vae.encode(x).latent_dist
+            latents.append(distribution.mean.cpu())
+            originals.append(x.cpu())
+            reconstructions.append(vae.decode(distribution.mean).sample.clamp(-1, 1).cpu())
+    original, reconstructed = torch.cat(originals), torch.cat(reconstructions)
+    error = ((original - reconstructed).abs() * 127.5).mean().item()
+    mse = (((original - reconstructed) / 2) ** 2).mean().item()
+    psnr = 10 * np.log10(1.0 / max(mse, 1e-12))
+    # Unit-variance latents, like Stable Diffusion's scaling_factor 0.18215.
+    vae.register_to_config(scaling_factor=float(1.0 / torch.cat(latents).std().clamp_min(1e-6)))
+
+    with staged_folder(settings.output, force=force) as staging:
+        vae.save_pretrained(staging / "vae")
+        info = {
+            "image_size": settings.image_size,
+            "steps": settings.steps,
+            "held_out_images": len(held),
+            "reconstruction_mae_grey_levels": round(error, 3),
+            "reconstruction_psnr_db": round(psnr, 2),
+            "scaling_factor": vae.config.scaling_factor,
+        }
+        atomic_write_text(staging / PRIOR_JSON, json.dumps(info, indent=2) + "\n")
+        to_uint8 = lambda t: list(((t[:8] + 1) * 127.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())  # noqa: E731
+        sheet = contact_sheet(
+            [
+                ("held-out originals", to_uint8(original)),
+                (f"reconstructions (MAE {error:.1f} grey levels)", to_uint8(reconstructed)),
+            ]
+        )
+        save_png(staging / "reconstructions.png", sheet)
+        save_resolved({"seed": seed, "prior": settings}, staging)
+    return PriorResult(Path(settings.output), error, psnr)
