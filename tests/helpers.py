@@ -102,3 +102,25 @@ def write_tiny_swinir(path: Path, scale: int = 2) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"params": model.state_dict()}, path)
     return path
+
+
+def tiny_train_settings(data: Path, output: Path, **changes):
+    """A few CPU steps of ResNet-18 at 32 px: the smallest real training run."""
+    from fersynth.settings import TrainSettings
+
+    values = dict(
+        data=data,
+        output=output,
+        arch="resnet18",
+        image_size=32,
+        batch_size=8,
+        steps=6,
+        warmup_steps=2,
+        workers=0,
+        log_every=2,
+        eval_every=3,
+        checkpoint_every=3,
+        lr=1e-3,
+    )
+    values.update(changes)
+    return TrainSettings(**values)

@@ -15,9 +15,9 @@ from fersynth.demo import RAFDB_TRAIN_COUNTS
 from fersynth.errors import FersynthError
 from fersynth.evaluate import compute_metrics, run_evaluate
 from fersynth.predict import Predictor, crop_face, predict
-from fersynth.settings import EvaluateSettings, TrainSettings
+from fersynth.settings import EvaluateSettings
 from fersynth.train.loop import run_train
-from helpers import make_demo_dataset
+from helpers import make_demo_dataset, tiny_train_settings
 
 
 def test_metrics_against_a_hand_computed_confusion_matrix():
@@ -86,18 +86,8 @@ def test_comparison_table_orders_by_training_count_and_marks_best(tmp_path):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     make_demo_dataset(root, train_size=70, test_size=21)
-    settings = TrainSettings(
-        data=root / "ds",
-        output=root / "model",
-        arch="resnet18",
-        image_size=32,
-        batch_size=8,
-        steps=4,
-        warmup_steps=1,
-        workers=0,
-        eval_every=4,
-        checkpoint_every=4,
-        log_every=2,
+    settings = tiny_train_settings(
+        root / "ds", root / "model", steps=4, warmup_steps=1, eval_every=4, checkpoint_every=4, lr=5e-4
     )
     run_train(settings, progress=False)
     return root

@@ -18,9 +18,9 @@ from fersynth.generate import RECORDS, run_generate, run_merge, select_seeds, sh
 from fersynth.generate.components import build_random, load_components
 from fersynth.generate.gif import gif_score, guided_latents, perturb
 from fersynth.generate.prior import run_train_prior
-from fersynth.settings import GenerateSettings, PriorSettings, TrainSettings
+from fersynth.settings import GenerateSettings, PriorSettings
 from fersynth.train.loop import run_train
-from helpers import make_demo_dataset
+from helpers import make_demo_dataset, tiny_train_settings
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +28,8 @@ def world(tmp_path_factory):
     """A demo dataset, a tiny FER guide model and a tiny trained prior."""
     root = tmp_path_factory.mktemp("generate")
     data = make_demo_dataset(root, train_size=70, test_size=21)
-    run_train(
-        TrainSettings(
-            data=data,
-            output=root / "guide",
-            arch="resnet18",
-            image_size=32,
-            batch_size=8,
-            steps=3,
-            warmup_steps=1,
-            workers=0,
-            eval_every=3,
-            checkpoint_every=3,
-        ),
-        progress=False,
-    )
+    guide = tiny_train_settings(data, root / "guide", steps=3, warmup_steps=1, log_every=100, lr=5e-4)
+    run_train(guide, progress=False)
     run_train_prior(
         PriorSettings(
             data=data,

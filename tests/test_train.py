@@ -13,11 +13,10 @@ import torch
 
 from fersynth.classes import CLASSES
 from fersynth.errors import FersynthError
-from fersynth.settings import TrainSettings
 from fersynth.train.data import SampleStream
 from fersynth.train.loop import CHECKPOINT, run_train, split_validation
 from fersynth.train.models import ModelSpec, create_model, load_model
-from helpers import make_demo_dataset
+from helpers import make_demo_dataset, tiny_train_settings
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +25,7 @@ def demo_dataset(tmp_path_factory) -> Path:
     return make_demo_dataset(root, train_size=140, test_size=42)
 
 
-def tiny(data: Path, output: Path, **changes) -> TrainSettings:
-    values = dict(
-        data=data,
-        output=output,
-        arch="resnet18",
-        image_size=32,
-        batch_size=8,
-        steps=6,
-        warmup_steps=2,
-        workers=0,
-        log_every=2,
-        eval_every=3,
-        checkpoint_every=3,
-        lr=1e-3,
-    )
-    values.update(changes)
-    return TrainSettings(**values)
+tiny = tiny_train_settings
 
 
 def test_sample_stream_resumes_mid_epoch_and_balances():

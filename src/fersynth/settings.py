@@ -81,6 +81,7 @@ class IngestSettings(Strict):
     affectnet: AffectNetSettings = AffectNetSettings()
 
 
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")]
 QUALITY_SCORES = ("sharpness", "detail", "contrast", "texture", "size")
 
 
@@ -89,7 +90,7 @@ class SuperResolutionSettings(Strict):
 
     # Weights file(s) or s3:// URIs, e.g. an x2 and an x4 model; "none" skips enhancement.
     model: str | list[str] = "none"
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")] = "auto"
+    device: Device = "auto"
     batch_size: Annotated[int, Field(ge=1)] = 16
     tile: Annotated[int, Field(ge=32)] = 256  # larger images go through in overlapping tiles
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA when supported
@@ -129,7 +130,6 @@ class QualitySettings(Strict):
 THESIS_MEAN = (0.5863, 0.4595, 0.4030)
 THESIS_STD = (0.2715, 0.2424, 0.2366)
 Positive = Annotated[int, Field(ge=1)]
-Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")]
 
 
 class MekSettings(Strict):

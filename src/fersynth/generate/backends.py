@@ -48,8 +48,6 @@ def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
 class GifBackend:
     """Shared part: seed probabilities, the guided step, decoding."""
 
-    name = "gif"
-
     def __init__(self, vae, guide: Guide, device: torch.device, step_size: float, eps: float) -> None:
         self.vae = vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
         self.guide = guide
@@ -87,8 +85,6 @@ class GifBackend:
 
 
 class GifSD(GifBackend):
-    name = "gif-sd"
-
     def __init__(
         self,
         components,
@@ -135,8 +131,6 @@ class GifSD(GifBackend):
 
 
 class GifPrior(GifBackend):
-    name = "gif-prior"
-
     @torch.no_grad()
     def latents(self, batch: Batch) -> torch.Tensor:
         seeds = to_tensor(batch.seeds, self.device) * 2 - 1

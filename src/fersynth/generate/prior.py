@@ -25,6 +25,7 @@ from fersynth.errors import FersynthError
 from fersynth.evaluate import pick_device
 from fersynth.figures import contact_sheet, save_png
 from fersynth.files import atomic_write_text, staged_folder
+from fersynth.generate.backends import to_uint8
 from fersynth.settings import PriorSettings, save_resolved
 from fersynth.train.data import ManifestImages, SampleStream
 from fersynth.train.loop import split_validation
@@ -140,11 +141,10 @@ def run_train_prior(
             "scaling_factor": vae.config.scaling_factor,
         }
         atomic_write_text(staging / PRIOR_JSON, json.dumps(info, indent=2) + "\n")
-        to_uint8 = lambda t: list(((t[:8] + 1) * 127.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())  # noqa: E731
         sheet = contact_sheet(
             [
-                ("held-out originals", to_uint8(original)),
-                (f"reconstructions (MAE {error:.1f} grey levels)", to_uint8(reconstructed)),
+                ("held-out originals", to_uint8((original[:8] + 1) / 2)),
+                (f"reconstructions (MAE {error:.1f} grey levels)", to_uint8((reconstructed[:8] + 1) / 2)),
             ]
         )
         save_png(staging / "reconstructions.png", sheet)
