@@ -234,7 +234,7 @@ class GenerateSettings(Strict):
     eps: Annotated[float, Field(gt=0.0)] = 0.1  # L-inf radius around the denoised latent
     prompt_variants: bool = True  # GIF-style domain and adjective variants of the class prompt
     device: Device = "auto"
-    half: bool = True  # fp16 UNet and text encoder on CUDA
+    half: bool = True  # on CUDA: fp16 UNet and text encoder, bf16 autocast VAE decode
 
     @field_validator("classes")
     @classmethod

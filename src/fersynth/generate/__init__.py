@@ -90,7 +90,7 @@ def build_backend(settings: GenerateSettings, device: torch.device):
         from fersynth.generate.prior import load_prior
 
         vae, size = load_prior(settings.prior)
-        return GifPrior(vae, guide, device, settings.step_size, settings.eps), size
+        return GifPrior(vae, guide, device, settings.step_size, settings.eps, settings.half), size
     if not settings.sd_model:
         raise FersynthError("generate.sd_model: set a Stable Diffusion folder or s3:// prefix for gif-sd")
     from fersynth.generate.components import load_components

@@ -48,8 +48,15 @@ def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
 class GifBackend:
     """Shared part: seed probabilities, the guided step, decoding."""
 
-    def __init__(self, vae, guide: Guide, device: torch.device, step_size: float, eps: float) -> None:
+    def __init__(
+        self, vae, guide: Guide, device: torch.device, step_size: float, eps: float, half: bool = False
+    ) -> None:
         self.vae = vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        # On CUDA the decoder runs under bf16 autocast, and the guided step recomputes its
+        # activations instead of storing them: at 512 px that step otherwise needs ~6 GiB/image.
+        self.low_precision = half and device.type == "cuda"
+        if device.type == "cuda" and hasattr(self.vae, "enable_gradient_checkpointing"):
+            self.vae.enable_gradient_checkpointing()
         self.guide = guide
         self.device = device
         self.step_size = step_size
@@ -57,7 +64,21 @@ class GifBackend:
         self.scaling = float(getattr(vae.config, "scaling_factor", 1.0))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return (self.vae.decode(latents / self.scaling).sample / 2 + 0.5).clamp(0, 1)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.low_precision):
+            images = self.vae.decode(latents / self.scaling).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode(self, batch: Batch) -> torch.Tensor:
+        """Scaled latents, one posterior sample per output from that output's generator."""
+        seeds = to_tensor(batch.seeds, self.device) * 2 - 1
+        distribution = self.vae.encode(seeds).latent_dist
+        mean, std = distribution.mean, distribution.std
+        index = torch.tensor(batch.seed_index, device=self.device)
+        noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in batch.generators]).to(
+            self.device
+        )
+        return (mean[index] + std[index] * noise) * self.scaling
 
     def latents(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - per backend
         raise NotImplementedError
@@ -100,8 +121,8 @@ class GifSD(GifBackend):
     ) -> None:
         from diffusers import StableDiffusionImg2ImgPipeline
 
-        super().__init__(components.vae, guide, device, step_size, eps)
-        dtype = torch.float16 if half and device.type == "cuda" else torch.float32
+        super().__init__(components.vae, guide, device, step_size, eps, half)
+        dtype = torch.float16 if self.low_precision else torch.float32
         self.pipe = StableDiffusionImg2ImgPipeline(
             vae=self.vae,
             text_encoder=components.text_encoder.to(device, dtype),
@@ -116,7 +137,9 @@ class GifSD(GifBackend):
         self.steps, self.strength, self.scale = steps, strength, scale
 
     def latents(self, batch: Batch) -> torch.Tensor:
-        init = to_tensor([batch.seeds[i] for i in batch.seed_index], self.device)
+        # The float32 VAE encodes each seed once (not K times, as the pipeline would) and the
+        # pipeline starts from those latents in the UNet's dtype.
+        init = self.encode(batch).to(self.pipe.unet.dtype)
         with torch.inference_mode():  # no gradient through the denoising; the GIF step needs its own
             result = self.pipe(
                 prompt=batch.prompts,
@@ -131,17 +154,8 @@ class GifSD(GifBackend):
 
 
 class GifPrior(GifBackend):
-    @torch.no_grad()
     def latents(self, batch: Batch) -> torch.Tensor:
-        seeds = to_tensor(batch.seeds, self.device) * 2 - 1
-        distribution = self.vae.encode(seeds).latent_dist
-        mean, std = distribution.mean, distribution.std
-        index = torch.tensor(batch.seed_index, device=self.device)
-        # A posterior sample per output, from that output's generator.
-        noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in batch.generators]).to(
-            self.device
-        )
-        return (mean[index] + std[index] * noise) * self.scaling
+        return self.encode(batch)
 
 
 def make_prompts(labels: Sequence[str], generators_seeds: Sequence[int], variants: bool) -> list[str]:
