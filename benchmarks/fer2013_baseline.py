@@ -33,8 +33,8 @@ RESULTS = HERE / "results" / "fer2013_baseline.json"
 RECIPE = dict(
     arch="resnet18",
     image_size=48,
-    batch_size=64,
-    lr=1e-3,
+    batch_size=128,  # channels_last at batch 128 is 1.8x faster per image than batch 64 here
+    lr=2e-3,
     weight_decay=0.05,
     warmup_steps=100,
     val_fraction=0.05,
@@ -43,7 +43,7 @@ RECIPE = dict(
     eval_every=500,
     checkpoint_every=500,
 )
-STEPS = {"sl": 1800, "mek": 1000}  # about 25 minutes each on two cores (MEK: two views a step)
+STEPS = {"sl": 1250, "mek": 700}  # about 25 minutes each on two cores (MEK: two views a step)
 
 
 def main() -> int:

@@ -124,3 +124,68 @@ def tiny_train_settings(data: Path, output: Path, **changes):
     )
     values.update(changes)
     return TrainSettings(**values)
+
+
+# Colours that tiny models tell apart in a few dozen steps: class k is colour k.
+CLASS_COLOURS = np.array(
+    [
+        [230, 30, 30],
+        [30, 200, 30],
+        [30, 30, 230],
+        [230, 230, 30],
+        [230, 30, 230],
+        [30, 230, 230],
+        [128, 128, 128],
+    ],
+    dtype=np.int16,
+)
+
+
+def colour_image(class_index: int, seed: int, size: int = 32) -> np.ndarray:
+    """A noisy solid image in the colour of `class_index`."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-25, 26, size=(size, size, 3))
+    return np.clip(CLASS_COLOURS[class_index] + noise, 0, 255).astype(np.uint8)
+
+
+def write_dataset(root: Path, rows: list[dict], images: list[np.ndarray]) -> Path:
+    """A dataset folder from rows (id, label, split, and optional origin/seed_id/extra columns)
+    and their pixels, through the real manifest writer."""
+    import pandas as pd
+
+    from fersynth.dataset import COLUMNS, pixel_hash, write_manifest
+
+    records = []
+    for row, pixels in zip(rows, images, strict=True):
+        relative = f"images/{row['split']}/{row['id']}.png"
+        write_png(root / relative, pixels)
+        record = {
+            "path": relative,
+            "origin": "real",
+            "source": "test",
+            "source_id": row["id"],
+            "seed_id": "",
+            "width": pixels.shape[1],
+            "height": pixels.shape[0],
+            "channels": 3,
+            "pixel_hash": pixel_hash(pixels),
+        }
+        record.update(row)
+        records.append(record)
+    frame = pd.DataFrame(records)
+    frame = frame[list(COLUMNS) + [c for c in frame.columns if c not in COLUMNS]].astype(str)
+    write_manifest(root, frame)
+    return root
+
+
+def colour_dataset(root: Path, per_class: int, test_per_class: int, seed: int = 0) -> Path:
+    """Every class in its own colour: train and test splits."""
+    from fersynth.classes import CLASSES
+
+    rows, images = [], []
+    for split, count in (("train", per_class), ("test", test_per_class)):
+        for k, name in enumerate(CLASSES):
+            for i in range(count):
+                rows.append({"id": f"{split}_{name}_{i}", "label": name, "split": split})
+                images.append(colour_image(k, seed * 100_000 + len(rows)))
+    return write_dataset(root, rows, images)

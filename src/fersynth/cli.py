@@ -376,6 +376,131 @@ def merge_command(obj: _Context, num_shards: int, output, force: bool, quiet: bo
     click.echo(f"merged {result.images} synthetic images ({counts}) -> {result.output}")
 
 
+@cli.command("guard")
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset folder [guard.data].")
+@click.option("--output", type=click.Path(path_type=Path), help="Output dataset folder [guard.output].")
+@click.option(
+    "--test-set",
+    "test_sets",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Another dataset whose test splits must not leak (repeatable) [guard.test_sets].",
+)
+@click.option("--max-distance", type=int, help="pHash bits that still count as a copy [guard.max_distance].")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_obj
+def guard_command(obj: _Context, data, output, test_sets, max_distance, force: bool, quiet: bool) -> None:
+    """Remove training and validation images that copy a test image, exactly or nearly.
+
+    Writes a new dataset folder without them and guard_report.md listing every pair.
+    """
+    from fersynth.verify import run_guard
+    from fersynth.verify.report import GUARD_MD
+
+    settings = obj.settings(
+        _option_overrides(
+            **{
+                "guard.data": data,
+                "guard.output": output,
+                "guard.test_sets": [str(p) for p in test_sets] or None,
+                "guard.max_distance": max_distance,
+            }
+        )
+    )
+    result = run_guard(settings.guard, force=force, progress=not quiet)
+    leaks = result.leaks
+    click.echo(
+        f"guard: removed {len(leaks)} images ({int((leaks['kind'] == 'exact').sum())} exact copies, "
+        f"{int((leaks['kind'] == 'perceptual').sum())} near-duplicates) of "
+        f"{len(leaks[['test_set', 'test_id']].drop_duplicates())} distinct test images; "
+        f"kept {len(result.manifest)}"
+    )
+    click.echo(f"report: {result.output / GUARD_MD}")
+
+
+@cli.command("verify")
+@click.option("--data", type=click.Path(path_type=Path), help="Synthetic dataset [verify.data].")
+@click.option("--reference", type=click.Path(path_type=Path), help="Original dataset [verify.reference].")
+@click.option("--output", type=click.Path(path_type=Path), help="Output dataset folder [verify.output].")
+@click.option("--voter", "voters", multiple=True, help="Voter model (repeatable) [verify.voters].")
+@click.option("--relabel", is_flag=True, default=None, help="Label by majority vote [verify.mode=relabel].")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_obj
+def verify_command(obj: _Context, data, reference, output, voters, relabel, force: bool, quiet: bool) -> None:
+    """Keep synthetic images whose expression survives a vote of several FER models.
+
+    Also drops synthetic copies of test images and writes verify_report.md with acceptance,
+    Frechet distance, KID and diversity per class.
+    """
+    from fersynth.verify import run_verify
+    from fersynth.verify.report import VERIFY_MD
+
+    settings = obj.settings(
+        _option_overrides(
+            **{
+                "verify.data": data,
+                "verify.reference": reference,
+                "verify.output": output,
+                "verify.voters": list(voters) or None,
+                "verify.mode": "relabel" if relabel else None,
+            }
+        )
+    )
+    result = run_verify(settings.verify, settings.guard, seed=settings.seed, force=force, progress=not quiet)
+    frame = result.manifest
+    accepted = frame[frame["v_accepted"] == "true"]["label"].value_counts()
+    total = frame["label"].value_counts()
+    per_class = ", ".join(f"{k} {accepted.get(k, 0)}/{n}" for k, n in total.items())
+    click.echo(
+        f"verify: {int(accepted.sum())} of {len(frame)} accepted ({per_class}); "
+        f"{len(result.leaks)} test-image copies removed"
+    )
+    click.echo(f"report: {result.output / VERIFY_MD}")
+
+
+@cli.command("augment")
+@click.option("--original", type=click.Path(path_type=Path), help="Original dataset [augment.original].")
+@click.option(
+    "--synthetic", type=click.Path(path_type=Path), help="Verified synthetic data [augment.synthetic]."
+)
+@click.option("--output", type=click.Path(path_type=Path), help="Output dataset folder [augment.output].")
+@click.option(
+    "--variant",
+    type=click.Choice(["original", "synthetic", "expanded", "balanced", "rho"]),
+    help="Training set to build [augment.variant].",
+)
+@click.option("--rho", type=float, help="Largest/smallest class ratio to reach [augment.rho].")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_obj
+def augment_command(
+    obj: _Context, original, synthetic, output, variant, rho, force: bool, quiet: bool
+) -> None:
+    """Add accepted synthetic images to the minor classes (thesis Algorithm 4)."""
+    from fersynth.augment import REPORT_MD, run_augment
+
+    settings = obj.settings(
+        _option_overrides(
+            **{
+                "augment.original": original,
+                "augment.synthetic": synthetic,
+                "augment.output": output,
+                "augment.variant": variant,
+                "augment.rho": rho,
+            }
+        )
+    )
+    result = run_augment(settings.augment, seed=settings.seed, force=force, progress=not quiet)
+    added = ", ".join(f"{k} +{v}" for k, v in result.added.items() if v)
+    click.echo(
+        f"augment ({settings.augment.variant}): class ratio {result.ratio_before:.2f} -> "
+        f"{result.ratio_after:.2f}; added {sum(result.added.values())} ({added or 'none'})"
+    )
+    click.echo(f"report: {result.output / REPORT_MD}")
+
+
 @cli.command("compare")
 @click.argument("runs", nargs=-1, required=True, metavar="NAME=RESULTS...")
 @click.option("--test-set", help="Test set to compare (default: the first in each results folder).")

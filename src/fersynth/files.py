@@ -31,6 +31,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """Put `source` at `target` as a hard link (same bytes, no extra disk; inputs are never
+    modified in place), or as a copy across file systems."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 @contextlib.contextmanager
 def staged_folder(target: Path, *, force: bool = False) -> Iterator[Path]:
     """Build an output folder under a temporary name and rename it to `target` on success.

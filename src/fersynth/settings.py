@@ -150,7 +150,7 @@ class MekSettings(Strict):
 class TrainSettings(Strict):
     """`fersynth train`: the thesis defaults (Swin-T, AdamW, cosine, 100k steps, fp16)."""
 
-    data: Path = Path("data/demo/quality")
+    data: Path = Path("data/demo/guarded")
     output: Path = Path("runs/models/original_sl")
     arch: str = "swin_tiny_patch4_window7_224"  # any timm model name
     pretrained: str | None = None  # local file or s3:// URI; none = random initialisation
@@ -188,7 +188,7 @@ class EvaluateSettings(Strict):
     """`fersynth evaluate`: one model on one or more test sets."""
 
     model: Path = Path("runs/models/original_sl")
-    data: list[Path] = [Path("data/demo/quality")]
+    data: list[Path] = [Path("data/demo/guarded")]
     split: SplitName = "test"
     output: Path = Path("runs/eval/original_sl")
     batch_size: Positive = 128
@@ -200,8 +200,8 @@ class EvaluateSettings(Strict):
 class PriorSettings(Strict):
     """`fersynth train-prior`: the offline autoencoder prior of the gif-prior backend."""
 
-    data: Path = Path("data/demo/quality")
-    output: Path = Path("runs/prior")
+    data: Path = Path("data/demo/guarded")
+    output: Path = Path("runs/demo/prior")
     image_size: Annotated[int, Field(ge=16, le=512)] = 64
     channels: list[Annotated[int, Field(ge=8)]] = [16, 32, 64]  # 3 blocks: 64 px -> 16x16x4 latent
     steps: Positive = 1500
@@ -215,7 +215,7 @@ class PriorSettings(Strict):
 class GenerateSettings(Strict):
     """`fersynth generate`: GIF guided imagination, K outputs per training image, in shards."""
 
-    data: Path = Path("data/demo/quality")
+    data: Path = Path("data/demo/guarded")
     output: Path = Path("data/demo/generated")  # shards/ inside; `fersynth merge` writes dataset/
     backend: Literal["gif-prior", "gif-sd"] = "gif-prior"
     k: Positive = 5  # outputs per seed image (thesis K=5)
@@ -224,7 +224,7 @@ class GenerateSettings(Strict):
     seeds_per_batch: Positive = 1  # seed images per forward batch (x K outputs)
     guide: Literal["fer", "clip"] = "fer"
     guide_model: str = "runs/demo/models/original_sl"  # fersynth model (fer) or CLIP folder (clip)
-    prior: Path = Path("runs/prior")  # gif-prior: the trained prior folder
+    prior: Path = Path("runs/demo/prior")  # gif-prior: the trained prior folder
     sd_model: str | None = None  # gif-sd: diffusers Stable Diffusion folder or s3:// prefix
     image_size: Annotated[int, Field(ge=32, le=1024)] = 512  # gif-sd working resolution
     steps: Positive = 50  # DDIM steps (thesis: 50)
@@ -247,6 +247,55 @@ class GenerateSettings(Strict):
         return value
 
 
+class GuardSettings(Strict):
+    """`fersynth guard`: remove training images that copy a test image (exactly or nearly)."""
+
+    data: Path = Path("data/demo/quality")
+    output: Path = Path("data/demo/guarded")
+    # Other datasets whose evaluation splits must not leak either (cross-dataset test sets).
+    test_sets: list[Path] = []
+    # Perceptual-hash Hamming distance (of 64 bits) up to which an image counts as a copy.
+    max_distance: Annotated[int, Field(ge=0, le=32)] = 6
+    workers: Annotated[int, Field(ge=0)] = 0  # 0 = every CPU core
+
+
+class VerifySettings(Strict):
+    """`fersynth verify`: multi-model voting on synthetic images, the leakage guard, and the
+    fidelity and diversity report (thesis 3.3.2)."""
+
+    data: Path = Path("data/demo/generated/dataset")  # the merged synthetic dataset
+    reference: Path = Path("data/demo/guarded")  # the original data: its test split, real features
+    output: Path = Path("data/demo/verified")
+    # fersynth models trained on the original data (different backbones or seeds).
+    voters: list[str] = [
+        "runs/demo/models/original_sl",
+        "runs/demo/models/original_sl_balanced",
+        "runs/demo/models/original_mek",
+    ]
+    mode: Literal["intended", "relabel"] = "intended"  # relabel: label = the voters' majority
+    min_votes: Positive = 2  # m of N voters must predict the label
+    min_probability: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # tau: mean probability of it
+    tta_flip: bool = True
+    batch_size: Positive = 128
+    device: Device = "auto"
+    workers: Annotated[int, Field(ge=0)] = 1  # data-loading processes
+    fidelity_images_per_class: Positive = 500  # real and synthetic images sampled per class
+    kid_subset_size: Positive = 50
+
+
+AugmentVariant = Literal["original", "synthetic", "expanded", "balanced", "rho"]
+
+
+class AugmentSettings(Strict):
+    """`fersynth augment`: thesis Algorithm 4, accepted synthetic images into the minor classes."""
+
+    original: Path = Path("data/demo/guarded")
+    synthetic: Path = Path("data/demo/verified")
+    output: Path = Path("data/demo/augmented")
+    variant: AugmentVariant = "rho"
+    rho: Annotated[float, Field(ge=1.0)] = 2.0  # largest / smallest class count to reach
+
+
 class Settings(Strict):
     seed: int = 2048
     demo: DemoSettings = DemoSettings()
@@ -256,6 +305,9 @@ class Settings(Strict):
     evaluate: EvaluateSettings = EvaluateSettings()
     prior: PriorSettings = PriorSettings()
     generate: GenerateSettings = GenerateSettings()
+    guard: GuardSettings = GuardSettings()
+    verify: VerifySettings = VerifySettings()
+    augment: AugmentSettings = AugmentSettings()
 
     @field_validator("seed")
     @classmethod

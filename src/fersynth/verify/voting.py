@@ -1,0 +1,107 @@
+"""Multi-model voting on synthetic images (thesis 3.3.2).
+
+N voters (FER models trained on the original data) each predict every image, with
+horizontal-flip test-time augmentation. In `intended` mode an image is accepted when at least
+`min_votes` voters predict its intended label and the voters' mean probability of that label
+is at least `min_probability`. In `relabel` mode (images with no intended label, such as new
+identities from prompts) the label becomes the voters' majority and the same two thresholds
+apply to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fersynth.classes import CLASS_INDEX, CLASSES
+from fersynth.evaluate import predict_probabilities
+from fersynth.train.models import load_model
+
+VOTE_COLUMNS = ["v_votes", "v_agree", "v_mean_prob", "v_accepted", "v_reason"]
+
+
+def voter_probabilities(
+    voters: list[str],
+    root: Path,
+    frame: pd.DataFrame,
+    *,
+    device: torch.device,
+    batch_size: int,
+    workers: int,
+    tta_flip: bool,
+    progress: bool = False,
+) -> np.ndarray:
+    """Probabilities of every voter for every row: V x N x classes."""
+    if frame.empty:
+        return np.zeros((len(voters), 0, len(CLASSES)), np.float32)
+    # Relabel mode may see rows whose label is not a class yet; the voters never read it.
+    rows = frame.assign(label=frame["label"].where(frame["label"].isin(CLASSES), CLASSES[0]))
+    outputs = []
+    for number, uri in enumerate(voters, start=1):
+        loaded = load_model(uri, device)
+        with torch.inference_mode():
+            outputs.append(
+                predict_probabilities(
+                    loaded.model.to(device),
+                    loaded.spec,
+                    root,
+                    rows,
+                    batch_size=batch_size,
+                    device=device,
+                    workers=workers,
+                    tta_flip=tta_flip,
+                    progress=progress,
+                    desc=f"voter {number}/{len(voters)}",
+                )
+            )
+        del loaded
+    return np.stack(outputs)
+
+
+def majority(probabilities: np.ndarray) -> np.ndarray:
+    """Each image's majority-vote class; ties go to the class with the higher mean probability."""
+    votes = probabilities.argmax(axis=2)  # V x N
+    counts = np.stack([(votes == k).sum(axis=0) for k in range(probabilities.shape[2])], axis=1)
+    mean = probabilities.mean(axis=0)
+    # Vote counts dominate; the mean probability (< 1) only breaks ties.
+    return (counts + mean).argmax(axis=1)
+
+
+def decide(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    *,
+    min_votes: int,
+    min_probability: float,
+) -> pd.DataFrame:
+    """Per image: each voter's vote, how many agree with `labels` (class indices), their mean
+    probability of it, accepted or not, and why not."""
+    votes = probabilities.argmax(axis=2)  # V x N
+    n = votes.shape[1]
+    agree = (votes == labels[None, :]).sum(axis=0)
+    mean_probability = probabilities.mean(axis=0)[np.arange(n), labels] if n else np.zeros(0)
+    voters = probabilities.shape[0]
+    reasons = []
+    for count, probability in zip(agree, mean_probability, strict=True):
+        problems = []
+        if count < min_votes:
+            problems.append(f"{count} of {voters} voters agree (need {min_votes})")
+        if probability < min_probability:
+            problems.append(f"mean probability {probability:.2f} < {min_probability:.2f}")
+        reasons.append("; ".join(problems))
+    return pd.DataFrame(
+        {
+            "v_votes": [",".join(CLASSES[k] for k in votes[:, i]) for i in range(n)],
+            "v_agree": agree.astype(int),
+            "v_mean_prob": np.round(mean_probability, 4),
+            "v_accepted": [reason == "" for reason in reasons],
+            "v_reason": reasons,
+        }
+    )
+
+
+def label_indices(labels: pd.Series) -> np.ndarray:
+    return np.array([CLASS_INDEX[label] for label in labels], dtype=np.int64)

@@ -1,0 +1,303 @@
+"""Voting, the test-leakage guard, fidelity, on voters with known behaviour."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from tests.helpers import colour_dataset, colour_image, tiny_train_settings, write_dataset
+
+from fersynth.classes import CLASSES
+from fersynth.dataset import read_manifest
+from fersynth.demo import draw_face
+from fersynth.errors import FersynthError
+from fersynth.settings import GuardSettings, VerifySettings
+from fersynth.train.loop import run_train
+from fersynth.verify import run_guard, run_verify
+from fersynth.verify.leakage import nearest, perceptual_hash
+from fersynth.verify.voting import decide, majority
+
+FEAR, HAPPY, SAD = CLASSES.index("fear"), CLASSES.index("happy"), CLASSES.index("sad")
+
+
+def one_hot(labels, strength=0.9):
+    p = np.full((len(labels), len(CLASSES)), (1 - strength) / (len(CLASSES) - 1))
+    p[np.arange(len(labels)), labels] = strength
+    return p
+
+
+# --- voting rule -------------------------------------------------------------------------
+
+
+def test_decide_counts_agreeing_voters_and_mean_probability():
+    # three images, three voters; intended label fear for all
+    probabilities = np.stack(
+        [
+            one_hot([FEAR, FEAR, HAPPY]),
+            one_hot([FEAR, HAPPY, HAPPY]),
+            one_hot([FEAR, FEAR, HAPPY], strength=0.6),
+        ]
+    )
+    labels = np.array([FEAR, FEAR, FEAR])
+    table = decide(probabilities, labels, min_votes=2, min_probability=0.5)
+    assert table["v_agree"].tolist() == [3, 2, 0]
+    assert table["v_votes"][1] == "fear,happy,fear"
+    np.testing.assert_allclose(table["v_mean_prob"][0], (0.9 + 0.9 + 0.6) / 3, atol=1e-4)
+    assert table["v_accepted"].tolist() == [True, True, False]
+    assert table["v_reason"][2].startswith("0 of 3 voters agree (need 2)")
+    # image 1: two of three agree, but their mean probability (0.9 + 0.0167 + 0.6)/3 = 0.505
+    strict = decide(probabilities, labels, min_votes=2, min_probability=0.6)
+    assert strict["v_accepted"].tolist() == [True, False, False]
+    assert "mean probability 0.51 < 0.60" in strict["v_reason"][1]
+    assert decide(probabilities, labels, min_votes=3, min_probability=0.0)["v_accepted"].tolist() == [
+        True,
+        False,
+        False,
+    ]
+
+
+def test_majority_breaks_ties_by_mean_probability():
+    probabilities = np.stack(
+        [one_hot([FEAR, SAD], 0.9), one_hot([FEAR, HAPPY], 0.6), one_hot([HAPPY, HAPPY], 0.99)]
+    )
+    # image 0: fear 2 votes beats happy 1 despite happy's 0.99; image 1: sad 1 vs happy 2 -> happy
+    assert majority(probabilities).tolist() == [FEAR, HAPPY]
+    tie = np.stack([one_hot([FEAR], 0.9), one_hot([SAD], 0.7)])
+    assert majority(tie).tolist() == [FEAR]
+
+
+# --- perceptual hash and matching --------------------------------------------------------
+
+
+def jpeg_roundtrip(pixels: np.ndarray, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+
+
+def resized(pixels: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
+
+
+def demo_faces(count: int, size: int = 100) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [draw_face(CLASSES[i % 7], rng, size) for i in range(count)]
+
+
+def test_perceptual_hash_survives_resizing_and_recompression_but_separates_faces():
+    faces = demo_faces(24)
+    hashes = np.array([perceptual_hash(f) for f in faces], dtype=np.uint64)
+    copy = jpeg_roundtrip(resized(faces[5], 72), quality=60)
+    _, distance = nearest(np.array([perceptual_hash(copy)], dtype=np.uint64), hashes[5:6])
+    assert distance[0] <= 6
+    pairwise = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    off_diagonal = pairwise[~np.eye(len(faces), dtype=bool)]
+    assert off_diagonal.min() > 6, "distinct demo faces must not look like copies"
+
+
+def test_nearest_matches_brute_force_across_blocks():
+    rng = np.random.default_rng(0)
+    candidates = rng.integers(0, 2**63, size=37, dtype=np.uint64)
+    tests = rng.integers(0, 2**63, size=11, dtype=np.uint64)
+    index, distance = nearest(candidates, tests, block=5)
+    for i, c in enumerate(candidates):
+        brute = [bin(int(c) ^ int(t)).count("1") for t in tests]
+        assert distance[i] == min(brute)
+        assert index[i] == int(np.argmin(brute))
+
+
+# --- the guard ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def leaky_dataset(tmp_path):
+    """Test faces, distinct training faces, and three copies of test faces in train/val."""
+    faces = demo_faces(12)
+    rows, images = [], []
+    for i in range(4):
+        rows.append({"id": f"test{i}", "label": CLASSES[i], "split": "test"})
+        images.append(faces[i])
+    for i in range(4, 12):
+        rows.append({"id": f"train{i}", "label": CLASSES[i % 7], "split": "train"})
+        images.append(faces[i])
+    rows.append({"id": "exact_copy", "label": CLASSES[0], "split": "train"})
+    images.append(faces[0].copy())
+    rows.append({"id": "resized_copy", "label": CLASSES[1], "split": "train"})
+    images.append(jpeg_roundtrip(resized(faces[1], 80), quality=40))  # 4 bits away
+    rows.append({"id": "val_copy", "label": CLASSES[2], "split": "val"})
+    images.append(jpeg_roundtrip(faces[2], quality=50))
+    return write_dataset(tmp_path / "leaky", rows, images)
+
+
+def test_guard_removes_exact_and_near_copies_of_test_images(leaky_dataset, tmp_path):
+    settings = GuardSettings(data=leaky_dataset, output=tmp_path / "guarded", workers=1)
+    result = run_guard(settings, progress=False)
+    leaks = result.leaks.set_index("id")
+    assert sorted(leaks.index) == ["exact_copy", "resized_copy", "val_copy"]
+    assert leaks.at["exact_copy", "kind"] == "exact" and leaks.at["exact_copy", "distance"] == 0
+    assert leaks.at["resized_copy", "kind"] == "perceptual"
+    assert leaks.at["resized_copy", "test_id"] == "test1"
+    assert leaks.at["val_copy", "test_id"] == "test2"
+    assert leaks.at["resized_copy", "test_path"].endswith("images/test/test1.png")
+    kept = read_manifest(tmp_path / "guarded").manifest
+    assert len(kept) == 15 - 3 and not kept["id"].isin(leaks.index).any()
+    assert (kept["split"] == "test").sum() == 4  # test images are never removed
+    report = json.loads((tmp_path / "guarded" / "guard_report.json").read_text())
+    assert report["removed"] == 3 and report["exact"] == 1 and report["distinct_test_images"] == 3
+    assert (tmp_path / "guarded" / "leakage_pairs.png").is_file()
+    listed = pd.read_csv(tmp_path / "guarded" / "leakage.csv")
+    assert set(listed["id"]) == {"exact_copy", "resized_copy", "val_copy"}
+    # A threshold below the resized copy's distance lets it through; exact copies never pass.
+    distance = int(leaks.at["resized_copy", "distance"])
+    assert 0 < distance <= settings.max_distance
+    strict = settings.model_copy(update={"max_distance": distance - 1, "output": tmp_path / "strict"})
+    strict_leaks = run_guard(strict, progress=False).leaks
+    assert "resized_copy" not in set(strict_leaks["id"]) and "exact_copy" in set(strict_leaks["id"])
+
+
+def test_guard_passes_distinct_images_and_checks_other_test_sets(leaky_dataset, tmp_path):
+    faces = demo_faces(12)
+    rows = [{"id": f"t{i}", "label": CLASSES[i % 7], "split": "train"} for i in range(4, 8)]
+    clean = write_dataset(tmp_path / "clean", rows, faces[4:8])
+    with pytest.raises(FersynthError, match="no test split"):
+        run_guard(GuardSettings(data=clean, output=tmp_path / "out"), progress=False)
+    # The leaky dataset's test split, used as a cross-dataset test set, leaks into nothing here.
+    settings = GuardSettings(data=clean, output=tmp_path / "out", test_sets=[leaky_dataset], workers=1)
+    assert run_guard(settings, progress=False).leaks.empty
+
+
+# --- verify with voters of known behaviour -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def voters(tmp_path_factory):
+    """Two voters that learnt colour -> class, and one that learnt every class shifted by one."""
+    root = tmp_path_factory.mktemp("voters")
+    data = colour_dataset(root / "colours", per_class=12, test_per_class=3)
+    frame = read_manifest(data).manifest
+    shifted = frame.assign(label=[CLASSES[(CLASSES.index(x) + 1) % 7] for x in frame["label"]])
+    shifted_root = root / "shifted"
+    shifted_root.mkdir()
+    for relative in frame["path"]:
+        (shifted_root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (shifted_root / relative).write_bytes((data / relative).read_bytes())
+    from fersynth.dataset import write_manifest
+
+    write_manifest(shifted_root, shifted)
+    paths = []
+    for name, source, seed in (("a", data, 1), ("b", data, 2), ("shifted", shifted_root, 3)):
+        settings = tiny_train_settings(
+            source, root / f"voter_{name}", steps=60, batch_size=16, lr=3e-3, rotation=0.0, val_fraction=0.0
+        )
+        run_train(settings, seed=seed, progress=False)
+        paths.append(str(root / f"voter_{name}"))
+    return data, paths
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    """Synthetic images: fear-coloured images meant as fear (good), happy-coloured images meant as
+    fear (lost expression), and one copy of a reference test image."""
+    rows, images = [], []
+    for i in range(6):
+        rows.append({"id": f"good{i}", "label": "fear", "split": "train", "origin": "synthetic"})
+        images.append(colour_image(FEAR, 500 + i))
+    for i in range(4):
+        rows.append({"id": f"lost{i}", "label": "fear", "split": "train", "origin": "synthetic"})
+        images.append(colour_image(HAPPY, 600 + i))
+    return rows, images
+
+
+def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
+    reference, paths = voters
+    rows, images = synthetic
+    test_image = read_manifest(reference).split("test").iloc[0]
+    rows.append({"id": "leak", "label": test_image["label"], "split": "train", "origin": "synthetic"})
+    images.append(np.asarray(Image.open(reference / test_image["path"]).convert("RGB")))
+    data = write_dataset(tmp_path / "synthetic", rows, images)
+    settings = VerifySettings(
+        data=data,
+        reference=reference,
+        output=tmp_path / "verified",
+        voters=paths,
+        min_votes=2,
+        min_probability=0.3,
+        batch_size=16,
+        workers=0,
+        kid_subset_size=4,
+    )
+    result = run_verify(settings, GuardSettings(workers=1), seed=0, progress=False)
+    frame = result.manifest.set_index("id")
+    assert "leak" not in frame.index and result.leaks["id"].tolist() == ["leak"]
+    good = frame.loc[[f"good{i}" for i in range(6)]]
+    lost = frame.loc[[f"lost{i}" for i in range(4)]]
+    assert (good["v_accepted"] == "true").all() and (good["v_agree"] == 2).all()
+    assert (good["v_votes"] == "fear,fear,disgust").all()  # the shifted voter says the next class
+    assert (lost["v_accepted"] == "false").all() and (lost["v_agree"] == 0).all()
+    assert lost["v_reason"].str.contains("0 of 3 voters agree").all()
+    # The written dataset keeps every verified row with its votes, images linked.
+    written = read_manifest(tmp_path / "verified").manifest
+    assert len(written) == 10 and (written["v_accepted"] == "true").sum() == 6
+    assert all((tmp_path / "verified" / p).is_file() for p in written["path"])
+    fear = result.fidelity.loc["fear"]
+    assert fear["generated"] == 10 and fear["accepted"] == 6
+    assert fear["acceptance_rate"] == pytest.approx(0.6)
+    assert np.isfinite(fear["frechet_distance"]) and fear["frechet_distance"] >= 0
+    assert np.isfinite(fear["diversity_synthetic"]) and fear["diversity_synthetic"] > 0
+    report = json.loads((tmp_path / "verified" / "verify_report.json").read_text())
+    assert report["accepted"] == 6 and report["leaks"]["removed"] == 1
+    assert (tmp_path / "verified" / "verify_classes.png").is_file()
+    assert "6 of 10" in (tmp_path / "verified" / "verify_report.md").read_text()
+
+    # All three voters required: the shifted one never agrees.
+    unanimous = settings.model_copy(update={"min_votes": 3, "output": tmp_path / "unanimous"})
+    result = run_verify(unanimous, GuardSettings(workers=1), seed=0, progress=False)
+    assert (result.manifest["v_accepted"] == "false").all()
+
+
+def test_verify_relabel_mode_takes_the_majority(voters, synthetic, tmp_path):
+    reference, paths = voters
+    rows, images = synthetic
+    data = write_dataset(tmp_path / "synthetic", rows, images)
+    settings = VerifySettings(
+        data=data,
+        reference=reference,
+        output=tmp_path / "relabelled",
+        voters=paths,
+        mode="relabel",
+        min_probability=0.3,
+        batch_size=16,
+        workers=0,
+        kid_subset_size=4,
+    )
+    frame = run_verify(settings, GuardSettings(workers=1), seed=0, progress=False).manifest.set_index("id")
+    assert (frame.loc[[f"lost{i}" for i in range(4)], "label"] == "happy").all()
+    assert (frame.loc[[f"good{i}" for i in range(6)], "label"] == "fear").all()
+    assert (frame["v_intended"] == "fear").all()
+    assert (frame["v_accepted"] == "true").all()
+
+
+def test_verify_refuses_more_required_votes_than_voters(voters, tmp_path):
+    reference, paths = voters
+    settings = VerifySettings(data=reference, reference=reference, voters=paths[:1], min_votes=2)
+    with pytest.raises(FersynthError, match="min_votes = 2: more than the 1 voters"):
+        run_verify(settings, GuardSettings(), seed=0, progress=False)
+
+
+@pytest.mark.slow
+def test_guard_finds_the_fer2013_training_copies_of_publictest_images(fer2013_dataset, tmp_path):
+    settings = GuardSettings(data=fer2013_dataset, output=tmp_path / "guarded")
+    result = run_guard(settings, progress=False)
+    exact = result.leaks[result.leaks["kind"] == "exact"]
+    assert len(exact) == 351  # Training rows that repeat a PublicTest image pixel for pixel
+    assert len(exact[["test_set", "test_id"]].drop_duplicates()) == 270  # distinct images
+    assert set(exact["split"]) == {"train"}
+    # Near-duplicates (pHash within 6 bits) come on top; every removed row is listed.
+    near = result.leaks[result.leaks["kind"] == "perceptual"]
+    assert (near["distance"] <= settings.max_distance).all()
+    kept = read_manifest(tmp_path / "guarded").manifest
+    assert len(kept) == 28_709 + 3_589 - len(result.leaks)
