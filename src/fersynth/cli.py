@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from fersynth import __version__
+from fersynth import __version__, tracking
 from fersynth.errors import FersynthError
 from fersynth.settings import DEFAULT_PARAMS, Settings, load_settings, resolved_dict
 
@@ -252,6 +252,16 @@ def train_command(
         )
     )
     result = run_train(settings.train, seed=settings.seed, resume=resume, force=force, progress=not quiet)
+    if tracking.enabled():
+        summary = json.loads((result.output / "train_summary.json").read_text())
+        run_id = tracking.log_training(
+            result.output,
+            result.output.name,
+            {"seed": settings.seed, "train": settings.train.model_dump(mode="json")},
+            {**summary, "images_per_second": result.images_per_second, "best_metrics": result.best_metrics},
+            settings.train.data,
+        )
+        click.echo(f"MLflow run {run_id} at {tracking.tracking_uri()}")
     best = result.best_metrics
     line = f"trained {result.steps} steps at {result.images_per_second:.0f} images/s"
     if best:
@@ -293,6 +303,13 @@ def evaluate_command(obj: _Context, model, data, split, output, no_tta, quiet: b
     )
     for result in run_evaluate(settings.evaluate, progress=not quiet):
         m = result.metrics
+        if tracking.enabled():
+            model_folder = Path(settings.evaluate.model)
+            model_folder = model_folder if model_folder.is_dir() else model_folder.parent
+            files = sorted(p for p in result.folder.iterdir() if p.suffix in (".json", ".png", ".csv"))
+            tracking.log_evaluation(
+                model_folder, result.name, m, [f for f in files if f.name != "predictions.csv"]
+            )
         per_class = ", ".join(
             f"{k} {v:.0%}" if v is not None else f"{k} -" for k, v in m["per_class_accuracy"].items()
         )
@@ -534,9 +551,41 @@ def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path
     click.echo(f"table: {markdown_path} and {csv_path}")
 
 
+@cli.command("register")
+@click.argument("runs", nargs=-1, required=True, metavar="NAME=MODEL_FOLDER...")
+@click.option("--metric", help="MLflow metric to rank by [default: <in-domain test set>.mean_accuracy].")
+@click.option("--name", default=None, help="Registered model name [fersynth-fer].")
+@click.pass_obj
+def register_command(obj: _Context, runs: tuple[str, ...], metric, name) -> None:
+    """Register the grid's best model in the MLflow Model Registry; move the alias `champion`
+    to it only when it beats the current champion on the metric."""
+    from fersynth.compare import parse_run_arguments
+
+    settings = obj.settings()
+    if not tracking.enabled():
+        raise FersynthError("register needs MLflow: set MLFLOW_TRACKING_URI")
+    metric = metric or f"{Path(settings.evaluate.data[0]).name}.mean_accuracy"
+    folders = dict(parse_run_arguments(runs))
+    outcome = tracking.register(folders, metric, name or tracking.MODEL_NAME)
+    verdict = (
+        "now the champion"
+        if outcome["promoted"]
+        else (f"not promoted: the champion has {outcome['previous_champion_value']:.4f}")
+    )
+    click.echo(
+        f"registered {outcome['name']} version {outcome['version']} ({outcome['run']}, "
+        f"{metric} = {outcome['value']:.4f}): {verdict}"
+    )
+
+
 @cli.command("predict")
 @click.argument("target", type=click.Path(path_type=Path))
-@click.option("--model", "model_uri", required=True, help="Model file, training run folder or s3:// URI.")
+@click.option(
+    "--model",
+    "model_uri",
+    required=True,
+    help="Model file, run folder, s3:// URI or models:/<name>@champion.",
+)
 @click.option(
     "--output",
     type=click.Path(path_type=Path),

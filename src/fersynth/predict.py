@@ -73,6 +73,10 @@ class Predictor:
     @classmethod
     def from_uri(cls, uri: str, device: str = "auto", tta_flip: bool = True) -> Predictor:
         torch_device = pick_device(device)
+        if uri.startswith(("models:/", "runs:/")):  # the MLflow Model Registry or a run
+            from fersynth.tracking import download_model
+
+            uri = str(download_model(uri))
         return cls(load_model(uri, torch_device), torch_device, tta_flip)
 
     @torch.inference_mode()

@@ -254,8 +254,10 @@ class GuardSettings(Strict):
     output: Path = Path("data/demo/guarded")
     # Other datasets whose evaluation splits must not leak either (cross-dataset test sets).
     test_sets: list[Path] = []
-    # Perceptual-hash Hamming distance (of 64 bits) up to which an image counts as a copy.
+    # A near-copy: perceptual-hash Hamming distance (of 64 bits) at most this, confirmed by a
+    # correlation of the two images' grey 32x32 thumbnails of at least min_correlation.
     max_distance: Annotated[int, Field(ge=0, le=32)] = 6
+    min_correlation: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.95
     workers: Annotated[int, Field(ge=0)] = 0  # 0 = every CPU core
 
 

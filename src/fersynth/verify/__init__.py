@@ -82,7 +82,9 @@ def run_guard(settings: GuardSettings, *, force: bool = False, progress: bool = 
     frame = dataset.manifest
     candidates = frame[~frame["split"].map(is_evaluation_split)]
     hashes = hash_images(dataset.root, candidates, workers=settings.workers, progress=progress, desc="hash")
-    leaks = find_leaks(candidates, hashes, tests, settings.max_distance)
+    leaks = find_leaks(
+        dataset.root, candidates, hashes, tests, settings.max_distance, settings.min_correlation
+    )
     kept = frame.drop(index=leaks.index).reset_index(drop=True)
     result = GuardResult(
         Path(settings.output),
@@ -133,7 +135,7 @@ def run_verify(
     tests = test_images([reference, *others], workers=guard.workers, progress=progress)
     hashes = hash_images(synthetic.root, frame, workers=guard.workers, progress=progress, desc="hash")
     unreadable = _unreadable(frame, hashes)
-    leaks = find_leaks(frame, hashes, tests, guard.max_distance)
+    leaks = find_leaks(synthetic.root, frame, hashes, tests, guard.max_distance, guard.min_correlation)
     frame = frame.drop(index=leaks.index)
     frame = frame.drop(index=hashes.index[(hashes["error"] != "") & hashes.index.isin(frame.index)])
 

@@ -65,20 +65,24 @@ def _leak_markdown(leaks: pd.DataFrame, max_distance: int, picture: bool) -> lis
     summary = _leak_summary(leaks)
     lines = [
         f"Removed **{summary['removed']}** images: {summary['exact']} exact copies and "
-        f"{summary['perceptual']} perceptual near-duplicates (pHash within {max_distance} of 64 bits) "
+        f"{summary['perceptual']} near-duplicates (pHash within {max_distance} of 64 bits, confirmed by "
+        "thumbnail correlation) "
         f"of {summary['distinct_test_images']} distinct test images. All of them, with both paths: "
         f"`{LEAKS_CSV}`.",
         "",
     ]
     if len(leaks):
-        lines += ["| image | split | test image | kind | distance |", "|---|---|---|---|---|"]
+        lines += [
+            "| image | split | test image | kind | distance | correlation |",
+            "|---|---|---|---|---|---|",
+        ]
         for _, leak in leaks.head(20).iterrows():
             lines.append(
                 f"| {leak['path']} | {leak['split']} | {leak['test_set']}: {leak['test_id']} "
-                f"| {leak['kind']} | {leak['distance']} |"
+                f"| {leak['kind']} | {leak['distance']} | {leak['correlation']} |"
             )
         if len(leaks) > 20:
-            lines.append(f"| ... {len(leaks) - 20} more in `{LEAKS_CSV}` | | | | |")
+            lines.append(f"| ... {len(leaks) - 20} more in `{LEAKS_CSV}` | | | | | |")
         lines.append("")
     if picture:
         lines += [f"![pairs]({LEAK_PAIRS_PNG})", ""]
