@@ -19,51 +19,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP) ## create .venv with the pinned dependencies (done by every target)
 
-# Demo-scale training: ResNet-18 at 48 px for a few hundred steps on two CPU cores. The thesis
-# defaults in params.yaml (Swin-T, 100k steps) are for GPUs.
-DEMO_TRAIN := -S train.arch=resnet18 -S train.image_size=48 -S train.steps=300 \
-	-S train.warmup_steps=30 -S train.eval_every=100 -S train.checkpoint_every=100 \
-	-S train.log_every=50 -S train.workers=1 -S evaluate.workers=1
-# Demo-scale generation: 30 seed images per class, K=5, with the self-trained prior.
-DEMO_GENERATE := -S prior.steps=400 -S generate.max_seeds_per_class=30
-FERSYNTH := $(BIN)/fersynth --params $(PARAMS)
-DEMO_RUNS := runs/demo
-MODELS := $(DEMO_RUNS)/models
-# The thesis grid (name, data, method) plus the cheapest competitor, class-balanced sampling.
-GRID_ORIGINAL := original_sl original_sl_balanced original_mek
-GRID_SYNTHETIC := expanded_sl synthetic_mek expanded_mek
-
-run: $(STAMP) ## the main job on the demo data: every stage, the training grid, the comparison table
-	$(FERSYNTH) demo-data --force
-	$(FERSYNTH) ingest --force
-	$(FERSYNTH) quality --force
-	$(FERSYNTH) guard --force
-	$(FERSYNTH) $(DEMO_TRAIN) train --method sl --output $(MODELS)/original_sl --force
-	$(FERSYNTH) $(DEMO_TRAIN) -S train.balanced_sampler=true train --method sl \
-		--output $(MODELS)/original_sl_balanced --force
-	$(FERSYNTH) $(DEMO_TRAIN) train --method mek --output $(MODELS)/original_mek --force
-	$(FERSYNTH) $(DEMO_GENERATE) train-prior --force
-	rm -rf data/demo/generated
-	$(FERSYNTH) $(DEMO_GENERATE) generate
-	$(FERSYNTH) merge --force
-	$(FERSYNTH) verify --force
-	$(FERSYNTH) augment --variant rho --output data/demo/augmented/rho --force
-	$(FERSYNTH) augment --variant synthetic --output data/demo/augmented/synthetic --force
-	$(FERSYNTH) $(DEMO_TRAIN) train --method sl --data data/demo/augmented/rho \
-		--output $(MODELS)/expanded_sl --force
-	$(FERSYNTH) $(DEMO_TRAIN) train --method mek --data data/demo/augmented/synthetic \
-		--output $(MODELS)/synthetic_mek --force
-	$(FERSYNTH) $(DEMO_TRAIN) train --method mek --data data/demo/augmented/rho \
-		--output $(MODELS)/expanded_mek --force
-	for run in $(GRID_ORIGINAL) $(GRID_SYNTHETIC); do \
-		$(FERSYNTH) $(DEMO_TRAIN) evaluate --model $(MODELS)/$$run \
-			--output $(DEMO_RUNS)/eval/$$run || exit 1; done
-	$(FERSYNTH) compare Original_SL=$(DEMO_RUNS)/eval/original_sl \
-		Original_SL_balanced=$(DEMO_RUNS)/eval/original_sl_balanced \
-		Expanded_SL=$(DEMO_RUNS)/eval/expanded_sl \
-		Original_MEK=$(DEMO_RUNS)/eval/original_mek \
-		Synthetic_MEK=$(DEMO_RUNS)/eval/synthetic_mek \
-		Expanded_MEK=$(DEMO_RUNS)/eval/expanded_mek --output $(DEMO_RUNS)/compare
+run: $(STAMP) ## the main job on the demo data: `dvc repro` of dvc.yaml, then the comparison table
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo; cat runs/demo/compare/comparison.md
+	@echo; echo "reports: data/demo/*/*_report.md, runs/demo/eval/*/, runs/demo/compare/comparison.md"
 
 test: lint ## lint, then the whole test suite, slow tests on ../shared included (what CI runs)
 	$(BIN)/python -m pytest
@@ -83,7 +42,7 @@ lock: ## re-resolve requirements.lock from the pins in pyproject.toml (needs the
 	  .lock-venv/bin/pip freeze --all --exclude-editable | grep -vE '^(pip|wheel)=='; } > requirements.lock
 	rm -rf .lock-venv
 
-clean: ## remove outputs of make run (keeps .venv)
+clean: ## remove outputs of make run (keeps .venv and the DVC cache)
 	rm -rf data/demo runs/demo
 
 .PHONY: help venv run test test-fast lint lock clean

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import S3Server, start_s3
+from servers import S3Server, start_mlflow, start_s3
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub download in a test is a bug
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -37,6 +37,21 @@ def s3_env(s3_server, monkeypatch) -> S3Server:
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real MLflow tracking server (sqlite, artifacts on the S3 server), once per session."""
+    server = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3_server)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_env(mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv("FERSYNTH_EXPERIMENT", f"test-{tmp_path.name}")
+    return mlflow_server
 
 
 @pytest.fixture(scope="session")

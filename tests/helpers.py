@@ -189,3 +189,17 @@ def colour_dataset(root: Path, per_class: int, test_per_class: int, seed: int = 
                 rows.append({"id": f"{split}_{name}_{i}", "label": name, "split": split})
                 images.append(colour_image(k, seed * 100_000 + len(rows)))
     return write_dataset(root, rows, images)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600):
+    """`fersynth ARGS...` in a subprocess, as a user runs it."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "fersynth.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )

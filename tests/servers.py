@@ -80,3 +80,70 @@ def start_s3(root: Path) -> S3Server:
     )
     wait_for_port(port, process)
     return S3Server(f"http://127.0.0.1:{port}", access, secret, root, process)
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_mlflow(root: Path, s3: S3Server, bucket: str = "mlflow") -> MlflowServer:
+    """`mlflow server` with a sqlite backend store and its artifacts on the S3 server, served
+    through the tracking server (clients need no S3 credentials)."""
+    import urllib.request
+
+    (s3.root / bucket).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    log = root / "server.log"
+    mlflow = Path(sys.executable).parent / "mlflow"
+    process = subprocess.Popen(
+        [
+            str(mlflow),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{bucket}/artifacts",
+            "--serve-artifacts",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited ({process.returncode}): {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return MlflowServer(uri, process, log)
+        except OSError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"mlflow server did not answer /health in 180 s: {log.read_text()[-2000:]}")

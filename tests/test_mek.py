@@ -21,9 +21,13 @@ def test_class_weights_match_mek_on_rafdb_counts():
     assert torch.allclose(weights, expected, atol=1e-4)
 
 
-def test_class_weights_refuse_empty_class():
+def test_an_empty_class_gets_weight_zero_and_no_data_is_refused():
+    weights = mek_class_weights([10, 0, 5, 5, 5, 5, 5])
+    assert weights[1] == 0 and torch.allclose(weights[0], torch.tensor(35 / 100))  # N = 35
+    targets = rebalanced_targets(torch.tensor([0]), weights, eps=0.3)
+    assert targets[0, 1] == 0 and torch.isclose(targets.sum(), torch.tensor(1.0))
     with pytest.raises(FersynthError, match="no training images"):
-        mek_class_weights([10, 0, 5, 5, 5, 5, 5])
+        mek_class_weights([0] * 7)
 
 
 def test_rebalanced_targets_sum_to_one_with_true_class_at_0_7():

@@ -25,7 +25,6 @@ from fersynth.files import atomic_write_text
 log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow_run.json"
-EXPERIMENT = os.environ.get("FERSYNTH_EXPERIMENT", "fersynth")
 CHAMPION = "champion"
 MODEL_NAME = "fersynth-fer"
 
@@ -68,24 +67,34 @@ def _mlflow():
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+    experiment = os.environ.get("FERSYNTH_EXPERIMENT", "fersynth")
+    if mlflow.get_experiment_by_name(experiment) is None:
         location = os.environ.get("FERSYNTH_ARTIFACT_LOCATION")  # e.g. a local folder for sqlite
-        mlflow.create_experiment(EXPERIMENT, artifact_location=location)
-    mlflow.set_experiment(EXPERIMENT)
+        mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment)
     return mlflow
 
 
-def lineage_tags() -> dict[str, str]:
-    """Git commit, DVC revision (the git commit that holds dvc.lock) and KFP run id, where known."""
-    tags: dict[str, str] = {}
+def _git_commit(folder: Path) -> str | None:
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        tags["git_commit"] = commit
-        tags["dvc_rev"] = commit
+        result = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
-        pass
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def lineage_tags() -> dict[str, str]:
+    """The code's git commit (FERSYNTH_GIT_COMMIT in images), the DVC revision (the commit of
+    the project the run works in, whose dvc.lock names the data) and the KFP run id."""
+    tags: dict[str, str] = {}
+    code = os.environ.get("FERSYNTH_GIT_COMMIT") or _git_commit(Path(__file__).resolve().parent)
+    if code:
+        tags["git_commit"] = code
+    project = os.environ.get("FERSYNTH_DVC_REV") or _git_commit(Path.cwd())
+    if project:
+        tags["dvc_rev"] = project
     for env, tag in (("KFP_RUN_ID", "kfp_run_id"), ("FERSYNTH_PIPELINE_RUN", "pipeline_run")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]

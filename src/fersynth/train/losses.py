@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -16,14 +17,21 @@ import torch.nn.functional as F
 
 from fersynth.errors import FersynthError
 
+log = logging.getLogger(__name__)
+
 
 def mek_class_weights(counts: Sequence[int]) -> torch.Tensor:
-    """w_c = N / (10 * n_c); every class needs at least one training image."""
+    """w_c = N / (10 * n_c). A class with no training images (a synthetic-only set whose pool
+    missed it) gets weight 0: no smoothing mass goes to it and it adds no consistency term."""
     counts_t = torch.as_tensor(list(counts), dtype=torch.float64)
-    if (counts_t <= 0).any():
-        empty = [i for i, n in enumerate(counts) if n <= 0]
-        raise FersynthError(f"MEK class weights: classes {empty} have no training images")
-    return (counts_t.sum() / (10.0 * counts_t)).float()
+    if counts_t.sum() <= 0:
+        raise FersynthError("MEK class weights: no training images at all")
+    empty = [i for i, n in enumerate(counts) if n <= 0]
+    if empty:
+        log.warning("MEK: classes %s have no training images; their class weight is 0", empty)
+    weights = counts_t.sum() / (10.0 * counts_t.clamp_min(1))
+    weights[counts_t <= 0] = 0.0
+    return weights.float()
 
 
 def rebalanced_targets(labels: torch.Tensor, weights: torch.Tensor, eps: float) -> torch.Tensor:

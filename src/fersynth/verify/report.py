@@ -209,7 +209,7 @@ def write_verify_report(
     for name, row in table.iterrows():
         rate = "-" if pd.isna(row["acceptance_rate"]) else f"{100 * row['acceptance_rate']:.1f}"
         lines.append(
-            f"| {name} | {row['generated']} | {row['accepted']} | {rate} "
+            f"| {name} | {int(row['generated'])} | {int(row['accepted'])} | {rate} "
             f"| {_fmt(row['frechet_distance'], 2)} | {_fmt(row['kid_mean'] * 1000, 2)} "
             f"| {_fmt(row['diversity_real'], 2)} | {_fmt(row['diversity_synthetic'], 2)} |"
         )

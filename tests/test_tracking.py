@@ -1,0 +1,102 @@
+"""MLflow tracking and the Model Registry against a real `mlflow server` (sqlite backend,
+artifacts on the rclone S3 server), through the CLI as users run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from tests.helpers import colour_dataset
+from tests.helpers import run_cli as fersynth
+
+pytestmark = pytest.mark.slow  # the server takes 15-40 s to start on two cores
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+TINY = [
+    "-S", "train.arch=resnet18", "-S", "train.image_size=32", "-S", "train.batch_size=16",
+    "-S", "train.warmup_steps=2", "-S", "train.workers=0", "-S", "train.lr=0.003",
+    "-S", "train.rotation=0.0", "-S", "train.val_fraction=0.2", "-S", "evaluate.workers=0",
+]  # fmt: skip
+
+
+def test_runs_metrics_models_and_the_champion_alias(mlflow_env, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    data = colour_dataset(tmp_path / "colours", per_class=10, test_per_class=3)
+    settings = ["-S", f"evaluate.data=[{json.dumps(str(data))}]"]
+    for name, steps in (("weak", 1), ("strong", 40)):
+        out = ok(
+            fersynth(
+                *TINY, *settings, "train", "--data", str(data), "--steps", str(steps),
+                "--output", str(tmp_path / name), "--quiet", cwd=tmp_path,
+            )
+        )  # fmt: skip
+        assert "MLflow run" in out
+        ok(fersynth(*TINY, *settings, "evaluate", "--model", str(tmp_path / name), "--quiet", cwd=tmp_path))
+
+    mlflow.set_tracking_uri(mlflow_env.uri)
+    client = MlflowClient()
+    strong_id = json.loads((tmp_path / "strong" / "mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(strong_id)
+    metric = f"{data.name}.mean_accuracy"
+    assert run.data.params["train.arch"] == "resnet18" and run.data.params["seed"] == "2048"
+    assert 0.0 <= run.data.metrics[metric] <= 1.0
+    assert f"{data.name}.accuracy.fear" in run.data.metrics
+    assert run.data.tags["git_commit"] and "val_accuracy" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(strong_id, f"evaluation/{data.name}")}
+    assert f"evaluation/{data.name}/confusion.png" in artifacts
+    assert f"evaluation/{data.name}/metrics.json" in artifacts
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == data.name
+    weak_value = client.get_run(json.loads((tmp_path / "weak" / "mlflow_run.json").read_text())["run_id"])
+    weak_value = weak_value.data.metrics[metric]
+    strong_value = run.data.metrics[metric]
+    assert strong_value > weak_value, "40 steps on separable colours must beat 1 step"
+
+    name = f"fer-{tmp_path.name}"
+    out = ok(
+        fersynth(
+            *settings, "register", f"weak={tmp_path / 'weak'}", f"strong={tmp_path / 'strong'}",
+            "--name", name, cwd=tmp_path,
+        )
+    )  # fmt: skip
+    assert "now the champion" in out
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id == strong_id and champion.version == "1"
+
+    # A worse model is registered as a new version but does not take the alias.
+    out = ok(fersynth(*settings, "register", f"weak={tmp_path / 'weak'}", "--name", name, cwd=tmp_path))
+    assert "not promoted" in out
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
+
+    # predict loads the champion from the registry.
+    image = data / read_first_test_image(data)
+    out = ok(fersynth("predict", str(image), "--model", f"models:/{name}@champion", cwd=tmp_path))
+    header, row = out.strip().splitlines()[:2]
+    assert header.startswith("path,predicted,confidence")
+    assert row.split(",")[1] == "surprise"  # the first test image is surprise-coloured
+
+
+def read_first_test_image(data: Path) -> str:
+    from fersynth.dataset import read_manifest
+
+    return read_manifest(data).split("test").iloc[0]["path"]
+
+
+def test_an_unreachable_server_is_a_clear_error(tmp_path, monkeypatch):
+    from tests.servers import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = fersynth("register", f"a={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"MLflow server {uri} is not reachable" in result.stderr
+    assert "Traceback" not in result.stderr
