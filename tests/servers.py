@@ -54,6 +54,22 @@ class S3Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
 
+    def create_bucket(self, name: str) -> None:
+        """Through the S3 API: rclone caches its folder listing, so a folder made on disk
+        after the server started may stay invisible for minutes."""
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+        )
+        existing = {bucket["Name"] for bucket in client.list_buckets().get("Buckets", [])}
+        if name not in existing:
+            client.create_bucket(Bucket=name)
+
 
 def start_s3(root: Path) -> S3Server:
     rclone = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
@@ -101,7 +117,7 @@ def start_mlflow(root: Path, s3: S3Server, bucket: str = "mlflow") -> MlflowServ
     through the tracking server (clients need no S3 credentials)."""
     import urllib.request
 
-    (s3.root / bucket).mkdir(parents=True, exist_ok=True)
+    s3.create_bucket(bucket)
     port = free_port()
     root.mkdir(parents=True, exist_ok=True)
     env = {

@@ -31,7 +31,7 @@ def digest(folder: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_push_then_pull_restores_identical_data(s3_env, tmp_path):
-    (s3_env.root / "dvc-store").mkdir(exist_ok=True)
+    s3_env.create_bucket("dvc-store")
     repo = tmp_path / "project"
     repo.mkdir()
     run("git", "init", "-q", cwd=repo)
