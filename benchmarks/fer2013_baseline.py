@@ -39,11 +39,26 @@ RECIPE = dict(
     warmup_steps=100,
     val_fraction=0.05,
     workers=1,
+    in_memory="always",  # decoded once, whole batches augmented (the per-image path: 1.6 ms/image)
     log_every=100,
-    eval_every=500,
+    eval_every=250,  # the validation curve shows whether more images would still help
     checkpoint_every=500,
 )
-STEPS = {"sl": 1250, "mek": 700}  # about 25 minutes each on two cores (MEK: two views a step)
+STEPS = {"sl": 1400, "mek": 750}  # about 25 minutes each on two cores (MEK: two views a step)
+
+
+def _val_curve(log: Path, batch_size: int) -> list[dict[str, float]]:
+    """Validation accuracy against images seen, from the training log."""
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    return [
+        {
+            "images_seen": row["step"] * batch_size,
+            "val_accuracy": round(row["val_accuracy"] * 100, 2),
+            "val_mean_accuracy": round(row["val_mean_accuracy"] * 100, 2),
+        }
+        for row in rows
+        if "val_accuracy" in row
+    ]
 
 
 def main() -> int:
@@ -89,6 +104,7 @@ def main() -> int:
             "mean_accuracy": round(m["mean_accuracy"] * 100, 2),
             "per_class_accuracy": {k: round(v * 100, 2) for k, v in m["per_class_accuracy"].items()},
             "best_step": trained.best_step,
+            "val_curve": _val_curve(settings.output / "train_log.jsonl", settings.batch_size),
             "recipe": RECIPE,
             "train_images": sum(m["train_counts"].values()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",

@@ -13,7 +13,7 @@ import torch
 
 from fersynth.classes import CLASSES
 from fersynth.errors import FersynthError
-from fersynth.train.data import SampleStream
+from fersynth.train.data import InMemoryBatches, SampleStream, use_in_memory
 from fersynth.train.loop import CHECKPOINT, run_train, split_validation
 from fersynth.train.models import ModelSpec, create_model, load_model
 from helpers import make_demo_dataset, tiny_train_settings
@@ -38,6 +38,43 @@ def test_sample_stream_resumes_mid_epoch_and_balances():
     balanced = SampleStream(labels, seed=3, balanced=True)
     drawn = [labels[i] for _, (i, _pos) in zip(range(4000), iter(balanced), strict=False)]
     assert 0.45 < np.mean(drawn) < 0.55  # the 10% class drawn half of the time
+
+
+def _in_memory_batches(rotation: float, hflip: bool, seed: int = 5) -> InMemoryBatches:
+    batches = InMemoryBatches.__new__(InMemoryBatches)
+    batches.pixels = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8)
+    batches.image_size, batches.hflip, batches.rotation, batches.seed = 8, hflip, rotation, seed
+    batches.mean, batches.std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    return batches
+
+
+def test_in_memory_augmentation_is_an_exact_crop_and_flip_without_rotation():
+    batches = _in_memory_batches(rotation=0.0, hflip=True)
+    images = batches.pixels.float() / 255
+    out = batches.augment(batches.pixels, torch.Generator().manual_seed(1))
+    for image, result in zip(images, out, strict=True):
+        crops = [image[:, y : y + 8, x : x + 8] for y in range(5) for x in range(5)]
+        plain = any(torch.allclose(result, crop, atol=1e-5) for crop in crops)
+        mirrored = any(torch.allclose(result, crop.flip(dims=(2,)), atol=1e-5) for crop in crops)
+        assert plain or mirrored
+    again = batches.augment(batches.pixels, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again), "the same generator seed must give the same batch"
+
+
+def test_in_memory_rotation_turns_the_image_and_fills_corners_with_black():
+    batches = _in_memory_batches(rotation=40.0, hflip=False)
+    batches.pixels = torch.full((4, 3, 12, 12), 200, dtype=torch.uint8)
+    out = batches.augment(batches.pixels, torch.Generator().manual_seed(3)) * 255
+    centre = out[:, :, 3:5, 3:5]
+    assert torch.allclose(centre, torch.full_like(centre, 200.0), atol=1e-3)
+    corners = out[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners < 199).any(), "a turn of up to 40 degrees must bring in the black fill somewhere"
+
+
+def test_in_memory_auto_follows_the_decoded_size():
+    assert use_in_memory("auto", 28_709, 55)  # FER2013 at 48 px: 260 MB
+    assert not use_in_memory("auto", 300_000, 256)  # AffectNet at 224 px: 59 GB
+    assert use_in_memory("always", 300_000, 256) and not use_in_memory("never", 10, 16)
 
 
 def test_validation_split_is_stratified_and_seeded(demo_dataset):
@@ -124,8 +161,9 @@ def test_existing_run_needs_resume_or_force(demo_dataset, tmp_path):
     assert run_train(tiny(demo_dataset, tmp_path / "r", steps=3), force=True, progress=False).steps == 3
 
 
-def _cli_train(output: Path, data: Path, *extra: str) -> list[str]:
+def _cli_train(output: Path, data: Path, *extra: str, in_memory: str = "auto") -> list[str]:
     overrides = [
+        f"in_memory={in_memory}",
         "arch=resnet18",
         "image_size=32",
         "batch_size=8",
@@ -143,13 +181,18 @@ def _cli_train(output: Path, data: Path, *extra: str) -> list[str]:
     return [*args, "train", "--data", str(data), "--output", str(output), "--quiet", *extra]
 
 
-def test_killed_and_resumed_run_ends_with_identical_weights(demo_dataset, tmp_path):
+@pytest.mark.parametrize("in_memory", ["always", "never"])
+def test_killed_and_resumed_run_ends_with_identical_weights(demo_dataset, tmp_path, in_memory):
     straight = tmp_path / "straight"
-    subprocess.run(_cli_train(straight, demo_dataset), check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        _cli_train(straight, demo_dataset, in_memory=in_memory), check=True, capture_output=True, timeout=600
+    )
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        _cli_train(killed, demo_dataset), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cli_train(killed, demo_dataset, in_memory=in_memory),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
     while not (killed / CHECKPOINT).exists() and time.monotonic() < deadline:
@@ -159,7 +202,12 @@ def test_killed_and_resumed_run_ends_with_identical_weights(demo_dataset, tmp_pa
     interrupted_at = torch.load(killed / CHECKPOINT, weights_only=True)["step"]
     assert 0 < interrupted_at < 40, "the run must be killed part-way for this test to mean anything"
 
-    subprocess.run(_cli_train(killed, demo_dataset, "--resume"), check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        _cli_train(killed, demo_dataset, "--resume", in_memory=in_memory),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     a = torch.load(straight / CHECKPOINT, weights_only=True)
     b = torch.load(killed / CHECKPOINT, weights_only=True)
     assert a["step"] == b["step"] == 40

@@ -174,6 +174,8 @@ class TrainSettings(Strict):
     mean: tuple[float, float, float] = THESIS_MEAN
     std: tuple[float, float, float] = THESIS_STD
     workers: Annotated[int, Field(ge=0)] = 4
+    # Decode the training images once and augment whole batches (auto: when they fit in 1 GiB).
+    in_memory: Literal["auto", "always", "never"] = "auto"
     device: Device = "auto"
     channels_last: bool = True
     log_every: Positive = 100

@@ -31,7 +31,13 @@ from fersynth.errors import FersynthError
 from fersynth.evaluate import compute_metrics, pick_device, predict_probabilities
 from fersynth.files import atomic_write_bytes, atomic_write_text
 from fersynth.settings import TrainSettings, save_resolved
-from fersynth.train.data import ManifestImages, SampleStream, train_transform
+from fersynth.train.data import (
+    InMemoryBatches,
+    ManifestImages,
+    SampleStream,
+    train_transform,
+    use_in_memory,
+)
 from fersynth.train.losses import (
     attention_consistency,
     mek_class_weights,
@@ -199,16 +205,31 @@ def run_train(
     )
     images = ManifestImages(dataset.root, train_frame, transform, seed=seed)
     sampler = SampleStream(images.labels, seed, settings.balanced_sampler, start=step * settings.batch_size)
-    loader = DataLoader(
-        images,
-        batch_size=settings.batch_size,
-        sampler=sampler,
-        num_workers=settings.workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    batches = iter(loader)
+    if use_in_memory(settings.in_memory, len(images), spec.resize):
+        batches = InMemoryBatches(
+            images,
+            sampler,
+            settings.batch_size,
+            spec.image_size,
+            spec.resize,
+            settings.hflip,
+            settings.rotation,
+            spec.mean,
+            spec.std,
+            device=device,
+            progress=progress,
+        )
+    else:
+        loader = DataLoader(
+            images,
+            batch_size=settings.batch_size,
+            sampler=sampler,
+            num_workers=settings.workers,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        batches = iter(loader)
     if resuming:
         _set_rng_state(state["rng"])
 
