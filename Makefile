@@ -19,10 +19,27 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP) ## create .venv with the pinned dependencies (done by every target)
 
-run: $(STAMP) ## the main job on the demo data: `dvc repro` of dvc.yaml, then the comparison table
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	@echo; cat runs/demo/compare/comparison.md
-	@echo; echo "reports: data/demo/*/*_report.md, runs/demo/eval/*/, runs/demo/compare/comparison.md"
+# make run tracks into a local MLflow store under runs/mlflow (ignored by git); set
+# MLFLOW_TRACKING_URI to a team server instead (see mlflow/README.md).
+MLFLOW_LOCAL := $(CURDIR)/runs/mlflow
+MLFLOW_TRACKING_URI ?= sqlite:///$(MLFLOW_LOCAL)/mlflow.db
+FERSYNTH_ARTIFACT_LOCATION ?= $(MLFLOW_LOCAL)/artifacts
+MLFLOW_UI_PORT ?= 5000
+
+run: $(STAMP) ## the main job on the demo data: `dvc repro` of dvc.yaml, MLflow in runs/mlflow, the tables
+	@mkdir -p $(MLFLOW_LOCAL)
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" \
+	  FERSYNTH_ARTIFACT_LOCATION="$(FERSYNTH_ARTIFACT_LOCATION)" $(BIN)/dvc repro
+	@echo; cat runs/demo/compare/guarded/comparison.md
+	@echo; cat runs/demo/compare/cross/comparison.md
+	@echo; echo "report: runs/demo/report/report.md (also in MLflow: make mlflow-ui)"
+	@echo "registry: $$(cat runs/demo/register.json | tr -d '\n' | tr -s ' ')"
+
+mlflow-ui: $(STAMP) ## browse the MLflow store of make run (http://127.0.0.1:5000)
+	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(MLFLOW_LOCAL)/mlflow.db" --port $(MLFLOW_UI_PORT)
+
+mlflow-server: $(STAMP) ## a tracking server for a team (settings: mlflow/README.md)
+	bash mlflow/start-server.sh
 
 test: lint ## lint, then the whole test suite, slow tests on ../shared included (what CI runs)
 	$(BIN)/python -m pytest
@@ -31,8 +48,8 @@ test-fast: $(STAMP) ## the test suite without the slow tests
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP) ## ruff check and format check
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks components pipelines
+	$(BIN)/ruff format --check src tests benchmarks components pipelines
 
 lock: ## re-resolve requirements.lock from the pins in pyproject.toml (needs the network)
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
@@ -45,4 +62,4 @@ lock: ## re-resolve requirements.lock from the pins in pyproject.toml (needs the
 clean: ## remove outputs of make run (keeps .venv and the DVC cache)
 	rm -rf data/demo runs/demo
 
-.PHONY: help venv run test test-fast lint lock clean
+.PHONY: help venv run mlflow-ui mlflow-server test test-fast lint lock clean

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -127,24 +129,17 @@ def start_mlflow(root: Path, s3: S3Server, bucket: str = "mlflow") -> MlflowServ
         "AWS_SECRET_ACCESS_KEY": s3.secret_key,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
+    env.update(
+        MLFLOW_BIN=str(Path(sys.executable).parent / "mlflow"),
+        MLFLOW_HOST="127.0.0.1",
+        MLFLOW_PORT=str(port),
+        MLFLOW_BACKEND_STORE_URI=f"sqlite:///{root / 'mlflow.db'}",
+        MLFLOW_ARTIFACTS_DESTINATION=f"s3://{bucket}/artifacts",
+    )
     log = root / "server.log"
-    mlflow = Path(sys.executable).parent / "mlflow"
+    # The project's own start script: the tests run the server the way a team would.
     process = subprocess.Popen(
-        [
-            str(mlflow),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            f"s3://{bucket}/artifacts",
-            "--serve-artifacts",
-        ],
+        ["bash", str(REPO / "mlflow" / "start-server.sh")],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env=env,

@@ -16,7 +16,7 @@ def test_dvc_reads_the_whole_graph_in_order():
     result = subprocess.run([DVC, "stage", "list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     stages = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
-    expected = ["demo_data", "ingest", "quality", "guard"]
+    expected = ["demo_data", "cross_data", "ingest", "quality", "guard"]
     expected += [f"train_original@{n}" for n in ("original_sl", "original_sl_balanced", "original_mek")]
     expected += ["train_prior", "generate", "verify", "augment@rho", "augment@synthetic"]
     expected += [f"train_synthetic@{n}" for n in ("expanded_sl", "synthetic_mek", "expanded_mek")]
@@ -28,7 +28,7 @@ def test_dvc_reads_the_whole_graph_in_order():
         "synthetic_mek",
         "expanded_mek",
     ]
-    expected += [f"evaluate@{n}" for n in grid] + ["compare"]
+    expected += [f"evaluate@{n}" for n in grid] + ["compare@guarded", "compare@cross", "report", "register"]
     assert stages == expected
 
 

@@ -100,3 +100,33 @@ def test_an_unreachable_server_is_a_clear_error(tmp_path, monkeypatch):
     assert result.returncode == 2
     assert f"MLflow server {uri} is not reachable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_run_report_is_logged_with_its_changes(mlflow_env, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from fersynth.classes import CLASSES
+
+    compare = tmp_path / "compare" / "raf"
+    compare.mkdir(parents=True)
+    header = "run," + ",".join(CLASSES) + ",Total,Mean"
+    original = "Original_SL," + ",".join(["50"] * 7) + ",50,50"
+    expanded = "Expanded_SL," + ",".join(["50", "62"] + ["50"] * 5) + ",51,52"  # fear is second
+    (compare / "comparison.csv").write_text("\n".join([header, original, expanded]) + "\n")
+    out = ok(
+        fersynth(
+            "-S", f"report.comparisons=[{json.dumps(str(compare))}]", "-S", f"report.output={tmp_path / 'r'}",
+            "-S", f"report.evaluations={tmp_path / 'none'}", "report", cwd=tmp_path,
+        )
+    )  # fmt: skip
+    assert "report.md" in out
+    run_id = json.loads((tmp_path / "r" / "mlflow_run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(mlflow_env.uri)
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert CLASSES[1] == "fear"
+    assert run.data.metrics["change.Expanded_SL-Original_SL.raf.fear"] == pytest.approx(12)
+    assert run.data.metrics["change.Expanded_SL-Original_SL.raf.Mean"] == pytest.approx(2)
+    assert run.data.tags["fersynth.kind"] == "report"
+    assert "report/report.md" in {a.path for a in client.list_artifacts(run_id, "report")}

@@ -252,15 +252,8 @@ def train_command(
         )
     )
     result = run_train(settings.train, seed=settings.seed, resume=resume, force=force, progress=not quiet)
-    if tracking.enabled():
-        summary = json.loads((result.output / "train_summary.json").read_text())
-        run_id = tracking.log_training(
-            result.output,
-            result.output.name,
-            {"seed": settings.seed, "train": settings.train.model_dump(mode="json")},
-            {**summary, "images_per_second": result.images_per_second, "best_metrics": result.best_metrics},
-            settings.train.data,
-        )
+    run_id = tracking.track_training(result, settings)
+    if run_id:
         click.echo(f"MLflow run {run_id} at {tracking.tracking_uri()}")
     best = result.best_metrics
     line = f"trained {result.steps} steps at {result.images_per_second:.0f} images/s"
@@ -303,13 +296,7 @@ def evaluate_command(obj: _Context, model, data, split, output, no_tta, quiet: b
     )
     for result in run_evaluate(settings.evaluate, progress=not quiet):
         m = result.metrics
-        if tracking.enabled():
-            model_folder = Path(settings.evaluate.model)
-            model_folder = model_folder if model_folder.is_dir() else model_folder.parent
-            files = sorted(p for p in result.folder.iterdir() if p.suffix in (".json", ".png", ".csv"))
-            tracking.log_evaluation(
-                model_folder, result.name, m, [f for f in files if f.name != "predictions.csv"]
-            )
+        tracking.track_evaluation(Path(settings.evaluate.model), result)
         per_class = ", ".join(
             f"{k} {v:.0%}" if v is not None else f"{k} -" for k, v in m["per_class_accuracy"].items()
         )
@@ -551,22 +538,52 @@ def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path
     click.echo(f"table: {markdown_path} and {csv_path}")
 
 
+@cli.command("report")
+@click.option("--output", type=click.Path(path_type=Path), help="Report folder [report.output].")
+@click.option("--force", is_flag=True, help="Replace an existing report.")
+@click.pass_obj
+def report_command(obj: _Context, output: Path | None, force: bool) -> None:
+    """One page for the whole grid: comparison tables, what the synthetic data changed per
+    class, confusion matrices, quality, verification, rebalancing and generated samples."""
+    from fersynth.report import REPORT_MD, run_report
+
+    settings = obj.settings(_option_overrides(**{"report.output": output}))
+    result = run_report(settings.report, force=force)
+    if tracking.enabled():
+        tracking.log_report(result.output)
+    click.echo(f"report: {result.output / REPORT_MD}")
+
+
 @cli.command("register")
 @click.argument("runs", nargs=-1, required=True, metavar="NAME=MODEL_FOLDER...")
 @click.option("--metric", help="MLflow metric to rank by [default: <in-domain test set>.mean_accuracy].")
 @click.option("--name", default=None, help="Registered model name [fersynth-fer].")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Write the outcome as JSON (with tracking off: a note that nothing was registered).",
+)
 @click.pass_obj
-def register_command(obj: _Context, runs: tuple[str, ...], metric, name) -> None:
+def register_command(obj: _Context, runs: tuple[str, ...], metric, name, output: Path | None) -> None:
     """Register the grid's best model in the MLflow Model Registry; move the alias `champion`
     to it only when it beats the current champion on the metric."""
     from fersynth.compare import parse_run_arguments
+    from fersynth.files import atomic_write_text
 
     settings = obj.settings()
-    if not tracking.enabled():
-        raise FersynthError("register needs MLflow: set MLFLOW_TRACKING_URI")
-    metric = metric or f"{Path(settings.evaluate.data[0]).name}.mean_accuracy"
     folders = dict(parse_run_arguments(runs))
+    if not tracking.enabled():
+        if output is None:
+            raise FersynthError("register needs MLflow: set MLFLOW_TRACKING_URI")
+        # In a pipeline (dvc repro without MLflow) the stage records that it had nothing to do.
+        outcome = {"registered": False, "reason": "MLFLOW_TRACKING_URI is not set"}
+        atomic_write_text(output, json.dumps(outcome, indent=2) + "\n")
+        click.echo("register: MLFLOW_TRACKING_URI is not set; nothing registered")
+        return
+    metric = metric or f"{Path(settings.evaluate.data[0]).name}.mean_accuracy"
     outcome = tracking.register(folders, metric, name or tracking.MODEL_NAME)
+    if output is not None:
+        atomic_write_text(output, json.dumps({"registered": True, **outcome}, indent=2) + "\n")
     verdict = (
         "now the champion"
         if outcome["promoted"]

@@ -190,7 +190,7 @@ class EvaluateSettings(Strict):
     """`fersynth evaluate`: one model on one or more test sets."""
 
     model: Path = Path("runs/models/original_sl")
-    data: list[Path] = [Path("data/demo/guarded")]
+    data: list[Path] = [Path("data/demo/guarded"), Path("data/demo/cross")]
     split: SplitName = "test"
     output: Path = Path("runs/eval/original_sl")
     batch_size: Positive = 128
@@ -255,7 +255,7 @@ class GuardSettings(Strict):
     data: Path = Path("data/demo/quality")
     output: Path = Path("data/demo/guarded")
     # Other datasets whose evaluation splits must not leak either (cross-dataset test sets).
-    test_sets: list[Path] = []
+    test_sets: list[Path] = [Path("data/demo/cross")]  # other datasets whose test split must not leak
     # A near-copy: perceptual-hash Hamming distance (of 64 bits) at most this, confirmed by a
     # correlation of the two images' grey 32x32 thumbnails of at least min_correlation.
     max_distance: Annotated[int, Field(ge=0, le=32)] = 6
@@ -300,6 +300,56 @@ class AugmentSettings(Strict):
     rho: Annotated[float, Field(ge=1.0)] = 2.0  # largest / smallest class count to reach
 
 
+class ReportSettings(Strict):
+    """`fersynth report`: one page per run with the tables, pictures and stage summaries."""
+
+    output: Path = Path("runs/demo/report")
+    comparisons: list[Path] = [Path("runs/demo/compare/guarded"), Path("runs/demo/compare/cross")]
+    evaluations: Path = Path("runs/demo/eval")  # <run name lower-case>/<test set>/confusion.png
+    quality: Path = Path("data/demo/quality")
+    verify: Path = Path("data/demo/verified")
+    augment: Path = Path("data/demo/augmented/rho")
+    generated: Path = Path("data/demo/generated/dataset")
+    # Each synthetic row against the original row it should beat.
+    changes: dict[str, str] = {
+        "Expanded_SL": "Original_SL",
+        "Synthetic_MEK": "Original_MEK",
+        "Expanded_MEK": "Original_MEK",
+    }
+
+
+class GpuPoolSettings(Strict):
+    """How a GPU step is scheduled on the cluster's GPU node pool (one helper applies it)."""
+
+    accelerator: str = "nvidia.com/gpu"  # the extended resource the device plugin exposes
+    count: Positive = 1
+    node_selector: dict[str, str] = {"fersynth.io/node-pool": "gpu"}
+    toleration_key: str = "nvidia.com/gpu"  # the GPU pool's taint (effect NoSchedule)
+    shm_size: str = "16Gi"  # memory-backed /dev/shm for DataLoader workers
+    cpu: str = "8"
+    memory: str = "64G"
+
+
+class KfpSettings(Strict):
+    """The Kubeflow Pipelines deployment: images, data source, secrets, GPU pool, schedule."""
+
+    image: str = "ghcr.io/fersynth/fersynth"  # CPU steps; tag = git commit
+    gpu_image: str = "ghcr.io/fersynth/fersynth-cuda"  # GPU steps; same tag
+    image_tag: str | None = None  # null: the git commit of the checkout that compiles
+    data_repo: str = "https://github.com/fersynth/fersynth.git"  # the DVC project (git URL)
+    data_rev: str = "main"  # git revision whose dvc.lock names the data (a commit hash pins it)
+    data_path: str = "data/demo/raw"  # raw data, DVC-tracked in data_repo
+    cross_path: str = "data/demo/cross"  # an ingested cross-dataset test set, DVC-tracked
+    generate_shards: Positive = 4  # generation shards (pipeline parameter)
+    max_parallel_shards: Positive = 4  # GPU pods generating at once
+    s3_secret: str = "fersynth-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
+    mlflow_secret: str = "fersynth-mlflow"  # key MLFLOW_TRACKING_URI
+    gpu: GpuPoolSettings = GpuPoolSettings()
+    pipeline_name: str = "fersynth"
+    schedule_name: str = "fersynth-retrain"
+    schedule_cron: str = "0 0 3 * * 1"  # 6 fields (seconds first): Mondays 03:00
+
+
 class Settings(Strict):
     seed: int = 2048
     demo: DemoSettings = DemoSettings()
@@ -312,6 +362,8 @@ class Settings(Strict):
     guard: GuardSettings = GuardSettings()
     verify: VerifySettings = VerifySettings()
     augment: AugmentSettings = AugmentSettings()
+    report: ReportSettings = ReportSettings()
+    kfp: KfpSettings = KfpSettings()
 
     @field_validator("seed")
     @classmethod

@@ -172,6 +172,58 @@ def log_evaluation(model_folder: Path, test_set: str, metrics: dict[str, Any], f
             mlflow.log_artifact(str(path), artifact_path=f"evaluation/{prefix}")
 
 
+def track_training(result, settings, run_name: str | None = None) -> str | None:
+    """Log a finished `run_train` (its `TrainResult`, the resolved `Settings`) when tracking is
+    on; the MLflow run id, or None with tracking off."""
+    if not enabled():
+        return None
+    summary = json.loads((result.output / "train_summary.json").read_text())
+    return log_training(
+        result.output,
+        run_name or result.output.name,
+        {"seed": settings.seed, "train": settings.train.model_dump(mode="json")},
+        {**summary, "images_per_second": result.images_per_second, "best_metrics": result.best_metrics},
+        settings.train.data,
+    )
+
+
+def track_evaluation(model: Path, result) -> None:
+    """Log one test set's `TestSetResult` into the training run of `model` when tracking is on."""
+    if not enabled():
+        return
+    model_folder = Path(model) if Path(model).is_dir() else Path(model).parent
+    files = sorted(p for p in result.folder.iterdir() if p.suffix in (".json", ".png", ".csv"))
+    log_evaluation(
+        model_folder, result.name, result.metrics, [f for f in files if f.name != "predictions.csv"]
+    )
+
+
+def log_report(folder: Path) -> str:
+    """The run report as an MLflow run of its own (its Markdown and pictures as artifacts, the
+    per-class changes as metrics); the run id is written to `folder/mlflow_run.json`."""
+    mlflow = _mlflow()
+    summary = json.loads((Path(folder) / "report.json").read_text())
+    metrics = {
+        f"change.{_metric_key(label)}.{column}": value
+        for label, row in summary["changes"].items()
+        for column, value in row.items()
+        if value is not None and value == value  # NaN: the class has no test image
+    }
+    with mlflow.start_run(run_name="report", tags={**lineage_tags(), "fersynth.kind": "report"}) as run:
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(folder), artifact_path="report")
+        run_id = run.info.run_id
+    atomic_write_text(
+        Path(folder) / RUN_FILE, json.dumps({"run_id": run_id, "tracking_uri": tracking_uri()}) + "\n"
+    )
+    return run_id
+
+
+def _metric_key(label: str) -> str:
+    """`Expanded_SL - Original_SL (guarded)` -> `Expanded_SL-Original_SL.guarded` (MLflow's key charset)."""
+    return label.replace(" - ", "-").replace(" (", ".").replace(")", "").replace(" ", "_")
+
+
 def register(model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME) -> dict[str, Any]:
     """Register the best of the runs by `metric` (e.g. `test.mean_accuracy`); move the alias
     `champion` to it only when it beats the current champion's value of that metric."""

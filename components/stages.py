@@ -1,0 +1,314 @@
+"""One KFP v2 component per stage: unpack the artifacts, call `fersynth.pipeline_steps`.
+
+These are the bodies of containerized Python components: `components/__init__.py` turns
+them into components on our own image (CPU or CUDA), and KFP copies each function's source
+into its container, so every import is inside the function. No logic lives here.
+"""
+
+# No `from __future__ import annotations`: KFP reads these annotations at runtime.
+
+from kfp.dsl import (
+    Artifact,
+    ClassificationMetrics,
+    Dataset,
+    Input,
+    Markdown,
+    Metrics,
+    Model,
+    Output,
+    PipelineTaskFinalStatus,
+)
+
+
+def resolve_settings(
+    seed: int,
+    source: str,
+    train_arch: str,
+    train_image_size: int,
+    train_steps: int,
+    train_batch_size: int,
+    rho: float,
+    min_votes: int,
+    extra: list[str],
+    settings: Output[Artifact],
+):
+    """The pipeline's parameters as KEY=VALUE overrides for every step, checked here once (a
+    bad value fails the run at its first step) and saved as the artifact every step reads."""
+    from fersynth.pipeline_steps import resolve_overrides
+
+    resolve_overrides(
+        {
+            "seed": seed,
+            "ingest.source": source,
+            "train.arch": train_arch,
+            "train.image_size": train_image_size,
+            "train.steps": train_steps,
+            "train.batch_size": train_batch_size,
+            "augment.rho": rho,
+            "verify.min_votes": min_votes,
+        },
+        extra,
+        settings.path,
+    )
+
+
+def fetch_data(repo_url: str, path: str, rev: str, data: Output[Dataset]):
+    """`dvc get` of `path` from the DVC project at `repo_url`, git revision `rev`."""
+    from fersynth.pipeline_steps import fetch_data as step
+
+    step(repo_url, path, rev, data.path)
+    data.metadata.update({"repo_url": repo_url, "path": path, "rev": rev})
+
+
+def ingest(raw: Input[Dataset], settings: Input[Artifact], dataset: Output[Dataset]):
+    from fersynth.pipeline_steps import ingest as step
+
+    dataset.metadata.update(step(raw.path, dataset.path, settings.path))
+
+
+def quality(data: Input[Dataset], settings: Input[Artifact], dataset: Output[Dataset]):
+    from fersynth.pipeline_steps import quality as step
+
+    dataset.metadata.update(step(data.path, dataset.path, settings.path))
+
+
+def guard(data: Input[Dataset], cross: Input[Dataset], settings: Input[Artifact], dataset: Output[Dataset]):
+    from fersynth.pipeline_steps import guard as step
+
+    dataset.metadata.update(step(data.path, [cross.path], dataset.path, settings.path))
+
+
+def train(
+    data: Input[Dataset],
+    row: str,
+    settings: Input[Artifact],
+    pipeline_run: str,
+    model: Output[Model],
+):
+    """One row of the grid, a JSON object: label, method, balanced, and variant (a sub-folder
+    of `data` for the augmented sets, or empty). ParallelFor hands each row over as a string."""
+    import json
+    import os
+    from pathlib import Path
+
+    from fersynth.pipeline_steps import train as step
+
+    spec = json.loads(row)
+    os.environ["KFP_RUN_ID"] = pipeline_run
+    folder = str(Path(data.path) / spec["variant"]) if spec["variant"] else data.path
+    outcome = step(folder, model.path, spec["method"], spec["balanced"], spec["label"], settings.path)
+    (Path(model.path) / "grid_row.txt").write_text(spec["label"] + "\n")
+    model.metadata.update({"grid_row": spec["label"], "method": spec["method"], **outcome})
+
+
+def evaluate(
+    model: Input[Model],
+    in_domain: Input[Dataset],
+    cross: Input[Dataset],
+    row: str,
+    in_domain_name: str,
+    cross_name: str,
+    settings: Input[Artifact],
+    pipeline_run: str,
+    results: Output[Artifact],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+):
+    """Per-class metrics and the confusion matrix in the KFP UI; the folder for compare."""
+    import json
+    import os
+    from pathlib import Path
+
+    from fersynth.classes import CLASSES
+    from fersynth.pipeline_steps import evaluate as step
+
+    name = json.loads(row)["label"]
+    os.environ["KFP_RUN_ID"] = pipeline_run
+    test_sets = {in_domain_name: in_domain.path, cross_name: cross.path}
+    outcomes = step(model.path, test_sets, results.path, settings.path)
+    (Path(results.path) / "grid_row.txt").write_text(name + "\n")
+    for outcome in outcomes:
+        prefix = outcome["test_set"]
+        metrics.log_metric(f"{prefix}.accuracy", outcome["accuracy"])
+        metrics.log_metric(f"{prefix}.mean_accuracy", outcome["mean_accuracy"])
+        for cls, value in outcome["per_class_accuracy"].items():
+            if value is not None:
+                metrics.log_metric(f"{prefix}.accuracy.{cls}", value)
+    first = json.loads((Path(results.path) / in_domain_name / "metrics.json").read_text())
+    confusion.log_confusion_matrix(list(CLASSES), first["confusion"])
+    results.metadata["grid_row"] = name
+
+
+def train_prior(data: Input[Dataset], settings: Input[Artifact], prior: Output[Model]):
+    from fersynth.pipeline_steps import train_prior as step
+
+    step(data.path, prior.path, settings.path)
+
+
+def shard_indices(num_shards: int) -> list[int]:
+    """0 .. num_shards - 1, for the ParallelFor over generation shards."""
+    return list(range(num_shards))
+
+
+def select_model(models: Input[list[Model]], grid_row: str, model: Output[Model]):
+    """The model of one grid row out of a Collected list (the generation guide)."""
+    import shutil
+    from pathlib import Path
+
+    rows = {(Path(m.path) / "grid_row.txt").read_text().strip(): m.path for m in models}
+    if grid_row not in rows:
+        raise ValueError(f"no trained model for grid row {grid_row!r} (have {sorted(rows)})")
+    shutil.copytree(rows[grid_row], model.path)
+    model.metadata["grid_row"] = grid_row
+
+
+def generate(
+    data: Input[Dataset],
+    prior: Input[Model],
+    guide: Input[Model],
+    shard: int,
+    num_shards: int,
+    settings: Input[Artifact],
+    generated: Output[Dataset],
+):
+    """One generation shard into its own artifact (`merge` joins them)."""
+    from fersynth.pipeline_steps import generate as step
+
+    outcome = step(data.path, prior.path, guide.path, generated.path, shard, num_shards, settings.path)
+    generated.metadata.update(outcome)
+
+
+def merge(
+    data: Input[Dataset],
+    shards: Input[list[Dataset]],
+    num_shards: int,
+    settings: Input[Artifact],
+    dataset: Output[Dataset],
+):
+    from fersynth.pipeline_steps import merge as step
+
+    outcome = step(data.path, [shard.path for shard in shards], dataset.path, num_shards, settings.path)
+    dataset.metadata["images"] = outcome["images"]
+
+
+def verify(
+    generated: Input[Dataset],
+    reference: Input[Dataset],
+    voters: Input[list[Model]],
+    cross: Input[Dataset],
+    settings: Input[Artifact],
+    dataset: Output[Dataset],
+):
+    from fersynth.pipeline_steps import verify as step
+
+    voter_paths = sorted(voter.path for voter in voters)  # the order of a Collected list is not fixed
+    dataset.metadata.update(
+        step(generated.path, reference.path, voter_paths, [cross.path], dataset.path, settings.path)
+    )
+
+
+def augment(
+    original: Input[Dataset],
+    synthetic: Input[Dataset],
+    variants: list[str],
+    settings: Input[Artifact],
+    datasets: Output[Dataset],
+):
+    from fersynth.pipeline_steps import augment as step
+
+    datasets.metadata["ratios"] = step(original.path, synthetic.path, datasets.path, variants, settings.path)
+
+
+def compare(
+    original_results: Input[list[Artifact]],
+    synthetic_results: Input[list[Artifact]],
+    in_domain_name: str,
+    cross_name: str,
+    comparisons: Output[Artifact],
+    table: Output[Markdown],
+):
+    from pathlib import Path
+
+    from fersynth.pipeline_steps import compare as step
+
+    runs = {}
+    for result in [*original_results, *synthetic_results]:
+        runs[(Path(result.path) / "grid_row.txt").read_text().strip()] = result.path
+    tables = step(runs, [in_domain_name, cross_name], comparisons.path)
+    Path(table.path).write_text("\n".join(tables.values()))
+
+
+def report(
+    comparisons: Input[Artifact],
+    original_results: Input[list[Artifact]],
+    synthetic_results: Input[list[Artifact]],
+    quality_data: Input[Dataset],
+    verified: Input[Dataset],
+    augmented: Input[Dataset],
+    generated: Input[Dataset],
+    in_domain_name: str,
+    cross_name: str,
+    settings: Input[Artifact],
+    pipeline_run: str,
+    folder: Output[Artifact],
+    page: Output[Markdown],
+):
+    """The run report; the KFP UI shows its Markdown, with a link to its MLflow run."""
+    import json
+    import os
+    from pathlib import Path
+
+    from fersynth.pipeline_steps import report as step
+
+    os.environ["KFP_RUN_ID"] = pipeline_run
+    evaluations = {}
+    for result in [*original_results, *synthetic_results]:
+        evaluations[(Path(result.path) / "grid_row.txt").read_text().strip()] = result.path
+    stages = {
+        "quality": quality_data.path,
+        "verify": verified.path,
+        "augment": str(Path(augmented.path) / "rho"),
+        "generated": generated.path,
+    }
+    markdown = step(
+        comparisons.path, [in_domain_name, cross_name], evaluations, stages, folder.path, settings.path
+    )
+    text = markdown.read_text()
+    run_file = Path(folder.path) / "mlflow_run.json"
+    if run_file.is_file():
+        run = json.loads(run_file.read_text())
+        text = f"MLflow run: {run['tracking_uri']}/#/runs/{run['run_id']}\n\n" + text
+    Path(page.path).write_text(text)
+
+
+def register(
+    original_models: Input[list[Model]],
+    synthetic_models: Input[list[Model]],
+    metric: str,
+    outcome: Output[Artifact],
+):
+    from pathlib import Path
+
+    from fersynth.pipeline_steps import register as step
+
+    models = {}
+    for model in [*original_models, *synthetic_models]:
+        models[(Path(model.path) / "grid_row.txt").read_text().strip()] = model.path
+    outcome.metadata.update({k: str(v) for k, v in step(models, metric, outcome.path).items()})
+
+
+def record_status(status: PipelineTaskFinalStatus, pipeline_run: str):
+    """The exit handler: runs whether the pipeline succeeded or failed."""
+    import os
+    import tempfile
+
+    from fersynth.pipeline_steps import record_status as step
+
+    os.environ["KFP_RUN_ID"] = pipeline_run
+    record = {
+        "state": status.state,
+        "pipeline_job": status.pipeline_job_resource_name,
+        "pipeline_task": status.pipeline_task_name,
+        "error": {"message": status.error_message} if status.error_message else None,
+    }
+    print(step(record, os.path.join(tempfile.mkdtemp(), "status.json")))

@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines wiring of the fersynth stages (`python -m pipelines --help`)."""

@@ -1,0 +1,311 @@
+"""What each Kubeflow Pipelines component does, as plain functions the components call.
+
+A step takes artifact folders in and writes one artifact folder out; its settings are the
+package defaults (equal to params.yaml's) plus the pipeline's `KEY=VALUE` overrides, exactly
+as `fersynth -S KEY=VALUE` resolves them. Components (`components/`) only unpack KFP
+artifacts and call these, so every step runs and is tested without KFP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fersynth import tracking
+from fersynth.errors import FersynthError
+from fersynth.files import atomic_write_text
+from fersynth.settings import Settings, load_settings, save_resolved
+
+log = logging.getLogger(__name__)
+OVERRIDES_JSON = "overrides.json"  # beside settings.json in the pipeline's settings artifact
+
+
+def settings_from(overrides: Iterable[str] | str | Path = (), **values: Any) -> Settings:
+    """The package defaults, then `overrides` (KEY=VALUE pairs, or the settings folder
+    `resolve_overrides` wrote), then `values` (dotted key with `__` for `.`: `train__steps=10`)."""
+    if isinstance(overrides, str | Path):  # the folder `resolve_overrides` wrote
+        overrides = json.loads((Path(overrides) / OVERRIDES_JSON).read_text())
+    pairs = list(overrides) + [
+        f"{key.replace('__', '.')}={json.dumps(str(v) if isinstance(v, Path) else v)}"
+        for key, v in values.items()
+    ]
+    return load_settings(None, pairs)
+
+
+def resolve_overrides(values: Mapping[str, Any], extra: Iterable[str], output: str | Path) -> list[str]:
+    """KEY=VALUE overrides from named values and `extra` pairs, validated once; the resolved
+    settings are written to `output` (a folder) as settings.json."""
+    overrides = [f"{key}={json.dumps(value)}" for key, value in values.items()] + list(extra)
+    settings = settings_from(overrides)
+    save_resolved(settings, Path(output))
+    atomic_write_text(Path(output) / OVERRIDES_JSON, json.dumps(overrides, indent=2) + "\n")
+    return overrides
+
+
+def _linked(links: Mapping[str, str | Path]) -> Path:
+    """A scratch folder with one symbolic link per name (artifact folders under stable names)."""
+    folder = Path(tempfile.mkdtemp(prefix="fersynth-links-"))
+    for name, target in links.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).symlink_to(Path(target).resolve(), target_is_directory=Path(target).is_dir())
+    return folder
+
+
+def fetch_data(repo_url: str, path: str, rev: str, output: str | Path) -> Path:
+    """`dvc get`: the data at `path` of the project `repo_url` at git revision `rev`, from its
+    DVC remote (S3 credentials and endpoint from the environment: AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)."""
+    dvc = Path(sys.executable).parent / "dvc"
+    command = [str(dvc if dvc.exists() else "dvc"), "get", repo_url, path, "-o", str(output), "--force"]
+    if rev:
+        command += ["--rev", rev]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=6 * 3600)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise FersynthError(f"dvc get {path} from {repo_url} at {rev or 'HEAD'} failed: {reason}")
+    return Path(output)
+
+
+def ingest(raw: str, output: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    from fersynth.ingest import run_ingest
+
+    settings = settings_from(overrides, ingest__input=raw, ingest__output=output)
+    report = run_ingest(settings.ingest, seed=settings.seed, force=True, progress=False)
+    return {"written": report.written, "rejected": report.rejected}
+
+
+def quality(data: str, output: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    from fersynth.quality import run_quality
+
+    settings = settings_from(overrides, quality__data=data, quality__output=output)
+    result = run_quality(settings.quality, force=True, progress=False)
+    return {"threshold": result.threshold, "problems": len(result.problems)}
+
+
+def guard(data: str, test_sets: list[str], output: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    from fersynth.verify import run_guard
+
+    settings = settings_from(overrides, guard__data=data, guard__output=output, guard__test_sets=test_sets)
+    result = run_guard(settings.guard, force=True, progress=False)
+    return {"kept": len(result.manifest), "removed": len(result.leaks)}
+
+
+def train(
+    data: str,
+    output: str,
+    method: str,
+    balanced: bool,
+    run_name: str,
+    overrides: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Train one row of the grid; logged to MLflow (as `run_name`) when tracking is on."""
+    from fersynth.train.loop import run_train
+
+    settings = settings_from(
+        overrides,
+        train__data=data,
+        train__output=output,
+        train__method=method,
+        train__balanced_sampler=balanced,
+    )
+    result = run_train(settings.train, seed=settings.seed, force=True, progress=False)
+    run_id = tracking.track_training(result, settings, run_name=run_name)
+    return {
+        "best_step": result.best_step,
+        "images_per_second": result.images_per_second,
+        "mlflow_run": run_id,
+    }
+
+
+def evaluate(
+    model: str, test_sets: Mapping[str, str], output: str, overrides: Iterable[str] = ()
+) -> list[dict[str, Any]]:
+    """Evaluate on named test sets (names become the result folders and MLflow metric prefixes)."""
+    from fersynth.evaluate import run_evaluate
+
+    named = _linked(test_sets)
+    try:
+        data = [str(named / name) for name in test_sets]
+        settings = settings_from(
+            overrides, evaluate__model=model, evaluate__data=data, evaluate__output=output
+        )
+        results = run_evaluate(settings.evaluate, progress=False)
+        for result in results:
+            tracking.track_evaluation(Path(model), result)
+    finally:
+        shutil.rmtree(named, ignore_errors=True)
+    return [{"test_set": r.name, **r.metrics} for r in results]
+
+
+def train_prior(data: str, output: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    from fersynth.generate.prior import run_train_prior
+
+    settings = settings_from(overrides, prior__data=data, prior__output=output)
+    run_train_prior(settings.prior, seed=settings.seed, force=True, progress=False)
+    return {}
+
+
+def generate(
+    data: str, prior: str, guide: str, output: str, shard: int, num_shards: int, overrides: Iterable[str] = ()
+) -> dict[str, Any]:
+    """One shard of GIF generation into `output/shards/<shard name>` (resumable)."""
+    from fersynth.generate import run_generate
+
+    settings = settings_from(
+        overrides,
+        generate__data=data,
+        generate__prior=prior,
+        generate__guide_model=guide,
+        generate__output=output,
+    )
+    result = run_generate(
+        settings.generate, shard=shard, num_shards=num_shards, seed=settings.seed, progress=False
+    )
+    return {"seeds": result.seeds, "written": result.written}
+
+
+def merge(data: str, shards: list[str], output: str, num_shards: int, overrides: Iterable[str] = ()) -> dict:
+    """Join the shard folders (each a `generate` output) into one synthetic dataset at `output`."""
+    from fersynth.generate import run_merge
+
+    links = {}
+    for shard in shards:
+        for folder in sorted((Path(shard) / "shards").iterdir()):
+            if folder.name in links:
+                raise FersynthError(f"merge: {folder.name} comes from two shard artifacts")
+            links[f"shards/{folder.name}"] = folder
+    work = _linked(links)
+    try:
+        settings = settings_from(overrides, generate__data=data, generate__output=str(work))
+        result = run_merge(
+            settings.generate, num_shards=num_shards, seed=settings.seed, force=True, progress=False
+        )
+        shutil.move(str(result.output), output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"images": result.images, "per_class": result.per_class}
+
+
+def verify(
+    generated: str,
+    reference: str,
+    voters: list[str],
+    test_sets: list[str],
+    output: str,
+    overrides: Iterable[str] = (),
+) -> dict[str, Any]:
+    from fersynth.verify import run_verify
+
+    settings = settings_from(
+        overrides,
+        verify__data=generated,
+        verify__reference=reference,
+        verify__voters=voters,
+        verify__output=output,
+        guard__test_sets=test_sets,
+    )
+    result = run_verify(settings.verify, settings.guard, seed=settings.seed, force=True, progress=False)
+    accepted = int(result.manifest["v_accepted"].astype(str).str.lower().eq("true").sum())
+    return {"verified": len(result.manifest), "accepted": accepted, "leaks": len(result.leaks)}
+
+
+def augment(original: str, synthetic: str, output: str, variants: list[str], overrides: Iterable[str] = ()):
+    """Every dataset variant the grid trains on, as `output/<variant>`."""
+    from fersynth.augment import run_augment
+
+    ratios = {}
+    for variant in variants:
+        settings = settings_from(
+            overrides,
+            augment__original=original,
+            augment__synthetic=synthetic,
+            augment__output=str(Path(output) / variant),
+            augment__variant=variant,
+        )
+        result = run_augment(settings.augment, seed=settings.seed, force=True, progress=False)
+        ratios[variant] = {"before": result.ratio_before, "after": result.ratio_after}
+    return ratios
+
+
+def compare(results: Mapping[str, str], test_sets: list[str], output: str) -> dict[str, str]:
+    """One comparison table per test set, as `output/<test set>/comparison.{md,csv}`."""
+    from fersynth.compare import comparison_table, load_result, to_markdown, write_comparison
+
+    tables = {}
+    for test_set in test_sets:
+        table = comparison_table([load_result(name, folder, test_set) for name, folder in results.items()])
+        title = f"Accuracy (%) on {test_set}"
+        write_comparison(table, Path(output) / test_set, title)
+        tables[test_set] = to_markdown(table, title)
+    return tables
+
+
+def report(
+    comparisons: str,
+    test_sets: list[str],
+    evaluations: Mapping[str, str],
+    stages: Mapping[str, str],
+    output: str,
+    overrides: Iterable[str] = (),
+) -> Path:
+    """The run report (`fersynth report`) from the pipeline's artifacts; logged to MLflow."""
+    from fersynth.report import REPORT_MD, run_report
+
+    evaluation_links = _linked({name.lower(): folder for name, folder in evaluations.items()})
+    try:
+        settings = settings_from(
+            overrides,
+            report__output=output,
+            report__comparisons=[str(Path(comparisons) / name) for name in test_sets],
+            report__evaluations=str(evaluation_links),
+            **{f"report__{key}": value for key, value in stages.items()},
+        )
+        result = run_report(settings.report, force=True)
+        if tracking.enabled():
+            tracking.log_report(result.output)
+    finally:
+        shutil.rmtree(evaluation_links, ignore_errors=True)
+    return result.output / REPORT_MD
+
+
+def register(models: Mapping[str, str], metric: str, output: str) -> dict[str, Any]:
+    """The grid's best model into the MLflow registry (see `fersynth register`); with tracking
+    off, a record that nothing was registered."""
+    outcome = (
+        {"registered": True, **tracking.register({k: Path(v) for k, v in models.items()}, metric)}
+        if tracking.enabled()
+        else {"registered": False, "reason": "MLFLOW_TRACKING_URI is not set"}
+    )
+    atomic_write_text(Path(output), json.dumps(outcome, indent=2) + "\n")
+    return outcome
+
+
+def record_status(status: Mapping[str, Any], output: str) -> dict[str, Any]:
+    """The exit handler: the pipeline's final state, kept as JSON and, when it failed and MLflow
+    is on, as an MLflow run tagged with the failure so it shows beside the successful ones."""
+    record = {
+        "state": status.get("state"),
+        "pipeline_job": status.get("pipelineJobResourceName") or status.get("pipeline_job_resource_name"),
+        "pipeline_task": status.get("pipelineTaskName") or status.get("pipeline_task_name"),
+        "error": (status.get("error") or {}).get("message")
+        if isinstance(status.get("error"), dict)
+        else None,
+    }
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(output), json.dumps(record, indent=2) + "\n")
+    if record["state"] not in ("SUCCEEDED", None) and tracking.enabled():
+        import mlflow
+
+        tracking._mlflow()
+        tags = {**tracking.lineage_tags(), "fersynth.kind": "pipeline-status", "state": str(record["state"])}
+        with mlflow.start_run(run_name="pipeline failed", tags=tags):
+            mlflow.log_dict(record, "status.json")
+    log.info("pipeline finished: %s", record["state"])
+    return record

@@ -1,0 +1,231 @@
+"""`fersynth report`: one page per run of the grid, for a person to read.
+
+Markdown with PNGs in one folder: the comparison tables (in-domain and cross-dataset), what
+the synthetic data changed per class (each synthetic row against its original row), the
+confusion matrices, and the quality, verification, augmentation and generation summaries.
+Every input is optional except the comparisons: a section whose stage did not run says so.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fersynth.classes import CLASSES
+from fersynth.compare import to_markdown
+from fersynth.errors import FersynthError
+from fersynth.figures import save_figure
+from fersynth.files import atomic_write_text, staged_folder
+from fersynth.settings import ReportSettings
+
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+
+
+@dataclass
+class ReportResult:
+    output: Path
+    changes: pd.DataFrame  # rows "<row> - <baseline> (<test set>)", columns classes + Total + Mean
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_comparison(folder: Path) -> tuple[str, pd.DataFrame]:
+    """(test set name, table in percent) from a `fersynth compare` output folder."""
+    csv = Path(folder) / "comparison.csv"
+    if not csv.is_file():
+        raise FersynthError(f"{folder}: no comparison.csv (run `fersynth compare` first)")
+    return Path(folder).name, pd.read_csv(csv, index_col="run")
+
+
+def class_changes(table: pd.DataFrame, pairs: dict[str, str], test_set: str) -> pd.DataFrame:
+    """Accuracy points each synthetic row gains over its original row, per class."""
+    rows = {}
+    for row, baseline in pairs.items():
+        if row in table.index and baseline in table.index:
+            rows[f"{row} - {baseline} ({test_set})"] = table.loc[row] - table.loc[baseline]
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def changes_chart(changes: pd.DataFrame, path: Path) -> Path:
+    """Grouped bars: per-class change in accuracy points, one colour per comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = list(changes.columns)
+    x = np.arange(len(columns))
+    width = 0.8 / max(1, len(changes))
+    figure, axis = plt.subplots(figsize=(8, 3.4), dpi=110)
+    for i, (label, values) in enumerate(changes.iterrows()):
+        axis.bar(x + (i - (len(changes) - 1) / 2) * width, values.to_numpy(), width, label=label)
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_xticks(x, columns, rotation=20)
+    axis.set_ylabel("accuracy points")
+    axis.set_title("What the synthetic data changed")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def _signed_markdown(changes: pd.DataFrame) -> str:
+    header = "| change | " + " | ".join(changes.columns) + " |"
+    lines = [header, "|---" * (len(changes.columns) + 1) + "|"]
+    for label, row in changes.iterrows():
+        cells = ["-" if pd.isna(v) else f"{v:+.2f}" for v in row]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _copy(source: Path, folder: Path, name: str) -> str | None:
+    """Copy a picture into the report folder; its relative name, or None when absent."""
+    if not source.is_file():
+        return None
+    shutil.copy2(source, folder / name)
+    return name
+
+
+def _quality_section(folder: Path, out: Path) -> list[str]:
+    report = _read_json(folder / "quality_report.json")
+    if report is None:
+        return ["Quality stage output not found at " + str(folder) + "."]
+    lines = [
+        f"{report['train_images']} training images scored; {report['flagged']} flagged "
+        f"(score under {report['score_cutoff']:.3f}, {report['threshold_mode']} {report['threshold']}); "
+        f"{report['enhanced']} enhanced with super-resolution"
+        + ("" if report.get("sr_models") else " (no SwinIR weights configured)")
+        + ".",
+        "",
+        "| class | train images | flagged | flagged % |",
+        "|---|---|---|---|",
+    ]
+    for row in report["per_class"]:
+        lines.append(f"| {row['class']} | {row['train images']} | {row['flagged']} | {row['flagged %']} |")
+    if picture := _copy(folder / "quality_histograms.png", out, "quality_histograms.png"):
+        lines += ["", f"![quality scores]({picture})"]
+    return lines
+
+
+def _verify_section(folder: Path, out: Path) -> list[str]:
+    report = _read_json(folder / "verify_report.json")
+    if report is None:
+        return ["Verification output not found at " + str(folder) + "."]
+    leaks = report.get("leaks", {})
+    lines = [
+        f"{report['verified']} generated images voted on by {len(report['voters'])} models "
+        f"(accept when at least {report['min_votes']} agree with mean probability at least "
+        f"{report['min_probability']}): **{report['accepted']} accepted**; "
+        f"{leaks.get('removed', 0)} removed as copies of test images.",
+        "",
+        "| class | generated | accepted | acceptance | Frechet distance | diversity real / synthetic |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def number(value, digits=2):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for name in CLASSES:
+        row = report["per_class"].get(name)
+        if row:
+            lines.append(
+                f"| {name} | {row['generated']} | {row['accepted']} "
+                f"| {number(row['acceptance_rate'] * 100, 1)}% "
+                f"| {number(row['frechet_distance'])} | {number(row['diversity_real'])} / "
+                f"{number(row['diversity_synthetic'])} |"
+            )
+    reasons = report.get("rejection_reasons", {})
+    if reasons:
+        lines += ["", "Rejections: " + "; ".join(f"{k}: {v}" for k, v in reasons.items()) + "."]
+    for name, caption in (
+        ("verify_classes.png", "acceptance per class"),
+        ("verify_examples.png", "examples"),
+    ):
+        if picture := _copy(folder / name, out, name):
+            lines += ["", f"![{caption}]({picture})"]
+    return lines
+
+
+def _augment_section(folder: Path) -> list[str]:
+    report = _read_json(folder / "augment_report.json")
+    if report is None:
+        return ["Augmentation output not found at " + str(folder) + "."]
+    lines = [
+        f"Variant `{report['variant']}`: class ratio {report['ratio_before']} -> {report['ratio_after']} "
+        f"(target rho {report['rho']}).",
+        "",
+        "| class | original | accepted pool | added | training set |",
+        "|---|---|---|---|---|",
+    ]
+    for name in CLASSES:
+        row = report["per_class"].get(name)
+        if row:
+            lines.append(
+                f"| {name} | {row['original']} | {row['accepted pool']} | {row['added']} "
+                f"| {row['training set']} |"
+            )
+    return lines
+
+
+def run_report(settings: ReportSettings, *, force: bool = False) -> ReportResult:
+    if not settings.comparisons:
+        raise FersynthError("report.comparisons: give at least one `fersynth compare` output folder")
+    comparisons = [load_comparison(folder) for folder in settings.comparisons]
+    with staged_folder(settings.output, force=force) as out:
+        lines = ["# fersynth run report", ""]
+        changes = pd.concat([class_changes(table, settings.changes, name) for name, table in comparisons])
+        lines += ["## Comparison", ""]
+        for name, table in comparisons:
+            kind = "in-domain" if name == comparisons[0][0] else "cross-dataset"
+            lines += [to_markdown(table, f"Accuracy (%) on {name} ({kind})"), ""]
+        lines += ["## What the synthetic data changed", ""]
+        if changes.empty:
+            lines += ["No synthetic row has its original row in the grid.", ""]
+        else:
+            lines += [
+                "Accuracy points of each synthetic row minus its original row, per class.",
+                "",
+                _signed_markdown(changes),
+                f"![changes]({changes_chart(changes, out / 'changes.png').name})",
+                "",
+            ]
+        lines += ["## Confusion matrices (row-normalised, in-domain)", ""]
+        test_set, table = comparisons[0]
+        for run in table.index:
+            picture = _copy(
+                Path(settings.evaluations) / run.lower() / test_set / "confusion.png",
+                out,
+                f"confusion_{run.lower()}.png",
+            )
+            lines += [f"**{run}**", "", f"![{run}]({picture})" if picture else "(no figure)", ""]
+        lines += ["## Quality", "", *_quality_section(Path(settings.quality), out), ""]
+        lines += [
+            "## Verification of the synthetic images",
+            "",
+            *_verify_section(Path(settings.verify), out),
+            "",
+        ]
+        lines += ["## Rebalancing (Algorithm 4)", "", *_augment_section(Path(settings.augment)), ""]
+        lines += ["## Generated samples per class", ""]
+        found = False
+        for name in CLASSES:
+            picture = _copy(Path(settings.generated) / f"samples_{name}.png", out, f"samples_{name}.png")
+            if picture:
+                found = True
+                lines += [f"**{name}**", "", f"![{name}]({picture})", ""]
+        if not found:
+            lines += [f"No contact sheets found in {settings.generated}.", ""]
+        atomic_write_text(out / REPORT_MD, "\n".join(lines))
+        summary = {
+            "comparisons": {name: table.round(4).to_dict(orient="index") for name, table in comparisons},
+            "changes": changes.round(4).to_dict(orient="index"),
+        }
+        atomic_write_text(out / REPORT_JSON, json.dumps(summary, indent=2) + "\n")
+    return ReportResult(Path(settings.output), changes)

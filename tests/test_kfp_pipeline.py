@@ -1,0 +1,203 @@
+"""The Kubeflow pipeline: the compiled YAML is current, schedules GPU steps as configured, and
+the same pipeline runs end to end through `kfp.local` on a tiny fixture fetched with DVC."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPILED = ROOT / "pipelines" / "compiled" / "fersynth.yaml"
+DVC = str(Path(sys.executable).parent / "dvc")
+sys.path.insert(0, str(ROOT))  # components/ and pipelines/ live beside the package
+
+
+def committed_tag() -> str:
+    match = re.search(r"image: ghcr\.io/fersynth/fersynth:(\S+)", COMPILED.read_text())
+    assert match, f"{COMPILED}: no fersynth image"
+    return match.group(1)
+
+
+def test_the_committed_pipeline_is_what_the_code_compiles(tmp_path):
+    from pipelines.__main__ import compile_pipeline
+
+    fresh = compile_pipeline(tmp_path / "fersynth.yaml", committed_tag())
+    assert fresh.read_text() == COMPILED.read_text(), (
+        "pipelines/compiled/fersynth.yaml is stale: run `make pipeline` and commit it"
+    )
+
+
+def _spec():
+    pipeline, platform = yaml.safe_load_all(COMPILED.read_text())
+    return pipeline, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_gpu_steps_get_the_pool_the_accelerator_and_shared_memory():
+    from fersynth.settings import load_settings
+
+    gpu = load_settings(ROOT / "params.yaml").kfp.gpu
+    pipeline, executors = _spec()
+    containers = {name: body["container"] for name, body in pipeline["deploymentSpec"]["executors"].items()}
+    gpu_steps = {name for name, c in containers.items() if "accelerator" in c.get("resources", {})}
+    # quality, train (two loops), prior, generate; nothing else holds a GPU.
+    assert gpu_steps == {"exec-quality", "exec-train", "exec-train-2", "exec-train-prior", "exec-generate"}
+    for name in gpu_steps:
+        accelerator = containers[name]["resources"]["accelerator"]
+        assert (
+            accelerator["resourceType"] == gpu.accelerator and int(accelerator["resourceCount"]) == gpu.count
+        )
+        assert containers[name]["image"].startswith("ghcr.io/fersynth/fersynth-cuda:")
+        k8s = executors[name]
+        assert k8s["nodeSelector"]["labels"] == gpu.node_selector
+        assert {"key": gpu.toleration_key, "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
+        shm = k8s["emptyDirMounts"][0]
+        assert (shm["mountPath"], shm["medium"], shm["sizeLimit"]) == ("/dev/shm", "Memory", gpu.shm_size)
+    for name in set(containers) - gpu_steps:
+        assert containers[name]["image"].startswith("ghcr.io/fersynth/fersynth:")
+        assert "nodeSelector" not in executors.get(name, {})
+
+
+def test_credentials_come_only_from_secrets():
+    pipeline, executors = _spec()
+    for name in ("exec-fetch-data", "exec-train", "exec-evaluate", "exec-register", "exec-report"):
+        secrets = {
+            s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in executors[name]["secretAsEnv"]
+        }
+        assert secrets["fersynth-s3"] == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+        assert secrets["fersynth-mlflow"] == {"MLFLOW_TRACKING_URI"}
+    parameters = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert not [p for p in parameters if re.search("secret|password|key|token", p, re.I)]
+    text = COMPILED.read_text()
+    assert "AWS_SECRET_ACCESS_KEY:" not in text  # only as a Secret key name, never a value
+
+
+def test_generation_fans_out_over_shards_and_fans_in_to_merge():
+    pipeline, _ = _spec()
+    dag = pipeline["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    loops = {
+        name: task for name, task in dag.items() if "iteratorPolicy" in task or "parameterIterator" in task
+    }
+    key, shard_loop = next((k, t) for k, t in loops.items() if t["taskInfo"]["name"] == "shards")
+    assert shard_loop["parameterIterator"]["items"]["inputParameter"]  # a runtime list: generate_shards
+    assert shard_loop["iteratorPolicy"]["parallelismLimit"] == 4
+    body = pipeline["components"][shard_loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert "generate" in body
+    merge = dag["merge"]["inputs"]["artifacts"]["shards"]["taskOutputArtifact"]
+    assert merge["producerTask"] == key  # Collected from the loop
+    assert "generate_shards" in pipeline["root"]["inputDefinitions"]["parameters"]
+    assert (
+        pipeline["root"]["dag"]["tasks"]["record-status"]["triggerPolicy"]["strategy"]
+        == "ALL_UPSTREAM_TASKS_COMPLETED"
+    )
+
+
+def test_the_grid_rows_are_dvc_yaml_s_rows():
+    from pipelines.fersynth_pipeline import grid_rows
+
+    originals, synthetics = grid_rows()
+    assert [r["label"] for r in originals] == ["Original_SL", "Original_SL_balanced", "Original_MEK"]
+    assert [r["label"] for r in synthetics] == ["Expanded_SL", "Synthetic_MEK", "Expanded_MEK"]
+    assert [r["balanced"] for r in originals] == [False, True, False]
+    assert [r["variant"] for r in synthetics] == ["rho", "synthetic", "rho"]
+
+
+def _run(*args: str, cwd: Path) -> str:
+    done = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ)
+    assert done.returncode == 0, f"{' '.join(args)}: {done.stderr[-2000:]}"
+    return done.stdout
+
+
+def _data_project(root: Path, s3) -> Path:
+    """A git + DVC project holding tiny raw demo data and a cross-dataset test set, pushed to
+    the S3 server: what `fetch_data` pulls at a revision."""
+    from fersynth.demo import write_demo_data
+    from fersynth.ingest import run_ingest
+    from fersynth.settings import DemoSettings, IngestSettings
+
+    s3.create_bucket("kfp-data")
+    repo = root / "project"
+    repo.mkdir()
+    _run("git", "init", "-q", cwd=repo)
+    _run("git", "config", "user.email", "ci@example.com", cwd=repo)
+    _run("git", "config", "user.name", "ci", cwd=repo)
+    _run(DVC, "init", "-q", cwd=repo)
+    write_demo_data(
+        DemoSettings(output=repo / "data" / "raw", train_size=56, test_size=28, image_size=40), progress=False
+    )
+    cross_raw = root / "cross_raw"
+    write_demo_data(
+        DemoSettings(output=cross_raw, seed=7, train_size=7, test_size=21, image_size=40), progress=False
+    )
+    run_ingest(IngestSettings(input=cross_raw, output=repo / "data" / "cross"), progress=False)
+    _run(DVC, "add", "-q", "data/raw", "data/cross", cwd=repo)
+    _run(DVC, "remote", "add", "-d", "storage", "s3://kfp-data/dvc", cwd=repo)  # endpoint: AWS_ENDPOINT_URL
+    _run(DVC, "push", "-q", cwd=repo)
+    _run("git", "add", "-A", cwd=repo)
+    _run("git", "commit", "-q", "-m", "data", cwd=repo)
+    return repo
+
+
+TINY = [
+    "train.warmup_steps=1", "train.workers=0", "train.eval_every=2", "train.checkpoint_every=2",
+    "train.log_every=1", "train.lr=0.003", "evaluate.workers=0", "evaluate.batch_size=32",
+    "prior.steps=3", "prior.image_size=32", "prior.batch_size=8", "generate.max_seeds_per_class=1",
+    "generate.k=2", "verify.fidelity_images_per_class=4", "verify.kid_subset_size=2",
+    "verify.min_probability=0.0", "verify.min_votes=1", "verify.workers=0",
+    "guard.workers=1", "ingest.workers=1", "quality.workers=1",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, tmp_path):
+    from kfp import local
+
+    from fersynth.settings import load_settings
+    from pipelines.fersynth_pipeline import build_pipeline
+
+    repo = _data_project(tmp_path, s3_env)
+    root = tmp_path / "pipeline-root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    pipeline = build_pipeline(load_settings(ROOT / "params.yaml"), "test")
+    pipeline(
+        data_repo=str(repo),
+        data_rev="HEAD",
+        data_path="data/raw",
+        cross_path="data/cross",
+        source="rafdb",
+        train_arch="resnet18",
+        train_image_size=32,
+        train_steps=4,
+        train_batch_size=8,
+        generate_shards=2,
+        overrides=TINY,
+    )
+    # Every grid row was trained and evaluated on both test sets, and the table has them all.
+    tables = sorted(root.rglob("comparisons/in_domain/comparison.csv"))
+    assert len(tables) == 1
+    table = tables[0].read_text()
+    for row in (
+        "Original_SL",
+        "Original_SL_balanced",
+        "Original_MEK",
+        "Expanded_SL",
+        "Synthetic_MEK",
+        "Expanded_MEK",
+    ):
+        assert f"\n{row}," in table
+    assert sorted(root.rglob("comparisons/cross/comparison.csv"))
+    # The two shards were merged: 7 classes x 1 seed x k=2, nothing lost or doubled.
+    merged = [p for p in root.rglob("merge/*/dataset/manifest.csv")] or [
+        p for p in root.rglob("manifest.csv") if "merge" in str(p)
+    ]
+    assert merged and sum(1 for _ in merged[0].open()) - 1 == 14
+    report = sorted(root.rglob("report/**/report.md"))
+    assert report and "What the synthetic data changed" in report[0].read_text()
+    status = json.loads(next(iter(sorted(root.rglob("register/**/outcome")))).read_text())
+    assert status == {"registered": False, "reason": "MLFLOW_TRACKING_URI is not set"}
