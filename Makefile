@@ -9,7 +9,7 @@ PARAMS ?= params.yaml
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,9 +47,27 @@ test: lint ## lint, then the whole test suite, slow tests on ../shared included 
 test-fast: $(STAMP) ## the test suite without the slow tests
 	$(BIN)/python -m pytest -m "not slow"
 
-lint: $(STAMP) ## ruff check and format check
+lint: $(STAMP) ## ruff check and format check; hadolint on docker/
 	$(BIN)/ruff check src tests benchmarks components pipelines
 	$(BIN)/ruff format --check src tests benchmarks components pipelines
+	$(BIN)/hadolint --config docker/.hadolint.yaml docker/Dockerfile
+
+# Images and the compiled pipeline carry the same tag: the git commit (never `latest`).
+TAG = $(shell git rev-parse --short=12 HEAD)
+KFP_SETTING = $(BIN)/python -c "from fersynth.settings import load_settings; print(load_settings().kfp.$(1))"
+
+image: $(STAMP) ## build the CPU and CUDA images (docker/), tagged with the git commit
+	@command -v docker >/dev/null || { echo "make image: docker not found (install Docker, or build in CI)"; exit 1; }
+	docker build -f docker/Dockerfile --target cpu --build-arg GIT_COMMIT=$(TAG) -t $$($(call KFP_SETTING,image)):$(TAG) .
+	docker build -f docker/Dockerfile --target cuda --build-arg GIT_COMMIT=$(TAG) -t $$($(call KFP_SETTING,gpu_image)):$(TAG) .
+
+pipeline: $(STAMP) ## compile the KFP pipeline to pipelines/compiled/fersynth.yaml (commit it)
+	$(BIN)/python -m pipelines compile
+
+k8s: $(STAMP) ## render and validate every kustomize overlay (k8s/)
+	@for overlay in k8s/overlays/*/; do \
+	  echo "$$overlay"; $(BIN)/kubectl kustomize "$$overlay" > /tmp/fersynth-k8s.yaml && \
+	  $(BIN)/kubernetes-validate --strict --quiet /tmp/fersynth-k8s.yaml || exit 1; done
 
 lock: ## re-resolve requirements.lock from the pins in pyproject.toml (needs the network)
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
@@ -62,4 +80,4 @@ lock: ## re-resolve requirements.lock from the pins in pyproject.toml (needs the
 clean: ## remove outputs of make run (keeps .venv and the DVC cache)
 	rm -rf data/demo runs/demo
 
-.PHONY: help venv run mlflow-ui mlflow-server test test-fast lint lock clean
+.PHONY: help venv run mlflow-ui mlflow-server test test-fast lint image pipeline k8s lock clean

@@ -158,3 +158,88 @@ def start_mlflow(root: Path, s3: S3Server, bucket: str = "mlflow") -> MlflowServ
         time.sleep(0.5)
     process.kill()
     raise RuntimeError(f"mlflow server did not answer /health in 180 s: {log.read_text()[-2000:]}")
+
+
+class KfpApiRecorder:
+    """A loopback HTTP server that answers the KFP v2beta1 API calls of `kfp.Client` with
+    canned objects and records every request (method, path, query, JSON body). No KFP server
+    runs here; this shows what the client sends."""
+
+    def __init__(self, existing_pipeline: bool, existing_schedules: list[dict]):
+        import http.server
+        import threading
+
+        self.requests: list[dict] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _answer(self, method: str) -> None:
+                import json
+                import urllib.parse
+
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                url = urllib.parse.urlparse(self.path)
+                try:
+                    body = json.loads(raw) if raw and raw[:1] in b"{[" else None
+                except ValueError:
+                    body = None
+                recorder.requests.append(
+                    {
+                        "method": method,
+                        "path": url.path,
+                        "query": urllib.parse.parse_qs(url.query),
+                        "body": body,
+                        "multipart": b"Content-Disposition" in raw,
+                    }
+                )
+                reply = recorder.reply(method, url.path, existing_pipeline, existing_schedules, body)
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._answer("GET")
+
+            def do_POST(self):
+                self._answer("POST")
+
+            def do_DELETE(self):
+                self._answer("DELETE")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def reply(method: str, path: str, existing_pipeline: bool, schedules: list[dict], body) -> dict:
+        api = "/apis/v2beta1"
+        if method == "GET" and path == f"{api}/pipelines":
+            pipelines = [{"pipeline_id": "p-1", "display_name": "fersynth"}] if existing_pipeline else []
+            return {"pipelines": pipelines, "total_size": len(pipelines)}
+        if method == "POST" and path == f"{api}/pipelines/upload":
+            return {"pipeline_id": "p-new", "display_name": "fersynth"}
+        if method == "POST" and path == f"{api}/pipelines/upload_version":
+            return {"pipeline_id": "p-1", "pipeline_version_id": "v-9", "display_name": "version"}
+        if method == "GET" and path == f"{api}/experiments":
+            return {"experiments": [{"experiment_id": "e-1", "display_name": "fersynth"}], "total_size": 1}
+        if method == "GET" and path == f"{api}/recurringruns":
+            return {"recurringRuns": schedules, "recurring_runs": schedules, "total_size": len(schedules)}
+        if method == "DELETE":
+            return {}
+        if method == "POST" and path == f"{api}/recurringruns":
+            return {**(body or {}), "recurring_run_id": "r-new"}
+        if method == "POST" and path == f"{api}/runs":
+            return {**(body or {}), "run_id": "run-1"}
+        return {}
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -201,3 +201,63 @@ def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, tmp_path):
     assert report and "What the synthetic data changed" in report[0].read_text()
     status = json.loads(next(iter(sorted(root.rglob("register/**/outcome")))).read_text())
     assert status == {"registered": False, "reason": "MLFLOW_TRACKING_URI is not set"}
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_schedule_uploads_a_version_and_replaces_the_recurring_run(tmp_path, existing):
+    from servers import KfpApiRecorder
+
+    old = [
+        {"recurring_run_id": "r-old", "display_name": "fersynth-retrain"},
+        {"recurring_run_id": "r-other", "display_name": "someone-elses"},
+    ]
+    api = KfpApiRecorder(existing_pipeline=existing, existing_schedules=old)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipelines", "--image-tag", "abc123", "schedule", "--host", api.url],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "KFP_TOKEN": ""},
+        )
+    finally:
+        api.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    calls = [(r["method"], r["path"].removeprefix("/apis/v2beta1")) for r in api.requests]
+    uploads = [c for c in calls if c[1].startswith("/pipelines/upload")]
+    assert uploads == ([] if existing else [("POST", "/pipelines/upload")]) + [
+        ("POST", "/pipelines/upload_version")
+    ]
+    version = next(r for r in api.requests if r["path"].endswith("/upload_version"))
+    assert version["query"]["name"] == ["abc123-retrain"] and version["multipart"]
+    assert ("DELETE", "/recurringruns/r-old") in calls and ("DELETE", "/recurringruns/r-other") not in calls
+    assert calls.index(("DELETE", "/recurringruns/r-old")) < calls.index(("POST", "/recurringruns"))
+    body = next(
+        r["body"] for r in api.requests if r["method"] == "POST" and r["path"].endswith("/recurringruns")
+    )
+    assert body["display_name"] == "fersynth-retrain" and body["experiment_id"] == "e-1"
+    assert body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"
+    assert body["max_concurrency"] in (1, "1") and body["no_catchup"] is True
+    assert body["pipeline_version_reference"] == {
+        "pipeline_id": "p-1" if existing else "p-new",
+        "pipeline_version_id": "v-9",
+    }
+    assert "recurring run r-new" in done.stdout
+
+
+def test_the_retraining_version_has_caching_off_everywhere(tmp_path):
+    from fersynth.kfp_deploy import without_caching
+
+    target = without_caching(COMPILED, tmp_path / "nocache.yaml")
+    text = target.read_text()
+    assert "enableCache: true" in COMPILED.read_text()
+    assert "enableCache: true" not in text and text.count("enableCache: false") >= 20
+
+
+def test_a_five_field_cron_is_refused():
+    command = [sys.executable, "-m", "pipelines", "--image-tag", "t", "schedule"]
+    command += ["--host", "http://127.0.0.1:9", "--cron", "0 3 * * 1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "KFP needs 6 fields" in done.stderr and "Traceback" not in done.stderr
