@@ -327,6 +327,7 @@ def run_train(
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.0f}")
                 window_start, window_images = time.perf_counter(), 0
             if step % settings.eval_every == 0 or step == settings.steps:
+                validation_start = time.perf_counter()
                 metrics = evaluate_val()
                 score = metrics[settings.select_metric] if metrics else float(step)
                 if metrics:
@@ -343,7 +344,9 @@ def run_train(
                 if score > best_score:
                     best_step, best_score, best_metrics = step, score, metrics
                     _save(output / BEST_WEIGHTS, {"step": step, "model": model.state_dict()})
-                window_start = time.perf_counter()  # validation time is not training speed
+                # Validation time is not training time: move the window's start past it (the
+                # window's images so far stay counted against the training time before it).
+                window_start += time.perf_counter() - validation_start
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 checkpoint()
     bar.close()
