@@ -30,6 +30,16 @@ def test_an_empty_class_gets_weight_zero_and_no_data_is_refused():
         mek_class_weights([0] * 7)
 
 
+def test_a_single_class_training_set_smooths_evenly_instead_of_nan():
+    # A synthetic-only set whose vote accepted one class (it happened in make run's demo).
+    weights = mek_class_weights([19, 0, 0, 0, 0, 0, 0])
+    targets = rebalanced_targets(torch.tensor([0, 0]), weights, eps=0.3)
+    assert torch.isfinite(targets).all()
+    assert torch.allclose(targets.sum(dim=1), torch.ones(2))
+    assert torch.allclose(targets[:, 0], torch.full((2,), 0.7))
+    assert torch.allclose(targets[:, 1:], torch.full((2, 6), 0.05))
+
+
 def test_rebalanced_targets_sum_to_one_with_true_class_at_0_7():
     weights = mek_class_weights([RAFDB_TRAIN_COUNTS[name] for name in CLASSES])
     labels = torch.tensor([0, 1, 3, 6])

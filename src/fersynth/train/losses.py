@@ -35,9 +35,15 @@ def mek_class_weights(counts: Sequence[int]) -> torch.Tensor:
 
 
 def rebalanced_targets(labels: torch.Tensor, weights: torch.Tensor, eps: float) -> torch.Tensor:
-    """Soft targets: 1 - eps on the label, eps * w_j / sum_{k != y} w_k on every other j."""
+    """Soft targets: 1 - eps on the label, eps * w_j / sum_{k != y} w_k on every other j.
+
+    Where every other class weighs 0 (a training set holding a single class), eps is spread
+    evenly over the other classes instead of dividing by zero."""
     others = weights.to(labels.device).unsqueeze(0).repeat(labels.shape[0], 1)
     others.scatter_(1, labels.unsqueeze(1), 0.0)
+    total = others.sum(dim=1, keepdim=True)
+    even = torch.ones_like(others).scatter_(1, labels.unsqueeze(1), 0.0)
+    others = torch.where(total > 0, others, even)
     targets = eps * others / others.sum(dim=1, keepdim=True)
     return targets.scatter(1, labels.unsqueeze(1), 1.0 - eps)
 
