@@ -134,7 +134,7 @@ def leaky_dataset(tmp_path):
 
 
 def test_guard_removes_exact_and_near_copies_of_test_images(leaky_dataset, tmp_path):
-    settings = GuardSettings(data=leaky_dataset, output=tmp_path / "guarded", workers=1)
+    settings = GuardSettings(data=leaky_dataset, output=tmp_path / "guarded", test_sets=[], workers=1)
     result = run_guard(settings, progress=False)
     leaks = result.leaks.set_index("id")
     assert sorted(leaks.index) == ["exact_copy", "resized_copy", "val_copy"]
@@ -164,7 +164,7 @@ def test_guard_passes_distinct_images_and_checks_other_test_sets(leaky_dataset, 
     rows = [{"id": f"t{i}", "label": CLASSES[i % 7], "split": "train"} for i in range(4, 8)]
     clean = write_dataset(tmp_path / "clean", rows, faces[4:8])
     with pytest.raises(FersynthError, match="no test split"):
-        run_guard(GuardSettings(data=clean, output=tmp_path / "out"), progress=False)
+        run_guard(GuardSettings(data=clean, output=tmp_path / "out", test_sets=[]), progress=False)
     # The leaky dataset's test split, used as a cross-dataset test set, leaks into nothing here.
     settings = GuardSettings(data=clean, output=tmp_path / "out", test_sets=[leaky_dataset], workers=1)
     assert run_guard(settings, progress=False).leaks.empty
@@ -230,7 +230,7 @@ def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
         workers=0,
         kid_subset_size=4,
     )
-    result = run_verify(settings, GuardSettings(workers=1), seed=0, progress=False)
+    result = run_verify(settings, GuardSettings(test_sets=[], workers=1), seed=0, progress=False)
     frame = result.manifest.set_index("id")
     assert "leak" not in frame.index and result.leaks["id"].tolist() == ["leak"]
     good = frame.loc[[f"good{i}" for i in range(6)]]
@@ -255,7 +255,7 @@ def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
 
     # All three voters required: the shifted one never agrees.
     unanimous = settings.model_copy(update={"min_votes": 3, "output": tmp_path / "unanimous"})
-    result = run_verify(unanimous, GuardSettings(workers=1), seed=0, progress=False)
+    result = run_verify(unanimous, GuardSettings(test_sets=[], workers=1), seed=0, progress=False)
     assert (result.manifest["v_accepted"] == "false").all()
 
 
@@ -274,7 +274,9 @@ def test_verify_relabel_mode_takes_the_majority(voters, synthetic, tmp_path):
         workers=0,
         kid_subset_size=4,
     )
-    frame = run_verify(settings, GuardSettings(workers=1), seed=0, progress=False).manifest.set_index("id")
+    frame = run_verify(
+        settings, GuardSettings(test_sets=[], workers=1), seed=0, progress=False
+    ).manifest.set_index("id")
     assert (frame.loc[[f"lost{i}" for i in range(4)], "label"] == "happy").all()
     assert (frame.loc[[f"good{i}" for i in range(6)], "label"] == "fear").all()
     assert (frame["v_intended"] == "fear").all()
@@ -285,12 +287,12 @@ def test_verify_refuses_more_required_votes_than_voters(voters, tmp_path):
     reference, paths = voters
     settings = VerifySettings(data=reference, reference=reference, voters=paths[:1], min_votes=2)
     with pytest.raises(FersynthError, match="min_votes = 2: more than the 1 voters"):
-        run_verify(settings, GuardSettings(), seed=0, progress=False)
+        run_verify(settings, GuardSettings(test_sets=[]), seed=0, progress=False)
 
 
 @pytest.mark.slow
 def test_guard_finds_the_fer2013_training_copies_of_publictest_images(fer2013_dataset, tmp_path):
-    settings = GuardSettings(data=fer2013_dataset, output=tmp_path / "guarded")
+    settings = GuardSettings(data=fer2013_dataset, output=tmp_path / "guarded", test_sets=[])
     result = run_guard(settings, progress=False)
     exact = result.leaks[result.leaks["kind"] == "exact"]
     assert len(exact) == 351  # Training rows that repeat a PublicTest image pixel for pixel
