@@ -91,13 +91,17 @@ def train(
     import os
     from pathlib import Path
 
+    from fersynth.pipeline_steps import mark_grid_row
     from fersynth.pipeline_steps import train as step
 
     spec = json.loads(row)
     os.environ["KFP_RUN_ID"] = pipeline_run
-    folder = str(Path(data.path) / spec["variant"]) if spec["variant"] else data.path
-    outcome = step(folder, model.path, spec["method"], spec["balanced"], spec["label"], settings.path)
-    (Path(model.path) / "grid_row.txt").write_text(spec["label"] + "\n")
+    variant = spec["variant"]  # rows on synthetic data are skipped, not failed, when it is empty
+    folder = str(Path(data.path) / variant) if variant else data.path
+    outcome = step(
+        folder, model.path, spec["method"], spec["balanced"], spec["label"], settings.path, bool(variant)
+    )
+    mark_grid_row(model.path, spec["label"])
     model.metadata.update({"grid_row": spec["label"], "method": spec["method"], **outcome})
 
 
@@ -121,12 +125,14 @@ def evaluate(
 
     from fersynth.classes import CLASSES
     from fersynth.pipeline_steps import evaluate as step
+    from fersynth.pipeline_steps import mark_grid_row
 
     name = json.loads(row)["label"]
     os.environ["KFP_RUN_ID"] = pipeline_run
     test_sets = {in_domain_name: in_domain.path, cross_name: cross.path}
-    outcomes = step(model.path, test_sets, results.path, settings.path)
-    (Path(results.path) / "grid_row.txt").write_text(name + "\n")
+    outcomes = step(model.path, test_sets, results.path, settings.path)  # [] for a skipped row
+    mark_grid_row(results.path, name)
+    results.metadata["grid_row"] = name
     for outcome in outcomes:
         prefix = outcome["test_set"]
         metrics.log_metric(f"{prefix}.accuracy", outcome["accuracy"])
@@ -134,9 +140,9 @@ def evaluate(
         for cls, value in outcome["per_class_accuracy"].items():
             if value is not None:
                 metrics.log_metric(f"{prefix}.accuracy.{cls}", value)
-    first = json.loads((Path(results.path) / in_domain_name / "metrics.json").read_text())
-    confusion.log_confusion_matrix(list(CLASSES), first["confusion"])
-    results.metadata["grid_row"] = name
+    if outcomes:
+        first = json.loads((Path(results.path) / in_domain_name / "metrics.json").read_text())
+        confusion.log_confusion_matrix(list(CLASSES), first["confusion"])
 
 
 def train_prior(data: Input[Dataset], settings: Input[Artifact], prior: Output[Model]):
@@ -153,9 +159,10 @@ def shard_indices(num_shards: int) -> list[int]:
 def select_model(models: Input[list[Model]], grid_row: str, model: Output[Model]):
     """The model of one grid row out of a Collected list (the generation guide)."""
     import shutil
-    from pathlib import Path
 
-    rows = {(Path(m.path) / "grid_row.txt").read_text().strip(): m.path for m in models}
+    from fersynth.pipeline_steps import by_grid_row
+
+    rows = by_grid_row(m.path for m in models)
     if grid_row not in rows:
         raise ValueError(f"no trained model for grid row {grid_row!r} (have {sorted(rows)})")
     shutil.copytree(rows[grid_row], model.path)
@@ -229,11 +236,10 @@ def compare(
 ):
     from pathlib import Path
 
+    from fersynth.pipeline_steps import by_grid_row
     from fersynth.pipeline_steps import compare as step
 
-    runs = {}
-    for result in [*original_results, *synthetic_results]:
-        runs[(Path(result.path) / "grid_row.txt").read_text().strip()] = result.path
+    runs = by_grid_row(result.path for result in [*original_results, *synthetic_results])
     tables = step(runs, [in_domain_name, cross_name], comparisons.path)
     Path(table.path).write_text("\n".join(tables.values()))
 
@@ -258,12 +264,11 @@ def report(
     import os
     from pathlib import Path
 
+    from fersynth.pipeline_steps import by_grid_row
     from fersynth.pipeline_steps import report as step
 
     os.environ["KFP_RUN_ID"] = pipeline_run
-    evaluations = {}
-    for result in [*original_results, *synthetic_results]:
-        evaluations[(Path(result.path) / "grid_row.txt").read_text().strip()] = result.path
+    evaluations = by_grid_row(result.path for result in [*original_results, *synthetic_results])
     stages = {
         "quality": quality_data.path,
         "verify": verified.path,
@@ -287,13 +292,10 @@ def register(
     metric: str,
     outcome: Output[Artifact],
 ):
-    from pathlib import Path
-
+    from fersynth.pipeline_steps import by_grid_row
     from fersynth.pipeline_steps import register as step
 
-    models = {}
-    for model in [*original_models, *synthetic_models]:
-        models[(Path(model.path) / "grid_row.txt").read_text().strip()] = model.path
+    models = by_grid_row(model.path for model in [*original_models, *synthetic_models])
     outcome.metadata.update({k: str(v) for k, v in step(models, metric, outcome.path).items()})
 
 

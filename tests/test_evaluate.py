@@ -164,3 +164,49 @@ def test_compare_command_prints_and_writes_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| Expanded_SL | **60.00**" in out
     assert (tmp_path / "c" / "comparison.md").is_file()
+
+
+def test_a_row_with_nothing_to_train_on_is_skipped_through_compare_and_report(trained, tmp_path, capsys):
+    """The vote accepted nothing: the synthetic-only row is recorded as skipped, shown as such in
+    the table and the report, instead of stopping the grid."""
+    from fersynth.report import REPORT_JSON, REPORT_MD, run_report
+    from fersynth.settings import ReportSettings
+    from fersynth.skipped import skipped_reason
+    from helpers import colour_dataset
+
+    empty = colour_dataset(tmp_path / "synthetic", per_class=0, test_per_class=1)
+    model = tmp_path / "synthetic_mek"
+    train = ["train", "--data", str(empty), "--output", str(model), "--quiet"]
+    assert main(train) == 2
+    assert "no training images" in capsys.readouterr().err and not model.exists()
+    assert main([*train, "--skip-if-empty"]) == 0
+    assert "skipped:" in capsys.readouterr().out
+    assert "no training images" in skipped_reason(model)
+
+    results = tmp_path / "eval_synthetic_mek"
+    evaluate = ["evaluate", "--model", str(model), "--data", str(trained / "ds"), "--output", str(results)]
+    assert main(evaluate) == 0
+    assert skipped_reason(results) == skipped_reason(model)
+
+    original = hand_made(tmp_path, "eval_original_mek", [0.5] * 7, 0.5)
+    compare = tmp_path / "compare" / "test"
+    args = ["compare", f"Original_MEK={original}", f"Synthetic_MEK={results}", "--output", str(compare)]
+    assert main(args) == 0
+    table = (compare / "comparison.md").read_text()
+    assert "| Synthetic_MEK | - | - | - | - | - | - | - | - | - |" in table
+    assert "Synthetic_MEK: skipped, " in table and "no training images" in table
+
+    report = run_report(
+        ReportSettings(
+            output=tmp_path / "report",
+            comparisons=[compare],
+            evaluations=tmp_path,
+            changes={"Synthetic_MEK": "Original_MEK"},
+        )
+    )
+    page = (report.output / REPORT_MD).read_text()
+    assert "Synthetic_MEK: skipped, " in page and "(skipped: " in page
+    assert "No synthetic row has results beside its original row" in page  # no change to show for it
+    summary = json.loads((report.output / REPORT_JSON).read_text())
+    assert "no training images" in summary["skipped"]["Synthetic_MEK"]
+    assert summary["comparisons"]["test"]["Synthetic_MEK"]["Mean"] is None

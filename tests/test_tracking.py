@@ -59,12 +59,22 @@ def test_runs_metrics_models_and_the_champion_alias(mlflow_env, tmp_path):
     weak_value = weak_value.data.metrics[metric]
     strong_value = run.data.metrics[metric]
     assert strong_value > weak_value, "40 steps on separable colours must beat 1 step"
+    # The model's requirements are named, not inferred: exactly the installed torch and numpy.
+    from importlib.metadata import version
 
+    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{strong_id}/model/requirements.txt"))
+    pins = set(requirements.read_text().split())
+    assert {f"torch=={version('torch')}", f"numpy=={version('numpy')}"} <= pins
+
+    # A skipped row (nothing to train on) is passed over, not an error.
+    from fersynth.skipped import write_skipped
+
+    write_skipped(tmp_path / "empty", "no training images")
     name = f"fer-{tmp_path.name}"
     out = ok(
         fersynth(
             *settings, "register", f"weak={tmp_path / 'weak'}", f"strong={tmp_path / 'strong'}",
-            "--name", name, cwd=tmp_path,
+            f"empty={tmp_path / 'empty'}", "--name", name, cwd=tmp_path,
         )
     )  # fmt: skip
     assert "now the champion" in out
@@ -130,3 +140,21 @@ def test_the_run_report_is_logged_with_its_changes(mlflow_env, tmp_path):
     assert run.data.metrics["change.Expanded_SL-Original_SL.raf.Mean"] == pytest.approx(2)
     assert run.data.tags["fersynth.kind"] == "report"
     assert "report/report.md" in {a.path for a in client.list_artifacts(run_id, "report")}
+
+
+def test_a_failed_pipeline_is_an_mlflow_run(mlflow_env, tmp_path):
+    from mlflow import MlflowClient
+
+    from fersynth.pipeline_steps import record_status
+
+    status = {"state": "FAILED", "pipelineTaskName": "verify", "error": {"message": "no voters"}}
+    record = record_status(status, str(tmp_path / "status.json"))
+    assert json.loads((tmp_path / "status.json").read_text()) == record
+    client = MlflowClient(mlflow_env.uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name(f"test-{tmp_path.name}").experiment_id],
+        "tags.`fersynth.kind` = 'pipeline-status'",
+    )
+    assert runs and runs[0].data.tags["state"] == "FAILED"
+    logged = Path(client.download_artifacts(runs[0].info.run_id, "status.json", str(tmp_path)))
+    assert json.loads(logged.read_text())["error"] == "no voters"

@@ -216,6 +216,11 @@ def quality_command(obj: _Context, data, output, sr_model, workers, force: bool,
 @click.option("--device", help="auto, cpu, cuda, cuda:N [train.device].")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
 @click.option("--force", is_flag=True, help="Delete an existing run folder and start over.")
+@click.option(
+    "--skip-if-empty",
+    is_flag=True,
+    help="No training images: record the run as skipped instead of failing (grid rows on synthetic data).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_obj
 def train_command(
@@ -229,6 +234,7 @@ def train_command(
     device,
     resume: bool,
     force: bool,
+    skip_if_empty: bool,
     quiet: bool,
 ) -> None:
     """Train a FER model (plain supervised learning or MEK) on a dataset folder.
@@ -251,7 +257,17 @@ def train_command(
             }
         )
     )
-    result = run_train(settings.train, seed=settings.seed, resume=resume, force=force, progress=not quiet)
+    result = run_train(
+        settings.train,
+        seed=settings.seed,
+        resume=resume,
+        force=force,
+        progress=not quiet,
+        skip_if_empty=skip_if_empty,
+    )
+    if result.skipped:
+        click.echo(f"skipped: {result.skipped} (recorded in {result.output})")
+        return
     run_id = tracking.track_training(result, settings)
     if run_id:
         click.echo(f"MLflow run {run_id} at {tracking.tracking_uri()}")
@@ -282,6 +298,7 @@ def train_command(
 def evaluate_command(obj: _Context, model, data, split, output, no_tta, quiet: bool) -> None:
     """Accuracy, mean and per-class accuracy and confusion matrices on one or more test sets."""
     from fersynth.evaluate import run_evaluate
+    from fersynth.skipped import skipped_reason
 
     settings = obj.settings(
         _option_overrides(
@@ -294,7 +311,11 @@ def evaluate_command(obj: _Context, model, data, split, output, no_tta, quiet: b
         )
         + ([f"evaluate.data={json.dumps([str(d) for d in data])}"] if data else [])
     )
-    for result in run_evaluate(settings.evaluate, progress=not quiet):
+    results = run_evaluate(settings.evaluate, progress=not quiet)
+    if not results:
+        reason = skipped_reason(settings.evaluate.output)
+        click.echo(f"skipped: its training was skipped ({reason}); recorded in {settings.evaluate.output}")
+    for result in results:
         m = result.metrics
         tracking.track_evaluation(Path(settings.evaluate.model), result)
         per_class = ", ".join(

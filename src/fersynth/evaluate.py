@@ -20,6 +20,7 @@ from fersynth.errors import FersynthError
 from fersynth.figures import save_figure
 from fersynth.files import atomic_write_text, staged_folder
 from fersynth.settings import EvaluateSettings, save_resolved
+from fersynth.skipped import skipped_reason, write_skipped
 from fersynth.train.data import ManifestImages, test_transform
 from fersynth.train.models import LoadedModel, ModelSpec, load_model
 
@@ -168,7 +169,13 @@ def _write_results(
 def run_evaluate(
     settings: EvaluateSettings, *, loaded: LoadedModel | None = None, progress: bool = True
 ) -> list[TestSetResult]:
-    """Evaluate one model on each dataset's `settings.split`; one sub-folder per test set."""
+    """Evaluate one model on each dataset's `settings.split`; one sub-folder per test set.
+    A skipped training run (fersynth.skipped) gives a skipped results folder and no results."""
+    reason = skipped_reason(settings.model) if loaded is None and Path(settings.model).is_dir() else None
+    if reason is not None:
+        write_skipped(Path(settings.output), reason, force=True, model=str(settings.model))
+        save_resolved({"evaluate": settings}, Path(settings.output))
+        return []
     device = pick_device(settings.device)
     loaded = loaded or load_model(settings.model, device)
     model = loaded.model.to(device)

@@ -25,6 +25,23 @@ from fersynth.settings import Settings, load_settings, save_resolved
 
 log = logging.getLogger(__name__)
 OVERRIDES_JSON = "overrides.json"  # beside settings.json in the pipeline's settings artifact
+GRID_ROW_FILE = "grid_row.txt"  # in each model and results artifact: its row of the grid
+
+
+def mark_grid_row(folder: str | Path, label: str) -> None:
+    """Label an artifact folder with its grid row (Collected lists come back unordered)."""
+    atomic_write_text(Path(folder) / GRID_ROW_FILE, label + "\n")
+
+
+def by_grid_row(folders: Iterable[str | Path]) -> dict[str, str]:
+    """{grid row: folder} for artifact folders `mark_grid_row` labelled."""
+    rows: dict[str, str] = {}
+    for folder in folders:
+        label_file = Path(folder) / GRID_ROW_FILE
+        if not label_file.is_file():
+            raise FersynthError(f"{folder}: no {GRID_ROW_FILE} (not a grid row's artifact)")
+        rows[label_file.read_text().strip()] = str(folder)
+    return rows
 
 
 def settings_from(overrides: Iterable[str] | str | Path = (), **values: Any) -> Settings:
@@ -104,8 +121,10 @@ def train(
     balanced: bool,
     run_name: str,
     overrides: Iterable[str] = (),
+    skip_if_empty: bool = False,
 ) -> dict[str, Any]:
-    """Train one row of the grid; logged to MLflow (as `run_name`) when tracking is on."""
+    """Train one row of the grid; logged to MLflow (as `run_name`) when tracking is on.
+    `skip_if_empty` (rows on synthetic data): no training images records a skipped row."""
     from fersynth.train.loop import run_train
 
     settings = settings_from(
@@ -115,7 +134,12 @@ def train(
         train__method=method,
         train__balanced_sampler=balanced,
     )
-    result = run_train(settings.train, seed=settings.seed, force=True, progress=False)
+    result = run_train(
+        settings.train, seed=settings.seed, force=True, progress=False, skip_if_empty=skip_if_empty
+    )
+    if result.skipped:
+        log.warning("%s skipped: %s", run_name, result.skipped)
+        return {"skipped": result.skipped}
     run_id = tracking.track_training(result, settings, run_name=run_name)
     return {
         "best_step": result.best_step,
@@ -301,11 +325,6 @@ def record_status(status: Mapping[str, Any], output: str) -> dict[str, Any]:
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(output), json.dumps(record, indent=2) + "\n")
     if record["state"] not in ("SUCCEEDED", None) and tracking.enabled():
-        import mlflow
-
-        tracking._mlflow()
-        tags = {**tracking.lineage_tags(), "fersynth.kind": "pipeline-status", "state": str(record["state"])}
-        with mlflow.start_run(run_name="pipeline failed", tags=tags):
-            mlflow.log_dict(record, "status.json")
+        tracking.log_pipeline_failure(record)
     log.info("pipeline finished: %s", record["state"])
     return record

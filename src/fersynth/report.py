@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fersynth.classes import CLASSES
-from fersynth.compare import to_markdown
+from fersynth.compare import SKIPPED, read_comparison, to_markdown
 from fersynth.errors import FersynthError
 from fersynth.figures import save_figure
 from fersynth.files import atomic_write_text, staged_folder
@@ -37,12 +37,9 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_comparison(folder: Path) -> tuple[str, pd.DataFrame]:
-    """(test set name, table in percent) from a `fersynth compare` output folder."""
-    csv = Path(folder) / "comparison.csv"
-    if not csv.is_file():
-        raise FersynthError(f"{folder}: no comparison.csv (run `fersynth compare` first)")
-    return Path(folder).name, pd.read_csv(csv, index_col="run")
+def _json_table(table: pd.DataFrame) -> dict:
+    """Rows as dicts, an empty cell (a skipped row, a class without test images) as null."""
+    return table.round(4).astype(object).where(table.notna(), None).to_dict(orient="index")
 
 
 def class_changes(table: pd.DataFrame, pairs: dict[str, str], test_set: str) -> pd.DataFrame:
@@ -50,7 +47,9 @@ def class_changes(table: pd.DataFrame, pairs: dict[str, str], test_set: str) -> 
     rows = {}
     for row, baseline in pairs.items():
         if row in table.index and baseline in table.index:
-            rows[f"{row} - {baseline} ({test_set})"] = table.loc[row] - table.loc[baseline]
+            change = table.loc[row] - table.loc[baseline]
+            if change.notna().any():  # a skipped row has no change to show
+                rows[f"{row} - {baseline} ({test_set})"] = change
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -177,7 +176,7 @@ def _augment_section(folder: Path) -> list[str]:
 def run_report(settings: ReportSettings, *, force: bool = False) -> ReportResult:
     if not settings.comparisons:
         raise FersynthError("report.comparisons: give at least one `fersynth compare` output folder")
-    comparisons = [load_comparison(folder) for folder in settings.comparisons]
+    comparisons = [read_comparison(folder) for folder in settings.comparisons]
     with staged_folder(settings.output, force=force) as out:
         lines = ["# fersynth run report", ""]
         changes = pd.concat([class_changes(table, settings.changes, name) for name, table in comparisons])
@@ -187,7 +186,8 @@ def run_report(settings: ReportSettings, *, force: bool = False) -> ReportResult
             lines += [to_markdown(table, f"Accuracy (%) on {name} ({kind})"), ""]
         lines += ["## What the synthetic data changed", ""]
         if changes.empty:
-            lines += ["No synthetic row has its original row in the grid.", ""]
+            note = "No synthetic row has results beside its original row"
+            lines += [f"{note} (a skipped row is named under the tables).", ""]
         else:
             lines += [
                 "Accuracy points of each synthetic row minus its original row, per class.",
@@ -198,13 +198,18 @@ def run_report(settings: ReportSettings, *, force: bool = False) -> ReportResult
             ]
         lines += ["## Confusion matrices (row-normalised, in-domain)", ""]
         test_set, table = comparisons[0]
+        skipped = table.attrs.get(SKIPPED) or {}
         for run in table.index:
             picture = _copy(
                 Path(settings.evaluations) / run.lower() / test_set / "confusion.png",
                 out,
                 f"confusion_{run.lower()}.png",
             )
-            lines += [f"**{run}**", "", f"![{run}]({picture})" if picture else "(no figure)", ""]
+            if picture:
+                shown = f"![{run}]({picture})"
+            else:
+                shown = f"(skipped: {skipped[run]})" if run in skipped else "(no figure)"
+            lines += [f"**{run}**", "", shown, ""]
         lines += ["## Quality", "", *_quality_section(Path(settings.quality), out), ""]
         lines += [
             "## Verification of the synthetic images",
@@ -224,8 +229,9 @@ def run_report(settings: ReportSettings, *, force: bool = False) -> ReportResult
             lines += [f"No contact sheets found in {settings.generated}.", ""]
         atomic_write_text(out / REPORT_MD, "\n".join(lines))
         summary = {
-            "comparisons": {name: table.round(4).to_dict(orient="index") for name, table in comparisons},
+            "comparisons": {name: _json_table(table) for name, table in comparisons},
             "changes": changes.round(4).to_dict(orient="index"),
+            "skipped": skipped,
         }
         atomic_write_text(out / REPORT_JSON, json.dumps(summary, indent=2) + "\n")
     return ReportResult(Path(settings.output), changes)

@@ -21,6 +21,7 @@ import numpy as np
 
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
+from fersynth.skipped import skipped_reason
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,15 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def model_requirements() -> list[str]:
+    """What serving a logged model needs: it is saved as an exported program (pt2), which torch
+    alone loads. Naming them spares MLflow's requirement inference, a subprocess that imports
+    the model's code (12 of 16 s per model on two cores)."""
+    from importlib.metadata import version
+
+    return [f"torch=={version('torch')}", f"numpy=={version('numpy')}"]
+
+
 def log_training(
     output: Path, run_name: str, settings: dict[str, Any], summary: dict[str, Any], data: Path
 ) -> str:
@@ -142,6 +152,7 @@ def log_training(
             name="model",
             input_example=example,
             extra_files=[str(output / MODEL_FILE)],
+            pip_requirements=model_requirements(),
         )
         run_id = run.info.run_id
     atomic_write_text(
@@ -174,8 +185,8 @@ def log_evaluation(model_folder: Path, test_set: str, metrics: dict[str, Any], f
 
 def track_training(result, settings, run_name: str | None = None) -> str | None:
     """Log a finished `run_train` (its `TrainResult`, the resolved `Settings`) when tracking is
-    on; the MLflow run id, or None with tracking off."""
-    if not enabled():
+    on; the MLflow run id, or None with tracking off or a skipped run."""
+    if not enabled() or result.skipped:
         return None
     summary = json.loads((result.output / "train_summary.json").read_text())
     return log_training(
@@ -224,6 +235,16 @@ def _metric_key(label: str) -> str:
     return label.replace(" - ", "-").replace(" (", ".").replace(")", "").replace(" ", "_")
 
 
+def log_pipeline_failure(record: dict[str, Any]) -> str:
+    """A failed pipeline as an MLflow run beside the successful ones (tagged with its state);
+    the run id."""
+    mlflow = _mlflow()
+    tags = {**lineage_tags(), "fersynth.kind": "pipeline-status", "state": str(record.get("state"))}
+    with mlflow.start_run(run_name="pipeline failed", tags=tags) as run:
+        mlflow.log_dict(dict(record), "status.json")
+        return run.info.run_id
+
+
 def register(model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME) -> dict[str, Any]:
     """Register the best of the runs by `metric` (e.g. `test.mean_accuracy`); move the alias
     `champion` to it only when it beats the current champion's value of that metric."""
@@ -231,6 +252,10 @@ def register(model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME
     client = mlflow.MlflowClient()
     scored = []
     for label, folder in model_folders.items():
+        reason = skipped_reason(folder)
+        if reason is not None:
+            log.info("register: %s passed over (skipped: %s)", label, reason)
+            continue
         run_id = run_id_of(folder)
         if run_id is None:
             raise FersynthError(f"{folder}: no MLflow run here (train it with MLFLOW_TRACKING_URI set)")
@@ -238,6 +263,8 @@ def register(model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME
         if value is None:
             raise FersynthError(f"{folder}: MLflow run {run_id} has no metric {metric!r} (evaluate it first)")
         scored.append((value, label, run_id))
+    if not scored:
+        raise FersynthError("register: every row of the grid was skipped; nothing to register")
     value, label, run_id = max(scored)
     version = mlflow.register_model(f"runs:/{run_id}/model", name)
     client.set_model_version_tag(name, version.version, metric, str(value))

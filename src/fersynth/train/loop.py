@@ -31,6 +31,7 @@ from fersynth.errors import FersynthError
 from fersynth.evaluate import compute_metrics, pick_device, predict_probabilities
 from fersynth.files import atomic_write_bytes, atomic_write_text
 from fersynth.settings import TrainSettings, save_resolved
+from fersynth.skipped import write_skipped
 from fersynth.train.data import (
     InMemoryBatches,
     ManifestImages,
@@ -67,6 +68,7 @@ class TrainResult:
     best_step: int
     best_metrics: dict[str, Any] | None
     images_per_second: float
+    skipped: str | None = None  # why nothing was trained (`skip_if_empty`); None when it trained
 
 
 def split_validation(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -140,12 +142,21 @@ def run_train(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    skip_if_empty: bool = False,
 ) -> TrainResult:
+    """Train, validate every `eval_every` steps, keep the best weights. `skip_if_empty`: a
+    dataset without training images (a synthetic-only set whose vote accepted nothing) writes a
+    skipped record (fersynth.skipped) instead of failing."""
     output = Path(settings.output)
     dataset = read_manifest(settings.data)
     train_frame, val_frame = split_validation(dataset.manifest, settings.val_fraction, seed)
     if train_frame.empty:
-        raise FersynthError(f"{settings.data}: no training images (split 'train')")
+        reason = f"{settings.data}: no training images (split 'train')"
+        if not skip_if_empty:
+            raise FersynthError(reason)
+        write_skipped(output, reason, force=force or resume, data=str(settings.data))
+        save_resolved({"seed": seed, "train": settings}, output)
+        return TrainResult(output, 0, 0, None, 0.0, skipped=reason)
     counts = [int((train_frame["label"] == name).sum()) for name in CLASSES]
     resuming = _prepare_output(output, resume, force)
 
