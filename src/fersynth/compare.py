@@ -16,11 +16,13 @@ import pandas as pd
 
 from fersynth.classes import CLASSES
 from fersynth.errors import FersynthError
-from fersynth.evaluate import METRICS_JSON
 from fersynth.files import atomic_write_text
 from fersynth.skipped import SKIPPED_JSON, skipped_reason
 
 SKIPPED = "skipped"  # table.attrs key: {row: reason}
+# What `fersynth evaluate` writes per test set; defined here so that reading results (compare,
+# report) does not import torch (7 s on two cores).
+METRICS_JSON = "metrics.json"
 
 
 @dataclass(frozen=True)

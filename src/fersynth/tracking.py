@@ -147,7 +147,7 @@ def log_training(
             mlflow.data.from_pandas(manifest, source=str(Path(data).resolve()), name=Path(data).name),
             context="training",
         )
-        mlflow.pytorch.log_model(
+        logged = mlflow.pytorch.log_model(
             loaded.model.eval(),
             name="model",
             input_example=example,
@@ -155,15 +155,20 @@ def log_training(
             pip_requirements=model_requirements(),
         )
         run_id = run.info.run_id
-    atomic_write_text(
-        output / RUN_FILE, json.dumps({"run_id": run_id, "tracking_uri": tracking_uri()}) + "\n"
-    )
+    # MLflow 3 keeps a logged model as its own entity (models:/m-...), which is what to register.
+    record = {"run_id": run_id, "model_uri": logged.model_uri, "tracking_uri": tracking_uri()}
+    atomic_write_text(output / RUN_FILE, json.dumps(record) + "\n")
     return run_id
 
 
-def run_id_of(model_folder: Path) -> str | None:
+def _run_record(model_folder: Path) -> dict[str, str] | None:
     path = Path(model_folder) / RUN_FILE
-    return json.loads(path.read_text())["run_id"] if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_id_of(model_folder: Path) -> str | None:
+    record = _run_record(model_folder)
+    return record["run_id"] if record else None
 
 
 def log_evaluation(model_folder: Path, test_set: str, metrics: dict[str, Any], files: list[Path]) -> None:
@@ -262,11 +267,12 @@ def register(model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME
         value = client.get_run(run_id).data.metrics.get(metric)
         if value is None:
             raise FersynthError(f"{folder}: MLflow run {run_id} has no metric {metric!r} (evaluate it first)")
-        scored.append((value, label, run_id))
+        model_uri = _run_record(folder).get("model_uri") or f"runs:/{run_id}/model"
+        scored.append((value, label, run_id, model_uri))
     if not scored:
         raise FersynthError("register: every row of the grid was skipped; nothing to register")
-    value, label, run_id = max(scored)
-    version = mlflow.register_model(f"runs:/{run_id}/model", name)
+    value, label, run_id, model_uri = max(scored)
+    version = mlflow.register_model(model_uri, name)
     client.set_model_version_tag(name, version.version, metric, str(value))
     client.set_model_version_tag(name, version.version, "grid_row", label)
     champion_value = None

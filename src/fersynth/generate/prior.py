@@ -27,7 +27,7 @@ from fersynth.figures import contact_sheet, save_png
 from fersynth.files import atomic_write_text, staged_folder
 from fersynth.generate.backends import to_uint8
 from fersynth.settings import PriorSettings, save_resolved
-from fersynth.train.data import ManifestImages, SampleStream
+from fersynth.train.data import InMemoryBatches, ManifestImages, SampleStream, use_in_memory
 from fersynth.train.loop import split_validation
 
 PRIOR_JSON = "prior.json"
@@ -90,15 +90,23 @@ def run_train_prior(
     vae = build_autoencoder(settings.image_size, tuple(settings.channels)).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
     images = ManifestImages(dataset.root, train, _transform(settings.image_size, True), seed=seed)
-    loader = DataLoader(
-        images,
-        batch_size=settings.batch_size,
-        num_workers=settings.workers,
-        sampler=SampleStream(images.labels, seed),
-        drop_last=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    batches = iter(loader)
+    stream = SampleStream(images.labels, seed)
+    if use_in_memory("auto", len(images), settings.image_size):
+        # Decoded once, flipped per batch: no worker process taking a core from the model.
+        batches = InMemoryBatches(
+            images, stream, settings.batch_size, settings.image_size, settings.image_size,
+            hflip=True, rotation=0.0, mean=[0.5] * 3, std=[0.5] * 3, device=device,
+        )  # fmt: skip
+    else:
+        loader = DataLoader(
+            images,
+            batch_size=settings.batch_size,
+            num_workers=settings.workers,
+            sampler=stream,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        batches = iter(loader)
     vae.train()
     bar = tqdm(range(settings.steps), desc="train prior", unit="step", disable=not progress)
     for step in bar:

@@ -17,8 +17,6 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from fersynth.classes import CLASSES
 from fersynth.train.data import ManifestImages, test_transform
@@ -60,6 +58,8 @@ def extract_features(
 
 
 def frechet_distance(real: np.ndarray, synthetic: np.ndarray) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance  # 6 s to import: only when used
+
     metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), reset_real_features=True)
     metric.update(torch.from_numpy(real).double(), real=True)
     metric.update(torch.from_numpy(synthetic).double(), real=False)
@@ -70,6 +70,8 @@ def kernel_distance(
     real: np.ndarray, synthetic: np.ndarray, subset_size: int, seed: int
 ) -> tuple[float, float]:
     """KID (mean, std over subsets) with subsets no larger than the smaller set."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     torch.manual_seed(seed)  # KID draws its subsets from the global generator
     with warnings.catch_warnings():  # "will save all extracted features": we sample per class
         warnings.simplefilter("ignore", UserWarning)
