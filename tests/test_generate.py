@@ -68,6 +68,25 @@ def test_prior_reports_reconstruction_error(world):
     assert (root / "prior" / "reconstructions.png").is_file()
 
 
+def test_prior_is_reproducible_and_trains_from_disk_when_too_big_for_memory(world, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    import fersynth.train.data
+
+    _, data = world
+    tiny = dict(data=data, image_size=32, channels=[8, 16], steps=3, batch_size=8, workers=0)
+    weights = []
+    for name in ("a", "b"):  # decoded once into memory (the demo's case), same seed twice
+        run_train_prior(PriorSettings(output=tmp_path / name, **tiny), progress=False)
+        vae = AutoencoderKL.from_pretrained(tmp_path / name / "vae", local_files_only=True)
+        weights.append(vae.decoder.conv_out.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+    monkeypatch.setattr(fersynth.train.data, "IN_MEMORY_LIMIT", 0)  # streams through workers
+    run_train_prior(PriorSettings(output=tmp_path / "streamed", **tiny), progress=False)
+    info = json.loads((tmp_path / "streamed" / "prior.json").read_text())
+    assert 0 < info["reconstruction_mae_grey_levels"] < 255
+
+
 def test_gif_step_stays_in_the_eps_ball_and_raises_the_score():
     torch.manual_seed(0)
     decoder = torch.nn.Sequential(
