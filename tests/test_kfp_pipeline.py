@@ -155,6 +155,26 @@ TINY = [
 
 
 @pytest.mark.slow
+def test_a_synthetic_row_with_no_images_is_skipped_by_the_pipeline_steps(tmp_path):
+    """What the train, evaluate and compare components do when the vote accepted nothing."""
+    from fersynth import pipeline_steps
+    from helpers import colour_dataset
+
+    empty = colour_dataset(tmp_path / "synthetic", per_class=0, test_per_class=1)
+    with pytest.raises(Exception, match="no training images"):
+        pipeline_steps.train(str(empty), str(tmp_path / "m0"), "mek", False, "Original_MEK")
+    outcome = pipeline_steps.train(
+        str(empty), str(tmp_path / "model"), "mek", False, "Synthetic_MEK", skip_if_empty=True
+    )
+    assert "no training images" in outcome["skipped"]
+    pipeline_steps.mark_grid_row(tmp_path / "model", "Synthetic_MEK")
+    assert pipeline_steps.by_grid_row([tmp_path / "model"]) == {"Synthetic_MEK": str(tmp_path / "model")}
+    results = tmp_path / "results"
+    assert pipeline_steps.evaluate(str(tmp_path / "model"), {"in_domain": str(empty)}, str(results)) == []
+    tables = pipeline_steps.compare({"Synthetic_MEK": str(results)}, ["in_domain"], str(tmp_path / "c"))
+    assert "Synthetic_MEK: skipped, " in tables["in_domain"]
+
+
 def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, tmp_path):
     from kfp import local
 

@@ -47,3 +47,11 @@ def test_the_voters_verify_waits_for_are_the_ones_params_yaml_names():
     deps = pipeline["stages"]["verify"]["deps"]
     for voter in params["verify"]["voters"]:
         assert voter.replace("runs/demo/models", "${models}") in deps
+
+
+def test_only_the_rows_on_synthetic_data_may_be_skipped():
+    """An empty synthetic set (the vote accepted nothing) skips its row; an empty original set
+    is an error that stops the graph."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert "--skip-if-empty" in stages["train_synthetic"]["do"]["cmd"]
+    assert "--skip-if-empty" not in stages["train_original"]["do"]["cmd"]
