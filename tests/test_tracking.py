@@ -69,7 +69,7 @@ def test_runs_metrics_models_and_the_champion_alias(mlflow_env, tmp_path):
     # A skipped row (nothing to train on) is passed over, not an error.
     from fersynth.skipped import write_skipped
 
-    write_skipped(tmp_path / "empty", "no training images")
+    write_skipped(tmp_path / "empty", "no training images", {})
     name = f"fer-{tmp_path.name}"
     out = ok(
         fersynth(

@@ -169,10 +169,9 @@ def run_evaluate(
 ) -> list[TestSetResult]:
     """Evaluate one model on each dataset's `settings.split`; one sub-folder per test set.
     A skipped training run (fersynth.skipped) gives a skipped results folder and no results."""
-    reason = skipped_reason(settings.model) if loaded is None and Path(settings.model).is_dir() else None
+    reason = skipped_reason(settings.model) if loaded is None else None
     if reason is not None:
-        write_skipped(Path(settings.output), reason, force=True, model=str(settings.model))
-        save_resolved({"evaluate": settings}, Path(settings.output))
+        write_skipped(settings.output, reason, {"evaluate": settings}, force=True, model=str(settings.model))
         return []
     device = pick_device(settings.device)
     loaded = loaded or load_model(settings.model, device)

@@ -14,15 +14,20 @@ import json
 from pathlib import Path
 
 from fersynth.files import atomic_write_text, staged_folder
+from fersynth.settings import save_resolved
 
 SKIPPED_JSON = "skipped.json"
 
 
-def write_skipped(folder: Path, reason: str, *, force: bool = False, **details: object) -> Path:
-    """Replace `folder` with a record that its run was skipped, and why."""
+def write_skipped(
+    folder: Path, reason: str, settings: dict, *, force: bool = False, **details: object
+) -> Path:
+    """Replace `folder` with a record that its run was skipped, and why, beside the resolved
+    `settings` of the stage that skipped it (both appear together or not at all)."""
     with staged_folder(Path(folder), force=force) as staging:
         record = {"skipped": True, "reason": reason, **details}
         atomic_write_text(staging / SKIPPED_JSON, json.dumps(record, indent=2) + "\n")
+        save_resolved(settings, staging)
     return Path(folder)
 
 

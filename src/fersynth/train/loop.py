@@ -154,8 +154,8 @@ def run_train(
         reason = f"{settings.data}: no training images (split 'train')"
         if not skip_if_empty:
             raise FersynthError(reason)
-        write_skipped(output, reason, force=force or resume, data=str(settings.data))
-        save_resolved({"seed": seed, "train": settings}, output)
+        settings_record = {"seed": seed, "train": settings}
+        write_skipped(output, reason, settings_record, force=force or resume, data=str(settings.data))
         return TrainResult(output, 0, 0, None, 0.0, skipped=reason)
     counts = [int((train_frame["label"] == name).sum()) for name in CLASSES]
     resuming = _prepare_output(output, resume, force)
