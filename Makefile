@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PARAMS ?= params.yaml
 
 .DEFAULT_GOAL := help
 
@@ -19,6 +18,11 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP) ## create .venv with the pinned dependencies (done by every target)
 
+# The experiment: params.yaml is a link to the active profile (profiles/*.yaml). `make run` runs
+# the demo; `make run PARAMS=profiles/fer2013.yaml` points the link at another profile first.
+PARAMS ?= profiles/demo.yaml
+EXPERIMENT = $$($(BIN)/fersynth params experiment.name)
+
 # make run tracks into a local MLflow store under runs/mlflow (ignored by git); set
 # MLFLOW_TRACKING_URI to a team server instead (see mlflow/README.md).
 MLFLOW_LOCAL := $(CURDIR)/runs/mlflow
@@ -26,14 +30,19 @@ MLFLOW_TRACKING_URI ?= sqlite:///$(MLFLOW_LOCAL)/mlflow.db
 FERSYNTH_ARTIFACT_LOCATION ?= $(MLFLOW_LOCAL)/artifacts
 MLFLOW_UI_PORT ?= 5000
 
-run: $(STAMP) ## the main job on the demo data: `dvc repro` of dvc.yaml, MLflow in runs/mlflow, the tables
+profile: $(STAMP) ## point params.yaml at PARAMS (default profiles/demo.yaml) and check it
+	@test -f "$(PARAMS)" || { echo "make: PARAMS=$(PARAMS): no such profile (see profiles/)"; exit 2; }
+	@case "$(PARAMS)" in profiles/*.yaml) ;; *) echo "make: PARAMS must be profiles/<name>.yaml"; exit 2;; esac
+	@test "$$(readlink params.yaml)" = "$(PARAMS)" || ln -sfn "$(PARAMS)" params.yaml
+	@$(BIN)/fersynth params experiment.name >/dev/null && echo "profile: $(PARAMS) (params.yaml -> $(PARAMS))"
+
+run: profile ## the main job on a profile (PARAMS=profiles/<name>.yaml, default the demo): `dvc repro`, MLflow in runs/mlflow, the tables
 	@mkdir -p $(MLFLOW_LOCAL)
 	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" \
 	  FERSYNTH_ARTIFACT_LOCATION="$(FERSYNTH_ARTIFACT_LOCATION)" $(BIN)/dvc repro
-	@echo; cat runs/demo/compare/guarded/comparison.md
-	@echo; cat runs/demo/compare/cross/comparison.md
-	@echo; echo "report: runs/demo/report/report.md (also in MLflow: make mlflow-ui)"
-	@echo "registry: $$(cat runs/demo/register.json | tr -d '\n' | tr -s ' ')"
+	@echo; cat docs/results/$(EXPERIMENT).md
+	@echo; echo "results: docs/results/$(EXPERIMENT).md; report with pictures: runs/$(EXPERIMENT)/report/report.md (also in MLflow: make mlflow-ui)"
+	@echo "registry: $$(cat runs/$(EXPERIMENT)/register.json | tr -d '\n' | tr -s ' ')"
 
 mlflow-ui: $(STAMP) ## browse the MLflow store of make run (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(MLFLOW_LOCAL)/mlflow.db" --port $(MLFLOW_UI_PORT)
@@ -54,14 +63,14 @@ lint: $(STAMP) ## ruff check and format check; hadolint on docker/
 
 # Images and the compiled pipeline carry the same tag: the git commit (never `latest`).
 TAG = $(shell git rev-parse --short=12 HEAD)
-KFP_SETTING = $(BIN)/python -c "from fersynth.settings import load_settings; print(load_settings().kfp.$(1))"
+KFP_SETTING = $(BIN)/fersynth params kfp.$(1)
 
 image: $(STAMP) ## build the CPU and CUDA images (docker/), tagged with the git commit
 	@command -v docker >/dev/null || { echo "make image: docker not found (install Docker, or build in CI)"; exit 1; }
 	docker build -f docker/Dockerfile --target cpu --build-arg GIT_COMMIT=$(TAG) -t $$($(call KFP_SETTING,image)):$(TAG) .
 	docker build -f docker/Dockerfile --target cuda --build-arg GIT_COMMIT=$(TAG) -t $$($(call KFP_SETTING,gpu_image)):$(TAG) .
 
-pipeline: $(STAMP) ## compile the KFP pipeline to pipelines/compiled/fersynth.yaml (commit it)
+pipeline: $(STAMP) ## compile the active profile's KFP pipeline to pipelines/compiled/<profile>.yaml (commit it)
 	$(BIN)/python -m pipelines compile
 
 k8s: $(STAMP) ## render and validate every kustomize overlay (k8s/)
@@ -77,7 +86,7 @@ lock: ## re-resolve requirements.lock from the pins in pyproject.toml (needs the
 	  .lock-venv/bin/pip freeze --all --exclude-editable | grep -vE '^(pip|wheel)=='; } > requirements.lock
 	rm -rf .lock-venv
 
-clean: ## remove outputs of make run (keeps .venv and the DVC cache)
-	rm -rf data/demo runs/demo
+clean: ## remove outputs of make run for the active profile (keeps .venv and the DVC cache)
+	rm -rf data/$(EXPERIMENT) runs/$(EXPERIMENT)
 
-.PHONY: help venv run mlflow-ui mlflow-server test test-fast lint image pipeline k8s lock clean
+.PHONY: help venv profile run mlflow-ui mlflow-server test test-fast lint image pipeline k8s lock clean

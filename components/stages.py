@@ -21,6 +21,8 @@ from kfp.dsl import (
 
 
 def resolve_settings(
+    profile: str,
+    data_rev: str,
     seed: int,
     source: str,
     train_arch: str,
@@ -32,12 +34,16 @@ def resolve_settings(
     extra: list[str],
     settings: Output[Artifact],
 ):
-    """The pipeline's parameters as KEY=VALUE overrides for every step, checked here once (a
-    bad value fails the run at its first step) and saved as the artifact every step reads."""
+    """The profile the pipeline was compiled from (JSON, every setting) with the pipeline's
+    parameters as KEY=VALUE overrides, checked here once (a bad value fails the run at its
+    first step) and saved as the artifact every step reads."""
+    import json
+
     from fersynth.pipeline_steps import resolve_overrides
 
     resolve_overrides(
         {
+            "kfp.data_rev": data_rev,
             "seed": seed,
             "ingest.source": source,
             "train.arch": train_arch,
@@ -49,6 +55,7 @@ def resolve_settings(
         },
         extra,
         settings.path,
+        json.loads(profile),
     )
 
 
@@ -72,10 +79,16 @@ def quality(data: Input[Dataset], settings: Input[Artifact], dataset: Output[Dat
     dataset.metadata.update(step(data.path, dataset.path, settings.path))
 
 
-def guard(data: Input[Dataset], cross: Input[Dataset], settings: Input[Artifact], dataset: Output[Dataset]):
+def guard(
+    data: Input[Dataset], test_sets: Input[Dataset], settings: Input[Artifact], dataset: Output[Dataset]
+):
+    """Training images that copy an in-domain or a cross-dataset test image are removed."""
     from fersynth.pipeline_steps import guard as step
+    from fersynth.pipeline_steps import settings_from, test_set_folders
 
-    dataset.metadata.update(step(data.path, [cross.path], dataset.path, settings.path))
+    folders = test_set_folders(settings_from(settings.path), data.path, test_sets.path)
+    cross = [folder for folder in folders.values() if folder != data.path]
+    dataset.metadata.update(step(data.path, cross, dataset.path, settings.path))
 
 
 def train(
@@ -85,33 +98,31 @@ def train(
     pipeline_run: str,
     model: Output[Model],
 ):
-    """One row of the grid, a JSON object: label, method, balanced, and variant (a sub-folder
-    of `data` for the augmented sets, or empty). ParallelFor hands each row over as a string."""
+    """One row of the grid, a JSON object: key, label, and variant (a sub-folder of `data` for
+    the augmented sets, or empty). ParallelFor hands each row over as a string; the row's
+    method and sampler come from the settings."""
     import json
     import os
     from pathlib import Path
 
-    from fersynth.pipeline_steps import mark_grid_row
+    from fersynth.pipeline_steps import mark_grid_row, settings_from
     from fersynth.pipeline_steps import train as step
 
     spec = json.loads(row)
     os.environ["KFP_RUN_ID"] = pipeline_run
-    variant = spec["variant"]  # rows on synthetic data are skipped, not failed, when it is empty
+    os.environ["FERSYNTH_DVC_REV"] = settings_from(settings.path).kfp.data_rev
+    variant = spec["variant"]
     folder = str(Path(data.path) / variant) if variant else data.path
-    outcome = step(
-        folder, model.path, spec["method"], spec["balanced"], spec["label"], settings.path, bool(variant)
-    )
+    outcome = step(folder, model.path, spec["key"], settings.path)
     mark_grid_row(model.path, spec["label"])
-    model.metadata.update({"grid_row": spec["label"], "method": spec["method"], **outcome})
+    model.metadata.update({"grid_row": spec["label"], **outcome})
 
 
 def evaluate(
     model: Input[Model],
     in_domain: Input[Dataset],
-    cross: Input[Dataset],
+    test_sets: Input[Dataset],
     row: str,
-    in_domain_name: str,
-    cross_name: str,
     settings: Input[Artifact],
     pipeline_run: str,
     results: Output[Artifact],
@@ -125,12 +136,14 @@ def evaluate(
 
     from fersynth.classes import CLASSES
     from fersynth.pipeline_steps import evaluate as step
-    from fersynth.pipeline_steps import mark_grid_row
+    from fersynth.pipeline_steps import mark_grid_row, settings_from, test_set_folders
 
     name = json.loads(row)["label"]
     os.environ["KFP_RUN_ID"] = pipeline_run
-    test_sets = {in_domain_name: in_domain.path, cross_name: cross.path}
-    outcomes = step(model.path, test_sets, results.path, settings.path)  # [] for a skipped row
+    resolved = settings_from(settings.path)
+    in_domain_name = resolved.experiment.in_domain
+    folders = test_set_folders(resolved, in_domain.path, test_sets.path)
+    outcomes = step(model.path, folders, results.path, settings.path)  # [] for a skipped row
     mark_grid_row(results.path, name)
     results.metadata["grid_row"] = name
     for outcome in outcomes:
@@ -202,15 +215,18 @@ def verify(
     generated: Input[Dataset],
     reference: Input[Dataset],
     voters: Input[list[Model]],
-    cross: Input[Dataset],
+    test_sets: Input[Dataset],
     settings: Input[Artifact],
     dataset: Output[Dataset],
 ):
+    from fersynth.pipeline_steps import settings_from, test_set_folders
     from fersynth.pipeline_steps import verify as step
 
     voter_paths = sorted(voter.path for voter in voters)  # the order of a Collected list is not fixed
+    folders = test_set_folders(settings_from(settings.path), reference.path, test_sets.path)
+    cross = [folder for folder in folders.values() if folder != reference.path]
     dataset.metadata.update(
-        step(generated.path, reference.path, voter_paths, [cross.path], dataset.path, settings.path)
+        step(generated.path, reference.path, voter_paths, cross, dataset.path, settings.path)
     )
 
 
@@ -229,18 +245,17 @@ def augment(
 def compare(
     original_results: Input[list[Artifact]],
     synthetic_results: Input[list[Artifact]],
-    in_domain_name: str,
-    cross_name: str,
+    settings: Input[Artifact],
     comparisons: Output[Artifact],
     table: Output[Markdown],
 ):
     from pathlib import Path
 
-    from fersynth.pipeline_steps import by_grid_row
+    from fersynth.pipeline_steps import by_grid_row, settings_from
     from fersynth.pipeline_steps import compare as step
 
     runs = by_grid_row(result.path for result in [*original_results, *synthetic_results])
-    tables = step(runs, [in_domain_name, cross_name], comparisons.path)
+    tables = step(runs, settings_from(settings.path).experiment.test_sets(), comparisons.path)
     Path(table.path).write_text("\n".join(tables.values()))
 
 
@@ -252,8 +267,6 @@ def report(
     verified: Input[Dataset],
     augmented: Input[Dataset],
     generated: Input[Dataset],
-    in_domain_name: str,
-    cross_name: str,
     settings: Input[Artifact],
     pipeline_run: str,
     folder: Output[Artifact],
@@ -264,20 +277,21 @@ def report(
     import os
     from pathlib import Path
 
-    from fersynth.pipeline_steps import by_grid_row
+    from fersynth.pipeline_steps import by_grid_row, settings_from
     from fersynth.pipeline_steps import report as step
 
     os.environ["KFP_RUN_ID"] = pipeline_run
+    resolved = settings_from(settings.path)
     evaluations = by_grid_row(result.path for result in [*original_results, *synthetic_results])
+    variants = resolved.experiment.grid.variants()
     stages = {
         "quality": quality_data.path,
         "verify": verified.path,
-        "augment": str(Path(augmented.path) / "rho"),
+        "augment": str(Path(augmented.path) / (variants[0] if variants else "rho")),
         "generated": generated.path,
     }
-    markdown = step(
-        comparisons.path, [in_domain_name, cross_name], evaluations, stages, folder.path, settings.path
-    )
+    test_sets = resolved.experiment.test_sets()
+    markdown = step(comparisons.path, test_sets, evaluations, stages, folder.path, settings.path)
     text = markdown.read_text()
     run_file = Path(folder.path) / "mlflow_run.json"
     if run_file.is_file():
@@ -290,13 +304,14 @@ def register(
     original_models: Input[list[Model]],
     synthetic_models: Input[list[Model]],
     metric: str,
+    settings: Input[Artifact],
     outcome: Output[Artifact],
 ):
     from fersynth.pipeline_steps import by_grid_row
     from fersynth.pipeline_steps import register as step
 
     models = by_grid_row(model.path for model in [*original_models, *synthetic_models])
-    outcome.metadata.update({k: str(v) for k, v in step(models, metric, outcome.path).items()})
+    outcome.metadata.update({k: str(v) for k, v in step(models, metric, outcome.path, settings.path).items()})
 
 
 def record_status(status: PipelineTaskFinalStatus, pipeline_run: str):

@@ -1,6 +1,6 @@
 """`python -m pipelines`: compile the pipeline, upload it, start a run, schedule retraining.
 
-    python -m pipelines compile                      # -> pipelines/compiled/fersynth.yaml
+    python -m pipelines compile                      # -> pipelines/compiled/<profile>.yaml
     python -m pipelines run --host URL [--no-cache]  # upload as a new version, start one run
     python -m pipelines schedule --host URL          # upload (caching off), create/replace the recurring run
 
@@ -21,7 +21,7 @@ from fersynth.errors import FersynthError
 from fersynth.settings import load_settings
 from pipelines.fersynth_pipeline import ROOT, build_pipeline
 
-COMPILED = ROOT / "pipelines" / "compiled" / "fersynth.yaml"
+COMPILED = ROOT / "pipelines" / "compiled"  # one compiled pipeline per profile: <experiment name>.yaml
 
 
 def git_commit() -> str:
@@ -45,7 +45,12 @@ def compile_pipeline(output: Path, image_tag: str, params: Path = ROOT / "params
 
 
 @click.group()
-@click.option("--params", type=click.Path(path_type=Path, exists=True), default=ROOT / "params.yaml")
+@click.option(
+    "--params",
+    type=click.Path(path_type=Path, exists=True),
+    default=ROOT / "params.yaml",
+    help="Profile to compile (default: the active one, params.yaml).",
+)
 @click.option("--image-tag", help="Image tag [kfp.image_tag, else the git commit].")
 @click.pass_context
 def cli(ctx, params: Path, image_tag: str | None) -> None:
@@ -59,10 +64,11 @@ def _tag(ctx) -> str:
 
 
 @cli.command("compile")
-@click.option("--output", type=click.Path(path_type=Path), default=COMPILED, show_default=True)
+@click.option("--output", type=click.Path(path_type=Path), help="[pipelines/compiled/<profile>.yaml]")
 @click.pass_context
-def compile_command(ctx, output: Path) -> None:
+def compile_command(ctx, output: Path | None) -> None:
     """Compile the pipeline to YAML (commit the result: a test compares it)."""
+    output = output or COMPILED / f"{ctx.obj['settings'].experiment.name}.yaml"
     path = compile_pipeline(output, _tag(ctx), ctx.obj["params"])
     click.echo(f"compiled {path} (images tagged {_tag(ctx)})")
 

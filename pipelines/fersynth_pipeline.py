@@ -5,55 +5,47 @@ fetch (DVC, at a git revision) -> ingest -> quality -> guard -> the original row
 verify -> augment -> the synthetic rows -> evaluate (in-domain and cross-dataset) -> compare
 -> report -> register; an exit handler records how the run ended.
 
-Parameter defaults come from params.yaml; the grid's rows come from dvc.yaml's `vars`, so the
-local run and the cluster run train the same rows.
+Everything comes from one profile (profiles/*.yaml, resolved): the grid's rows, the test sets,
+and every setting, which the compiled pipeline carries as its `profile` parameter; the typed
+parameters below are overrides of it. DVC's dvc.yaml reads the same profile, so the local run
+and the cluster run train the same rows with the same settings.
 """
 
 import json
 from pathlib import Path
 
-import yaml
 from kfp import dsl
 
 import components
-from fersynth.settings import Settings, load_settings
+from fersynth.settings import Settings, load_settings, resolved_dict, row_label
 from pipelines.resources import on_gpu_pool, with_credentials
 
 ROOT = Path(__file__).resolve().parents[1]
-IN_DOMAIN, CROSS = "in_domain", "cross"  # test-set names in results and MLflow metric keys
-VARIANTS = ["rho", "synthetic"]  # the augmented datasets the synthetic rows train on
 
 
-def grid_rows(dvc_yaml: Path = ROOT / "dvc.yaml") -> tuple[list[dict], list[dict]]:
-    """(original rows, synthetic rows) of the experiment grid, as dvc.yaml declares them."""
-    variables = {}
-    for entry in yaml.safe_load(dvc_yaml.read_text())["vars"]:
-        if isinstance(entry, dict):
-            variables.update(entry)
-    originals = [
-        {"label": row_label(key), "method": row["method"], "balanced": bool(row["balanced"]), "variant": ""}
-        for key, row in variables["originals"].items()
-    ]
-    synthetics = [
-        {"label": row_label(key), "method": row["method"], "balanced": False, "variant": row["variant"]}
-        for key, row in variables["synthetics"].items()
-    ]
-    return originals, synthetics
+def grid_rows(settings: Settings) -> tuple[list[dict], list[dict]]:
+    """(rows on the original data, rows on synthetic data) of the experiment grid: key, table
+    label and the augmented variant they train on (empty for the original data)."""
+    grid = settings.experiment.grid
 
+    def rows(table: dict, on_synthetic: bool) -> list[dict]:
+        return [
+            {"key": key, "label": row_label(key, row), "variant": str(row.variant) if on_synthetic else ""}
+            for key, row in table.items()
+        ]
 
-def row_label(key: str) -> str:
-    """`expanded_sl` -> `Expanded_SL`: the thesis' row names."""
-    head, _, tail = key.partition("_")
-    return "_".join(
-        [head.capitalize(), *(part.upper() if part in ("sl", "mek") else part for part in tail.split("_"))]
-    )
+    return rows(grid.original, False), rows(grid.synthetic, True)
 
 
 def build_pipeline(settings: Settings, image_tag: str):
     """The pipeline function, with defaults from `settings` and images tagged `image_tag`."""
     kfp = settings.kfp
     ops = components.build(f"{kfp.image}:{image_tag}", f"{kfp.gpu_image}:{image_tag}")
-    originals, synthetics = grid_rows()
+    originals, synthetics = grid_rows(settings)
+    profile = json.dumps(resolved_dict(settings), sort_keys=True)
+    # The guide: a row on the original data, named in generate.guide_model (resolved to its folder).
+    guide_key = Path(settings.generate.guide_model).name
+    guide_label = next((row["label"] for row in originals if row["key"] == guide_key), originals[0]["label"])
     # Each row reaches its tasks as one JSON string (ParallelFor over strings runs everywhere).
     original_rows = [json.dumps(row, sort_keys=True) for row in originals]
     synthetic_rows = [json.dumps(row, sort_keys=True) for row in synthetics]
@@ -70,8 +62,8 @@ def build_pipeline(settings: Settings, image_tag: str):
     def fersynth(
         data_repo: str = kfp.data_repo,
         data_rev: str = kfp.data_rev,
-        data_path: str = kfp.data_path,
-        cross_path: str = kfp.cross_path,
+        data_path: str = str(kfp.data_path),
+        test_sets_path: str = str(kfp.test_sets_path),
         source: str = settings.ingest.source,
         seed: int = settings.seed,
         train_arch: str = settings.train.arch,
@@ -81,7 +73,7 @@ def build_pipeline(settings: Settings, image_tag: str):
         rho: float = settings.augment.rho,
         min_votes: int = settings.verify.min_votes,
         generate_shards: int = kfp.generate_shards,
-        register_metric: str = f"{IN_DOMAIN}.mean_accuracy",
+        register_metric: str = f"{settings.experiment.in_domain}.mean_accuracy",
         overrides: list = [],  # noqa: B006 (a KFP default, never mutated): more KEY=VALUE settings
     ):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -89,6 +81,8 @@ def build_pipeline(settings: Settings, image_tag: str):
         with dsl.ExitHandler(status, name="grid"):
             resolved = prepared(
                 ops.resolve_settings(
+                    profile=profile,
+                    data_rev=data_rev,
                     seed=seed,
                     source=source,
                     train_arch=train_arch,
@@ -104,13 +98,13 @@ def build_pipeline(settings: Settings, image_tag: str):
             raw = prepared(ops.fetch_data(repo_url=data_repo, path=data_path, rev=data_rev)).set_display_name(
                 "fetch data"
             )
-            cross = prepared(
-                ops.fetch_data(repo_url=data_repo, path=cross_path, rev=data_rev)
-            ).set_display_name("fetch cross-dataset test set")
+            test_sets = prepared(
+                ops.fetch_data(repo_url=data_repo, path=test_sets_path, rev=data_rev)
+            ).set_display_name("fetch test sets")
             ingested = prepared(ops.ingest(raw=raw.outputs["data"], settings=every))
             scored = prepared(ops.quality(data=ingested.outputs["dataset"], settings=every), gpu=True)
             guarded = prepared(
-                ops.guard(data=scored.outputs["dataset"], cross=cross.outputs["data"], settings=every)
+                ops.guard(data=scored.outputs["dataset"], test_sets=test_sets.outputs["data"], settings=every)
             )
             clean = guarded.outputs["dataset"]
 
@@ -128,10 +122,8 @@ def build_pipeline(settings: Settings, image_tag: str):
                     ops.evaluate(
                         model=trained.outputs["model"],
                         in_domain=clean,
-                        cross=cross.outputs["data"],
+                        test_sets=test_sets.outputs["data"],
                         row=row,
-                        in_domain_name=IN_DOMAIN,
-                        cross_name=CROSS,
                         settings=every,
                         pipeline_run=run_id,
                     )
@@ -142,10 +134,7 @@ def build_pipeline(settings: Settings, image_tag: str):
                 voter, voter_results = train_and_evaluate(clean, row)
 
             prior = prepared(ops.train_prior(data=clean, settings=every), gpu=True)
-            # The guide is the first original row's model, as in dvc.yaml.
-            guide = ops.select_model(
-                models=dsl.Collected(voter.outputs["model"]), grid_row=originals[0]["label"]
-            )
+            guide = ops.select_model(models=dsl.Collected(voter.outputs["model"]), grid_row=guide_label)
             shards = ops.shard_indices(num_shards=generate_shards)
             with dsl.ParallelFor(shards.output, parallelism=kfp.max_parallel_shards, name="shards") as shard:
                 generated_shard = prepared(
@@ -172,13 +161,16 @@ def build_pipeline(settings: Settings, image_tag: str):
                     generated=merged.outputs["dataset"],
                     reference=clean,
                     voters=dsl.Collected(voter.outputs["model"]),
-                    cross=cross.outputs["data"],
+                    test_sets=test_sets.outputs["data"],
                     settings=every,
                 )
             )
             augmented = prepared(
                 ops.augment(
-                    original=clean, synthetic=verified.outputs["dataset"], variants=VARIANTS, settings=every
+                    original=clean,
+                    synthetic=verified.outputs["dataset"],
+                    variants=settings.experiment.grid.variants(),
+                    settings=every,
                 )
             )
             with dsl.ParallelFor(synthetic_rows, name="synthetic-rows") as row:
@@ -188,8 +180,7 @@ def build_pipeline(settings: Settings, image_tag: str):
                 ops.compare(
                     original_results=dsl.Collected(voter_results.outputs["results"]),
                     synthetic_results=dsl.Collected(results.outputs["results"]),
-                    in_domain_name=IN_DOMAIN,
-                    cross_name=CROSS,
+                    settings=every,
                 )
             )
             prepared(
@@ -201,8 +192,6 @@ def build_pipeline(settings: Settings, image_tag: str):
                     verified=verified.outputs["dataset"],
                     augmented=augmented.outputs["datasets"],
                     generated=merged.outputs["dataset"],
-                    in_domain_name=IN_DOMAIN,
-                    cross_name=CROSS,
                     settings=every,
                     pipeline_run=run_id,
                 )
@@ -212,6 +201,7 @@ def build_pipeline(settings: Settings, image_tag: str):
                     original_models=dsl.Collected(voter.outputs["model"]),
                     synthetic_models=dsl.Collected(model.outputs["model"]),
                     metric=register_metric,
+                    settings=every,
                 )
             ).after(compared)
 
@@ -219,4 +209,5 @@ def build_pipeline(settings: Settings, image_tag: str):
 
 
 def default_pipeline(image_tag: str, params: Path = ROOT / "params.yaml"):
+    """The pipeline of a profile (default: the active one, params.yaml)."""
     return build_pipeline(load_settings(params), image_tag)

@@ -42,6 +42,20 @@ def test_params_prints_resolved_settings_with_overrides(capsys):
     assert main(["-S", "ingest.workers=3", "params"]) == 0
     resolved = json.loads(capsys.readouterr().out)
     assert resolved["ingest"]["workers"] == 3 and resolved["seed"] == 2048
+    assert main(["-S", "experiment.name=fer", "params", "experiment.name"]) == 0
+    assert capsys.readouterr().out == "fer\n"
+    assert main(["params", "train.stepz"]) == 2
+    assert "no setting 'train.stepz'" in capsys.readouterr().err
+
+
+def test_grid_and_test_set_names_are_checked_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--row", "nosuch"]) == 2
+    assert "experiment.grid: no row 'nosuch'" in capsys.readouterr().err
+    assert main(["test-set", "nosuch"]) == 2
+    assert "no test set 'nosuch' (test sets: in_domain)" in capsys.readouterr().err
+    assert main(["train", "--row", "original_sl", "--method", "mek"]) == 2
+    assert "drop --method" in capsys.readouterr().err
 
 
 def test_demo_data_then_ingest_from_the_command_line(tmp_path):

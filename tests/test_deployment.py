@@ -94,7 +94,7 @@ def test_the_pipeline_and_the_cluster_agree_on_names():
     """The Secrets the pipeline reads are the ones the templates create and RBAC allows."""
     from fersynth.settings import load_settings
 
-    kfp = load_settings(ROOT / "params.yaml").kfp
+    kfp = load_settings(ROOT / "profiles" / "demo.yaml").kfp
     rbac = list(yaml.safe_load_all((ROOT / "k8s" / "base" / "rbac.yaml").read_text()))
     role = next(o for o in rbac if o["kind"] == "Role")
     allowed = next(r for r in role["rules"] if r["resources"] == ["secrets"])["resourceNames"]

@@ -201,7 +201,7 @@ def test_a_row_with_nothing_to_train_on_is_skipped_through_compare_and_report(tr
             output=tmp_path / "report",
             comparisons=[compare],
             evaluations=tmp_path,
-            changes={"Synthetic_MEK": "Original_MEK"},
+            changes=[("Synthetic_MEK", "Original_MEK")],
         )
     )
     page = (report.output / REPORT_MD).read_text()

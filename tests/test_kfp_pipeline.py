@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPILED = ROOT / "pipelines" / "compiled" / "fersynth.yaml"
+DEMO = ROOT / "profiles" / "demo.yaml"
+COMPILED = ROOT / "pipelines" / "compiled" / "demo.yaml"  # the demo profile's pipeline
 DVC = str(Path(sys.executable).parent / "dvc")
 sys.path.insert(0, str(ROOT))  # components/ and pipelines/ live beside the package
 
@@ -28,9 +29,9 @@ def committed_tag() -> str:
 def test_the_committed_pipeline_is_what_the_code_compiles(tmp_path):
     from pipelines.__main__ import compile_pipeline
 
-    fresh = compile_pipeline(tmp_path / "fersynth.yaml", committed_tag())
+    fresh = compile_pipeline(tmp_path / "demo.yaml", committed_tag(), DEMO)
     assert fresh.read_text() == COMPILED.read_text(), (
-        "pipelines/compiled/fersynth.yaml is stale: run `make pipeline` and commit it"
+        "pipelines/compiled/demo.yaml is stale: run `make pipeline` (demo profile active) and commit it"
     )
 
 
@@ -42,7 +43,7 @@ def _spec():
 def test_gpu_steps_get_the_pool_the_accelerator_and_shared_memory():
     from fersynth.settings import load_settings
 
-    gpu = load_settings(ROOT / "params.yaml").kfp.gpu
+    gpu = load_settings(DEMO).kfp.gpu
     pipeline, executors = _spec()
     containers = {name: body["container"] for name, body in pipeline["deploymentSpec"]["executors"].items()}
     gpu_steps = {name for name, c in containers.items() if "accelerator" in c.get("resources", {})}
@@ -98,13 +99,14 @@ def test_generation_fans_out_over_shards_and_fans_in_to_merge():
     )
 
 
-def test_the_grid_rows_are_dvc_yaml_s_rows():
+def test_the_grid_rows_are_the_profile_s_rows():
+    from fersynth.settings import load_settings
     from pipelines.fersynth_pipeline import grid_rows
 
-    originals, synthetics = grid_rows()
+    originals, synthetics = grid_rows(load_settings(DEMO))
     assert [r["label"] for r in originals] == ["Original_SL", "Original_SL_balanced", "Original_MEK"]
     assert [r["label"] for r in synthetics] == ["Expanded_SL", "Synthetic_MEK", "Expanded_MEK"]
-    assert [r["balanced"] for r in originals] == [False, True, False]
+    assert [r["key"] for r in originals] == ["original_sl", "original_sl_balanced", "original_mek"]
     assert [r["variant"] for r in synthetics] == ["rho", "synthetic", "rho"]
 
 
@@ -135,8 +137,8 @@ def _data_project(root: Path, s3) -> Path:
     write_demo_data(
         DemoSettings(output=cross_raw, seed=7, train_size=7, test_size=21, image_size=40), progress=False
     )
-    run_ingest(IngestSettings(input=cross_raw, output=repo / "data" / "cross"), progress=False)
-    _run(DVC, "add", "-q", "data/raw", "data/cross", cwd=repo)
+    run_ingest(IngestSettings(input=cross_raw, output=repo / "data" / "test_sets" / "cross"), progress=False)
+    _run(DVC, "add", "-q", "data/raw", "data/test_sets", cwd=repo)
     _run(DVC, "remote", "add", "-d", "storage", "s3://kfp-data/dvc", cwd=repo)  # endpoint: AWS_ENDPOINT_URL
     _run(DVC, "push", "-q", cwd=repo)
     _run("git", "add", "-A", cwd=repo)
@@ -161,11 +163,9 @@ def test_a_synthetic_row_with_no_images_is_skipped_by_the_pipeline_steps(tmp_pat
     from helpers import colour_dataset
 
     empty = colour_dataset(tmp_path / "synthetic", per_class=0, test_per_class=1)
-    with pytest.raises(Exception, match="no training images"):
-        pipeline_steps.train(str(empty), str(tmp_path / "m0"), "mek", False, "Original_MEK")
-    outcome = pipeline_steps.train(
-        str(empty), str(tmp_path / "model"), "mek", False, "Synthetic_MEK", skip_if_empty=True
-    )
+    with pytest.raises(Exception, match="no training images"):  # a row on the original data
+        pipeline_steps.train(str(empty), str(tmp_path / "m0"), "original_mek")
+    outcome = pipeline_steps.train(str(empty), str(tmp_path / "model"), "synthetic_mek")
     assert "no training images" in outcome["skipped"]
     pipeline_steps.mark_grid_row(tmp_path / "model", "Synthetic_MEK")
     assert pipeline_steps.by_grid_row([tmp_path / "model"]) == {"Synthetic_MEK": str(tmp_path / "model")}
@@ -175,7 +175,41 @@ def test_a_synthetic_row_with_no_images_is_skipped_by_the_pipeline_steps(tmp_pat
     assert "Synthetic_MEK: skipped, " in tables["in_domain"]
 
 
-def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, tmp_path):
+def _local_run(root: Path, profile: dict) -> None:
+    """The demo profile's first row trained and evaluated by the CLI, as DVC runs it, in a git
+    project whose dvc.lock is committed (the lineage a local run records)."""
+    from helpers import run_cli
+
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    _run("git", "init", "-q", cwd=root)
+    _run("git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "add", "-A", cwd=root)
+    _run("git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "lock", cwd=root)
+    for command in (
+        ["demo-data", "--set", "raw"],
+        ["demo-data", "--set", "cross_raw"],
+        ["ingest", "--quiet"],
+        ["test-set", "in_domain"],
+        ["test-set", "cross", "--quiet"],
+        ["-S", "train.data=data/demo/ingested", "train", "--row", "original_sl", "--quiet"],
+        ["evaluate", "--row", "original_sl", "--quiet"],
+    ):
+        done = run_cli(*command, cwd=root)
+        assert done.returncode == 0, f"{command}: {done.stderr[-2000:]}"
+
+
+def _row_runs(experiment: str, row: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], f"tags.grid_row = '{row}'")
+
+
+def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, mlflow_env, tmp_path):
+    """The whole grid through kfp.local; its MLflow runs carry the same metric keys and lineage
+    tags as a local run of the same profile through the CLI, against the real MLflow server."""
     from kfp import local
 
     from fersynth.settings import load_settings
@@ -184,12 +218,12 @@ def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, tmp_path):
     repo = _data_project(tmp_path, s3_env)
     root = tmp_path / "pipeline-root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    pipeline = build_pipeline(load_settings(ROOT / "params.yaml"), "test")
+    pipeline = build_pipeline(load_settings(DEMO), "test")
     pipeline(
         data_repo=str(repo),
         data_rev="HEAD",
         data_path="data/raw",
-        cross_path="data/cross",
+        test_sets_path="data/test_sets",
         source="rafdb",
         train_arch="resnet18",
         train_image_size=32,
@@ -220,7 +254,37 @@ def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, tmp_path):
     report = sorted(root.rglob("report/**/report.md"))
     assert report and "What the synthetic data changed" in report[0].read_text()
     status = json.loads(next(iter(sorted(root.rglob("register/**/outcome")))).read_text())
-    assert status == {"registered": False, "reason": "MLFLOW_TRACKING_URI is not set"}
+    assert status["registered"] and status["metric"] == "in_domain.mean_accuracy"
+
+    # The same row run locally through the CLI (as DVC runs it) logs the same keys and tags.
+    profile = yaml.safe_load((ROOT / "profiles" / "demo.yaml").read_text())
+    profile["demo"]["sets"] = {
+        "raw": {"train_size": 56, "test_size": 28, "image_size": 40},
+        "cross_raw": {"seed": 7, "train_size": 7, "test_size": 21, "image_size": 40},
+    }
+    profile["train"].update(arch="resnet18", image_size=32, steps=4, batch_size=8)
+    for pair in TINY:
+        section, _, rest = pair.partition(".")
+        key, _, value = rest.partition("=")
+        if "." not in key:
+            profile.setdefault(section, {})[key] = yaml.safe_load(value)
+    _local_run(tmp_path / "local", profile)
+    experiment = os.environ["FERSYNTH_EXPERIMENT"]
+    runs = _row_runs(experiment, "original_sl")
+    kfp_runs = [r for r in runs if "kfp_run_id" in r.data.tags]
+    local_runs = [r for r in runs if "kfp_run_id" not in r.data.tags]
+    assert len(kfp_runs) == 1 and len(local_runs) == 1
+    kfp_run, local_run = kfp_runs[0], local_runs[0]
+    assert set(kfp_run.data.metrics) == set(local_run.data.metrics)
+    assert {"in_domain.mean_accuracy", "cross.mean_accuracy", "in_domain.accuracy.fear"} <= set(
+        local_run.data.metrics
+    )
+    for run in (kfp_run, local_run):
+        tags = run.data.tags
+        assert tags["profile"] == "demo" and tags["grid_label"] == "Original_SL" and tags["git_commit"]
+    assert kfp_run.data.tags["dvc_rev"] == "HEAD"  # the pipeline's data_rev
+    local_commit = _run("git", "log", "-1", "--format=%H", "--", "dvc.lock", cwd=tmp_path / "local").strip()
+    assert local_run.data.tags["dvc_rev"] == local_commit  # the commit whose dvc.lock names the data
 
 
 @pytest.mark.parametrize("existing", [False, True])

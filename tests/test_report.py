@@ -33,7 +33,7 @@ def test_changes_subtract_each_synthetic_row_from_its_original_row():
         {"Original_SL": _row(50, 10), "Expanded_SL": _row(52, 25), "Original_MEK": _row(40, 30)},
         orient="index",
     )
-    changes = class_changes(table, {"Expanded_SL": "Original_SL", "Expanded_MEK": "Original_MEK"}, "raf")
+    changes = class_changes(table, [("Expanded_SL", "Original_SL"), ("Expanded_MEK", "Original_MEK")], "raf")
     assert list(changes.index) == ["Expanded_SL - Original_SL (raf)"]  # Expanded_MEK is not in the grid
     row = changes.loc["Expanded_SL - Original_SL (raf)"]
     assert row["fear"] == pytest.approx(15) and row["happy"] == pytest.approx(2)
@@ -79,7 +79,7 @@ def test_report_page_has_every_section_and_logs_the_changes(tmp_path):
         verify=verify,
         augment=tmp_path / "missing_augment",
         generated=tmp_path / "missing_generated",
-        changes={"Expanded_SL": "Original_SL"},
+        changes=[("Expanded_SL", "Original_SL")],
     )
     result = run_report(settings)
     page = (result.output / REPORT_MD).read_text()

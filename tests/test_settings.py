@@ -17,9 +17,52 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_repository_params_yaml_is_valid_and_matches_defaults():
-    # params.yaml spells out every default: the file and the code must not drift apart.
-    assert load_settings(REPO / "params.yaml") == Settings()
+def test_params_yaml_is_a_link_to_the_demo_profile():
+    # `make run` runs the demo; `make run PARAMS=...` points the link elsewhere.
+    assert (REPO / "params.yaml").is_symlink()
+    assert load_settings(REPO / "profiles" / "demo.yaml").experiment.name == "demo"
+
+
+def test_unset_paths_follow_the_experiment_layout():
+    settings = load_settings(None, ["experiment.name=other"])
+    assert settings.ingest.output == Path("data/other/ingested")
+    assert settings.guard.output == Path("data/other/guarded")
+    assert settings.train.data == Path("data/other/guarded")
+    assert settings.verify.voters[0] == "runs/other/models/original/original_sl"
+    assert settings.generate.guide_model == "runs/other/models/original/original_sl"
+    assert settings.augment.output == Path("data/other/augmented/rho")
+    assert settings.evaluate.data == [Path("data/other/test_sets/in_domain")]
+    assert settings.report.comparisons == [Path("runs/other/compare/in_domain")]
+    # Another experiment's paths never leak into these (defaults are not shared objects).
+    assert Settings().ingest.output == Path("data/demo/ingested")
+    # A path given explicitly wins over the layout.
+    assert load_settings(None, ["train.data=elsewhere"]).train.data == Path("elsewhere")
+
+
+def test_the_grid_names_what_each_row_beats_and_its_variants():
+    settings = Settings()
+    grid = settings.experiment.grid
+    assert list(grid.rows()) == [
+        "original_sl", "original_sl_balanced", "original_mek", "expanded_sl", "synthetic_mek", "expanded_mek"
+    ]  # fmt: skip
+    assert grid.variants() == ["rho", "synthetic"]
+    # Every row on synthetic data is compared with the cheapest competitor too.
+    assert all("original_sl_balanced" in row.beats for row in grid.synthetic.values())
+    assert ("Expanded_SL", "Original_SL_balanced") in settings.report.changes
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("experiment.grid.synthetic.expanded_sl.beats=[nosuch]", "unknown rows"),
+        ("experiment.grid.synthetic.expanded_sl.variant=null", "name the variant"),
+        ("verify.voters=[expanded_sl]", "trains on synthetic data"),
+        ("experiment.cross_sets={in_domain: {source: rafdb, input: x}}", "in-domain"),
+    ],
+)
+def test_an_inconsistent_experiment_is_one_clear_error(override, message):
+    with pytest.raises(FersynthError, match=message):
+        load_settings(REPO / "profiles" / "demo.yaml", [override])
 
 
 def test_thesis_seed_default():

@@ -74,7 +74,7 @@ def test_runs_metrics_models_and_the_champion_alias(mlflow_env, tmp_path):
     out = ok(
         fersynth(
             *settings, "register", f"weak={tmp_path / 'weak'}", f"strong={tmp_path / 'strong'}",
-            f"empty={tmp_path / 'empty'}", "--name", name, cwd=tmp_path,
+            f"empty={tmp_path / 'empty'}", "--name", name, "--metric", metric, cwd=tmp_path,
         )
     )  # fmt: skip
     assert "now the champion" in out
@@ -82,10 +82,32 @@ def test_runs_metrics_models_and_the_champion_alias(mlflow_env, tmp_path):
     assert champion.run_id == strong_id and champion.version == "1"
 
     # A worse model is registered as a new version but does not take the alias.
-    out = ok(fersynth(*settings, "register", f"weak={tmp_path / 'weak'}", "--name", name, cwd=tmp_path))
+    out = ok(
+        fersynth(
+            *settings,
+            "register",
+            f"weak={tmp_path / 'weak'}",
+            "--name",
+            name,
+            "--metric",
+            metric,
+            cwd=tmp_path,
+        )
+    )
     assert "not promoted" in out
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     assert len(client.search_model_versions(f"name='{name}'")) == 2
+
+    # A challenger ranked by a key the champion lacks is refused in one line, never promoted.
+    other = "cross.mean_accuracy"
+    client.log_metric(json.loads((tmp_path / "weak" / "mlflow_run.json").read_text())["run_id"], other, 0.99)
+    refused = fersynth(
+        *settings, "register", f"weak={tmp_path / 'weak'}", "--name", name, "--metric", other, cwd=tmp_path
+    )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"has no metric {other!r}" in refused.stderr
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert len(client.search_model_versions(f"name='{name}'")) == 2  # nothing registered
 
     # predict loads the champion from the registry.
     image = data / read_first_test_image(data)

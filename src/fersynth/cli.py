@@ -62,25 +62,47 @@ def cli(ctx: click.Context, params: Path | None, overrides: tuple[str, ...]) -> 
 
 
 @cli.command("params")
+@click.argument("key", required=False)
 @click.pass_obj
-def params_command(obj: _Context) -> None:
-    """Validate params.yaml and print the resolved settings as JSON."""
-    click.echo(json.dumps(resolved_dict(obj.settings()), indent=2, default=str))
+def params_command(obj: _Context, key: str | None) -> None:
+    """Validate params.yaml and print the resolved settings as JSON (or one KEY, e.g.
+    experiment.name, as plain text)."""
+    tree = resolved_dict(obj.settings())
+    if key is None:
+        click.echo(json.dumps(tree, indent=2, default=str))
+        return
+    value = tree
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise FersynthError(f"params: no setting {key!r}")
+        value = value[part]
+    click.echo(value if isinstance(value, str) else json.dumps(value, default=str))
 
 
 @cli.command("demo-data")
+@click.option(
+    "--set", "set_name", help="One of demo.sets: its overrides, written to data/<experiment>/<set>."
+)
 @click.option("--output", type=click.Path(path_type=Path), help="Output folder [demo.output].")
 @click.option("--seed", type=int, help="Random seed [demo.seed].")
 @click.option("--train-size", type=int, help="Training images [demo.train_size].")
 @click.option("--test-size", type=int, help="Test images [demo.test_size].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.pass_obj
-def demo_data_command(obj: _Context, output, seed, train_size, test_size, force: bool) -> None:
+def demo_data_command(obj: _Context, set_name, output, seed, train_size, test_size, force: bool) -> None:
     """Draw procedural demo faces in RAF-DB's folder layout (deterministic by seed)."""
     from fersynth.demo import write_demo_data
 
+    extra: list[str] = []
+    if set_name is not None:
+        sets = obj.settings().demo.sets
+        if set_name not in sets:
+            raise FersynthError(f"demo.sets: no set {set_name!r} (sets: {', '.join(sets) or 'none'})")
+        extra = [f"demo.{key}={json.dumps(value)}" for key, value in sets[set_name].items()]
+        extra.append(f"demo.output={json.dumps(str(obj.settings().layout.demo_set(set_name)))}")
     settings = obj.settings(
-        _option_overrides(
+        extra
+        + _option_overrides(
             **{
                 "demo.output": output,
                 "demo.seed": seed,
@@ -160,6 +182,42 @@ def ingest_command(
     click.echo(f"report: {Path(report.output) / REPORT_MD}")
 
 
+@cli.command("test-set")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_obj
+def test_set_command(obj: _Context, name: str, force: bool, quiet: bool) -> None:
+    """Write one of the experiment's test sets to data/<experiment>/test_sets/NAME.
+
+    The in-domain one (experiment.in_domain) is the ingested data's test split; a
+    cross-dataset one (experiment.cross_sets) is ingested from its own source.
+    """
+    from fersynth.dataset import write_split_dataset
+    from fersynth.ingest import run_ingest
+
+    settings = obj.settings()
+    experiment = settings.experiment
+    output = settings.layout.test_set(name)
+    if name == experiment.in_domain:
+        dataset = write_split_dataset(
+            Path(settings.ingest.output), settings.evaluate.split, output, force=force
+        )
+        click.echo(f"test set {name}: {len(dataset.manifest)} images of {settings.ingest.output} -> {output}")
+        return
+    if name not in experiment.cross_sets:
+        known = ", ".join(experiment.test_sets())
+        raise FersynthError(f"experiment: no test set {name!r} (test sets: {known})")
+    cross = experiment.cross_sets[name]
+    overrides = [f"ingest.{key}={json.dumps(value)}" for key, value in cross.options.items()]
+    overrides += _option_overrides(
+        **{"ingest.source": cross.source, "ingest.input": cross.input, "ingest.output": output}
+    )
+    ingest = obj.settings(overrides).ingest
+    report = run_ingest(ingest, seed=settings.seed, force=force, progress=not quiet)
+    click.echo(f"test set {name}: {report.written} images from {cross.input} ({cross.source}) -> {output}")
+
+
 @cli.command("quality")
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset folder [quality.data].")
 @click.option("--output", type=click.Path(path_type=Path), help="Output dataset folder [quality.output].")
@@ -207,6 +265,7 @@ def quality_command(obj: _Context, data, output, sr_model, workers, force: bool,
 
 
 @cli.command("train")
+@click.option("--row", help="A row of experiment.grid: its method, sampler, data and folder.")
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset folder [train.data].")
 @click.option("--output", type=click.Path(path_type=Path), help="Run folder [train.output].")
 @click.option("--arch", help="timm model name [train.arch].")
@@ -225,6 +284,7 @@ def quality_command(obj: _Context, data, output, sr_model, workers, force: bool,
 @click.pass_obj
 def train_command(
     obj: _Context,
+    row,
     data,
     output,
     arch,
@@ -242,7 +302,7 @@ def train_command(
     Writes model.pt (best weights by validation), checkpoint.pt (to resume), train_log.jsonl,
     train_summary.json and the resolved settings.
     """
-    from fersynth.train.loop import run_train
+    from fersynth import stages
 
     settings = obj.settings(
         _option_overrides(
@@ -257,18 +317,16 @@ def train_command(
             }
         )
     )
-    result = run_train(
-        settings.train,
-        seed=settings.seed,
-        resume=resume,
-        force=force,
-        progress=not quiet,
-        skip_if_empty=skip_if_empty,
+    if row is not None:
+        if method is not None:
+            raise FersynthError(f"--row {row} sets the method (experiment.grid): drop --method")
+        settings = stages.row_settings(settings, row, data, output)
+    result, run_id = stages.train(
+        settings, row, resume=resume, force=force, progress=not quiet, skip_if_empty=skip_if_empty
     )
     if result.skipped:
         click.echo(f"skipped: {result.skipped} (recorded in {result.output})")
         return
-    run_id = tracking.track_training(result, settings)
     if run_id:
         click.echo(f"MLflow run {run_id} at {tracking.tracking_uri()}")
     best = result.best_metrics
@@ -283,6 +341,7 @@ def train_command(
 
 
 @cli.command("evaluate")
+@click.option("--row", help="A row of experiment.grid: its model, results in runs/<experiment>/eval/<row>.")
 @click.option("--model", type=click.Path(path_type=Path), help="Model file or run folder [evaluate.model].")
 @click.option(
     "--data",
@@ -295,13 +354,21 @@ def train_command(
 @click.option("--no-tta", is_flag=True, default=None, help="No horizontal-flip test-time augmentation.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_obj
-def evaluate_command(obj: _Context, model, data, split, output, no_tta, quiet: bool) -> None:
+def evaluate_command(obj: _Context, row, model, data, split, output, no_tta, quiet: bool) -> None:
     """Accuracy, mean and per-class accuracy and confusion matrices on one or more test sets."""
-    from fersynth.evaluate import run_evaluate
+    from fersynth import stages
     from fersynth.skipped import skipped_reason
 
+    base = obj.settings()
+    by_row = []
+    if row is not None:
+        base.row(row)  # a clear error for an unknown row
+        by_row = _option_overrides(
+            **{"evaluate.model": base.model_folder(row), "evaluate.output": base.layout.evaluation(row)}
+        )
     settings = obj.settings(
-        _option_overrides(
+        by_row
+        + _option_overrides(
             **{
                 "evaluate.model": model,
                 "evaluate.split": split,
@@ -311,13 +378,12 @@ def evaluate_command(obj: _Context, model, data, split, output, no_tta, quiet: b
         )
         + ([f"evaluate.data={json.dumps([str(d) for d in data])}"] if data else [])
     )
-    results = run_evaluate(settings.evaluate, progress=not quiet)
+    results = stages.evaluate(settings, progress=not quiet)
     if not results:
         reason = skipped_reason(settings.evaluate.output)
         click.echo(f"skipped: its training was skipped ({reason}); recorded in {settings.evaluate.output}")
     for result in results:
         m = result.metrics
-        tracking.track_evaluation(Path(settings.evaluate.model), result)
         per_class = ", ".join(
             f"{k} {v:.0%}" if v is not None else f"{k} -" for k, v in m["per_class_accuracy"].items()
         )
@@ -497,15 +563,33 @@ def verify_command(obj: _Context, data, reference, output, voters, relabel, forc
     help="Training set to build [augment.variant].",
 )
 @click.option("--rho", type=float, help="Largest/smallest class ratio to reach [augment.rho].")
+@click.option(
+    "--grid",
+    "for_grid",
+    is_flag=True,
+    help="Every variant the grid's rows train on, each in data/<experiment>/augmented/.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_obj
 def augment_command(
-    obj: _Context, original, synthetic, output, variant, rho, force: bool, quiet: bool
+    obj: _Context, original, synthetic, output, variant, rho, for_grid: bool, force: bool, quiet: bool
 ) -> None:
     """Add accepted synthetic images to the minor classes (thesis Algorithm 4)."""
     from fersynth.augment import REPORT_MD, run_augment
 
+    if for_grid:
+        base = obj.settings()
+        for name in base.experiment.grid.variants():
+            extra = _option_overrides(
+                **{"augment.variant": name, "augment.output": base.layout.augmented(name), "augment.rho": rho}
+            )
+            result = run_augment(obj.settings(extra).augment, seed=base.seed, force=force, progress=not quiet)
+            click.echo(
+                f"augment ({name}): class ratio {result.ratio_before:.2f} -> {result.ratio_after:.2f}; "
+                f"added {sum(result.added.values())} -> {result.output}"
+            )
+        return
     settings = obj.settings(
         _option_overrides(
             **{
@@ -527,21 +611,22 @@ def augment_command(
 
 
 @cli.command("compare")
-@click.argument("runs", nargs=-1, required=True, metavar="NAME=RESULTS...")
-@click.option("--test-set", help="Test set to compare (default: the first in each results folder).")
+@click.argument("runs", nargs=-1, metavar="[NAME=RESULTS...]")
+@click.option(
+    "--test-set",
+    help="Test set to compare (default: every test set of the experiment; with RUNS, the first one).",
+)
 @click.option(
     "--output",
     type=click.Path(path_type=Path),
-    default=Path("runs/compare"),
-    show_default=True,
-    help="Folder for comparison.md and comparison.csv.",
+    help="Folder for comparison.md and comparison.csv [runs/<experiment>/compare/<test set>].",
 )
 @click.pass_obj
-def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path) -> None:
+def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path | None) -> None:
     """The thesis comparison table: one row per run, classes by training count, Total, Mean.
 
-    Each RESULTS is an `fersynth evaluate` output folder, e.g.
-    Original_SL=runs/eval/original_sl Expanded_SL=runs/eval/expanded_sl.
+    Without RUNS: every row of experiment.grid, one table per test set. Each RESULTS is an
+    `fersynth evaluate` output folder, e.g. Original_SL=runs/demo/eval/original_sl.
     """
     from fersynth.compare import (
         comparison_table,
@@ -550,13 +635,24 @@ def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path
         to_markdown,
         write_comparison,
     )
+    from fersynth.stages import grid_folders
 
-    results = [load_result(name, folder, test_set) for name, folder in parse_run_arguments(runs)]
-    table = comparison_table(results)
-    title = f"Accuracy (%) on {test_set or results[0].metrics.get('test_set', 'test')}"
-    markdown_path, csv_path = write_comparison(table, output, title)
-    click.echo(to_markdown(table, title))
-    click.echo(f"table: {markdown_path} and {csv_path}")
+    settings = obj.settings()
+    named = (
+        parse_run_arguments(runs)
+        if runs
+        else list(grid_folders(settings, settings.layout.evaluation).items())
+    )
+    test_sets = settings.experiment.test_sets() if test_set is None and not runs else [test_set]
+    for name in test_sets:
+        results = [load_result(label, folder, name) for label, folder in named]
+        table = comparison_table(results)
+        shown = name or results[0].metrics.get("test_set", "test")
+        title = f"Accuracy (%) on {shown}"
+        target = output if output is not None and len(test_sets) == 1 else settings.layout.comparison(shown)
+        markdown_path, csv_path = write_comparison(table, target, title)
+        click.echo(to_markdown(table, title))
+        click.echo(f"table: {markdown_path} and {csv_path}")
 
 
 @cli.command("report")
@@ -566,17 +662,16 @@ def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path
 def report_command(obj: _Context, output: Path | None, force: bool) -> None:
     """One page for the whole grid: comparison tables, what the synthetic data changed per
     class, confusion matrices, quality, verification, rebalancing and generated samples."""
-    from fersynth.report import REPORT_MD, run_report
+    from fersynth import stages
+    from fersynth.report import REPORT_MD
 
     settings = obj.settings(_option_overrides(**{"report.output": output}))
-    result = run_report(settings.report, force=force)
-    if tracking.enabled():
-        tracking.log_report(result.output)
+    result = stages.report(settings, force=force)
     click.echo(f"report: {result.output / REPORT_MD}")
 
 
 @cli.command("register")
-@click.argument("runs", nargs=-1, required=True, metavar="NAME=MODEL_FOLDER...")
+@click.argument("runs", nargs=-1, metavar="[NAME=MODEL_FOLDER...]")
 @click.option("--metric", help="MLflow metric to rank by [default: <in-domain test set>.mean_accuracy].")
 @click.option("--name", default=None, help="Registered model name [fersynth-fer].")
 @click.option(
@@ -587,24 +682,20 @@ def report_command(obj: _Context, output: Path | None, force: bool) -> None:
 @click.pass_obj
 def register_command(obj: _Context, runs: tuple[str, ...], metric, name, output: Path | None) -> None:
     """Register the grid's best model in the MLflow Model Registry; move the alias `champion`
-    to it only when it beats the current champion on the metric."""
+    to it only when it beats the current champion on the same metric.
+
+    Without RUNS: every row of experiment.grid."""
+    from fersynth import stages
     from fersynth.compare import parse_run_arguments
-    from fersynth.files import atomic_write_text
 
     settings = obj.settings()
-    folders = dict(parse_run_arguments(runs))
-    if not tracking.enabled():
-        if output is None:
-            raise FersynthError("register needs MLflow: set MLFLOW_TRACKING_URI")
-        # In a pipeline (dvc repro without MLflow) the stage records that it had nothing to do.
-        outcome = {"registered": False, "reason": "MLFLOW_TRACKING_URI is not set"}
-        atomic_write_text(output, json.dumps(outcome, indent=2) + "\n")
-        click.echo("register: MLFLOW_TRACKING_URI is not set; nothing registered")
+    folders = (
+        dict(parse_run_arguments(runs)) if runs else stages.grid_folders(settings, settings.model_folder)
+    )
+    outcome = stages.register(settings, folders, metric, output, name)
+    if not outcome["registered"]:
+        click.echo(f"register: {outcome['reason']}; nothing registered")
         return
-    metric = metric or f"{Path(settings.evaluate.data[0]).name}.mean_accuracy"
-    outcome = tracking.register(folders, metric, name or tracking.MODEL_NAME)
-    if output is not None:
-        atomic_write_text(output, json.dumps({"registered": True, **outcome}, indent=2) + "\n")
     verdict = (
         "now the champion"
         if outcome["promoted"]
@@ -612,7 +703,7 @@ def register_command(obj: _Context, runs: tuple[str, ...], metric, name, output:
     )
     click.echo(
         f"registered {outcome['name']} version {outcome['version']} ({outcome['run']}, "
-        f"{metric} = {outcome['value']:.4f}): {verdict}"
+        f"{outcome['metric']} = {outcome['value']:.4f}): {verdict}"
     )
 
 

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fersynth.classes import CLASSES
 from fersynth.errors import FersynthError
-from fersynth.files import atomic_write_text
+from fersynth.files import atomic_write_text, link_or_copy, staged_folder
 
 MANIFEST_NAME = "manifest.csv"
 ORIGINS = ("real", "enhanced", "synthetic")
@@ -217,3 +217,21 @@ def write_manifest(folder: Path, frame: pd.DataFrame) -> Path:
     target = Path(folder) / MANIFEST_NAME
     atomic_write_text(target, frame[ordered].to_csv(index=False, lineterminator="\n"))
     return target
+
+
+def write_split_dataset(source: Path, split: str, output: Path, *, force: bool = False) -> Dataset:
+    """A dataset folder holding only `split` of `source` (images hard-linked, manifest rows as
+    they are): an ingested dataset's own test split as a named test set.
+
+    Raises FersynthError when `source` has no such split.
+    """
+    dataset = read_manifest(source)
+    frame = dataset.split(split).reset_index(drop=True)
+    if frame.empty:
+        splits = ", ".join(sorted(set(dataset.manifest["split"])))
+        raise FersynthError(f"{source}: no {split!r} split to use as a test set (it has {splits})")
+    with staged_folder(output, force=force) as staging:
+        for relative in frame["path"]:
+            link_or_copy(dataset.image_path(relative), safe_join(staging, relative))
+        write_manifest(staging, frame)
+    return read_manifest(output)

@@ -1,9 +1,10 @@
 """What each Kubeflow Pipelines component does, as plain functions the components call.
 
 A step takes artifact folders in and writes one artifact folder out; its settings are the
-package defaults (equal to params.yaml's) plus the pipeline's `KEY=VALUE` overrides, exactly
-as `fersynth -S KEY=VALUE` resolves them. Components (`components/`) only unpack KFP
-artifacts and call these, so every step runs and is tested without KFP.
+profile the pipeline was compiled from (resolved, every key) plus the pipeline's `KEY=VALUE`
+overrides, exactly as `fersynth --params <profile> -S KEY=VALUE` resolves them. Components
+(`components/`) only unpack KFP artifacts and call these, so every step runs and is tested
+without KFP.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fersynth.files import atomic_write_text
 from fersynth.settings import Settings, load_settings, save_resolved
 
 log = logging.getLogger(__name__)
-OVERRIDES_JSON = "overrides.json"  # beside settings.json in the pipeline's settings artifact
+SETTINGS_JSON = "settings.json"  # the pipeline's settings artifact: every resolved setting
 GRID_ROW_FILE = "grid_row.txt"  # in each model and results artifact: its row of the grid
 
 
@@ -45,25 +46,49 @@ def by_grid_row(folders: Iterable[str | Path]) -> dict[str, str]:
 
 
 def settings_from(overrides: Iterable[str] | str | Path = (), **values: Any) -> Settings:
-    """The package defaults, then `overrides` (KEY=VALUE pairs, or the settings folder
-    `resolve_overrides` wrote), then `values` (dotted key with `__` for `.`: `train__steps=10`)."""
-    if isinstance(overrides, str | Path):  # the folder `resolve_overrides` wrote
-        overrides = json.loads((Path(overrides) / OVERRIDES_JSON).read_text())
-    pairs = list(overrides) + [
+    """The settings a step runs with: the settings folder `resolve_overrides` wrote (or the
+    package defaults plus `overrides`, KEY=VALUE pairs), then `values` (dotted key with `__`
+    for `.`: `train__steps=10`)."""
+    pairs = [
         f"{key.replace('__', '.')}={json.dumps(str(v) if isinstance(v, Path) else v)}"
         for key, v in values.items()
     ]
-    return load_settings(None, pairs)
+    if isinstance(overrides, str | Path):  # the folder `resolve_overrides` wrote
+        return load_settings(Path(overrides) / SETTINGS_JSON, pairs)
+    return load_settings(None, list(overrides) + pairs)
 
 
-def resolve_overrides(values: Mapping[str, Any], extra: Iterable[str], output: str | Path) -> list[str]:
-    """KEY=VALUE overrides from named values and `extra` pairs, validated once; the resolved
-    settings are written to `output` (a folder) as settings.json."""
+def resolve_overrides(
+    values: Mapping[str, Any],
+    extra: Iterable[str],
+    output: str | Path,
+    profile: Mapping[str, Any] | None = None,
+) -> Settings:
+    """The profile (a resolved settings dict; None: the package defaults) with KEY=VALUE
+    overrides from named values and `extra` pairs, validated once and written to `output` (a
+    folder) as settings.json, which every step reads."""
     overrides = [f"{key}={json.dumps(value)}" for key, value in values.items()] + list(extra)
-    settings = settings_from(overrides)
-    save_resolved(settings, Path(output))
-    atomic_write_text(Path(output) / OVERRIDES_JSON, json.dumps(overrides, indent=2) + "\n")
-    return overrides
+    Path(output).mkdir(parents=True, exist_ok=True)
+    base = Path(output) / ".profile.json"
+    atomic_write_text(base, json.dumps(dict(profile or {})))
+    try:
+        settings = load_settings(base, overrides)
+    finally:
+        base.unlink()
+    save_resolved(settings, Path(output), SETTINGS_JSON)
+    return settings
+
+
+def test_set_folders(settings: Settings, in_domain: str | Path, test_sets: str | Path) -> dict[str, str]:
+    """{test set name: dataset folder}: the in-domain one, then each cross-dataset set of the
+    experiment from the fetched `data/<experiment>/test_sets` folder."""
+    folders = {settings.experiment.in_domain: str(in_domain)}
+    for name in settings.experiment.cross_sets:
+        folder = Path(test_sets) / name
+        if not folder.is_dir():
+            raise FersynthError(f"{test_sets}: no test set {name!r} (is kfp.test_sets_path right?)")
+        folders[name] = str(folder)
+    return folders
 
 
 def _linked(links: Mapping[str, str | Path]) -> Path:
@@ -114,33 +139,16 @@ def guard(data: str, test_sets: list[str], output: str, overrides: Iterable[str]
     return {"kept": len(result.manifest), "removed": len(result.leaks)}
 
 
-def train(
-    data: str,
-    output: str,
-    method: str,
-    balanced: bool,
-    run_name: str,
-    overrides: Iterable[str] = (),
-    skip_if_empty: bool = False,
-) -> dict[str, Any]:
-    """Train one row of the grid; logged to MLflow (as `run_name`) when tracking is on.
-    `skip_if_empty` (rows on synthetic data): no training images records a skipped row."""
-    from fersynth.train.loop import run_train
+def train(data: str, output: str, row: str, overrides: Iterable[str] | str | Path = ()) -> dict[str, Any]:
+    """Train one row of the experiment grid on `data` (`fersynth train --row`); a row on
+    synthetic data with no training images is recorded as skipped."""
+    from fersynth import stages
 
-    settings = settings_from(
-        overrides,
-        train__data=data,
-        train__output=output,
-        train__method=method,
-        train__balanced_sampler=balanced,
-    )
-    result = run_train(
-        settings.train, seed=settings.seed, force=True, progress=False, skip_if_empty=skip_if_empty
-    )
+    settings = stages.row_settings(settings_from(overrides), row, data, output)
+    result, run_id = stages.train(settings, row, force=True, progress=False)
     if result.skipped:
-        log.warning("%s skipped: %s", run_name, result.skipped)
+        log.warning("%s skipped: %s", row, result.skipped)
         return {"skipped": result.skipped}
-    run_id = tracking.track_training(result, settings, run_name=run_name)
     return {
         "best_step": result.best_step,
         "images_per_second": result.images_per_second,
@@ -149,10 +157,10 @@ def train(
 
 
 def evaluate(
-    model: str, test_sets: Mapping[str, str], output: str, overrides: Iterable[str] = ()
+    model: str, test_sets: Mapping[str, str], output: str, overrides: Iterable[str] | str | Path = ()
 ) -> list[dict[str, Any]]:
     """Evaluate on named test sets (names become the result folders and MLflow metric prefixes)."""
-    from fersynth.evaluate import run_evaluate
+    from fersynth import stages
 
     named = _linked(test_sets)
     try:
@@ -160,9 +168,7 @@ def evaluate(
         settings = settings_from(
             overrides, evaluate__model=model, evaluate__data=data, evaluate__output=output
         )
-        results = run_evaluate(settings.evaluate, progress=False)
-        for result in results:
-            tracking.track_evaluation(Path(model), result)
+        results = stages.evaluate(settings, progress=False)
     finally:
         shutil.rmtree(named, ignore_errors=True)
     return [{"test_set": r.name, **r.metrics} for r in results]
@@ -277,10 +283,11 @@ def report(
     evaluations: Mapping[str, str],
     stages: Mapping[str, str],
     output: str,
-    overrides: Iterable[str] = (),
+    overrides: Iterable[str] | str | Path = (),
 ) -> Path:
     """The run report (`fersynth report`) from the pipeline's artifacts; logged to MLflow."""
-    from fersynth.report import REPORT_MD, run_report
+    from fersynth import stages as entry
+    from fersynth.report import REPORT_MD
 
     evaluation_links = _linked({name.lower(): folder for name, folder in evaluations.items()})
     try:
@@ -289,26 +296,24 @@ def report(
             report__output=output,
             report__comparisons=[str(Path(comparisons) / name) for name in test_sets],
             report__evaluations=str(evaluation_links),
+            report__results_page=str(Path(output) / "results.md"),
             **{f"report__{key}": value for key, value in stages.items()},
         )
-        result = run_report(settings.report, force=True)
-        if tracking.enabled():
-            tracking.log_report(result.output)
+        result = entry.report(settings, force=True)
     finally:
         shutil.rmtree(evaluation_links, ignore_errors=True)
     return result.output / REPORT_MD
 
 
-def register(models: Mapping[str, str], metric: str, output: str) -> dict[str, Any]:
-    """The grid's best model into the MLflow registry (see `fersynth register`); with tracking
-    off, a record that nothing was registered."""
-    outcome = (
-        {"registered": True, **tracking.register({k: Path(v) for k, v in models.items()}, metric)}
-        if tracking.enabled()
-        else {"registered": False, "reason": "MLFLOW_TRACKING_URI is not set"}
-    )
-    atomic_write_text(Path(output), json.dumps(outcome, indent=2) + "\n")
-    return outcome
+def register(
+    models: Mapping[str, str], metric: str | None, output: str, overrides: Iterable[str] | str | Path = ()
+) -> dict[str, Any]:
+    """The grid's best model into the MLflow registry (`fersynth register`); with tracking off,
+    a record that nothing was registered."""
+    from fersynth import stages
+
+    folders = {k: Path(v) for k, v in models.items()}
+    return stages.register(settings_from(overrides), folders, metric or None, Path(output))
 
 
 def record_status(status: Mapping[str, Any], output: str) -> dict[str, Any]:

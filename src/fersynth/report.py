@@ -25,6 +25,7 @@ from fersynth.settings import ReportSettings
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
+RESULTS_TEMPLATE = "results.md.j2"
 
 
 @dataclass
@@ -42,10 +43,10 @@ def _json_table(table: pd.DataFrame) -> dict:
     return table.round(4).astype(object).where(table.notna(), None).to_dict(orient="index")
 
 
-def class_changes(table: pd.DataFrame, pairs: dict[str, str], test_set: str) -> pd.DataFrame:
-    """Accuracy points each synthetic row gains over its original row, per class."""
+def class_changes(table: pd.DataFrame, pairs: list[tuple[str, str]], test_set: str) -> pd.DataFrame:
+    """Accuracy points each row on synthetic data gains over each row it must beat, per class."""
     rows = {}
-    for row, baseline in pairs.items():
+    for row, baseline in pairs:
         if row in table.index and baseline in table.index:
             change = table.loc[row] - table.loc[baseline]
             if change.notna().any():  # a skipped row has no change to show
@@ -92,7 +93,13 @@ def _copy(source: Path, folder: Path, name: str) -> str | None:
     return name
 
 
-def _quality_section(folder: Path, out: Path) -> list[str]:
+def _folder(value: Path | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _quality_section(folder: Path | None, out: Path) -> list[str]:
+    if folder is None:
+        return ["No quality stage in this run."]
     report = _read_json(folder / "quality_report.json")
     if report is None:
         return ["Quality stage output not found at " + str(folder) + "."]
@@ -113,7 +120,9 @@ def _quality_section(folder: Path, out: Path) -> list[str]:
     return lines
 
 
-def _verify_section(folder: Path, out: Path) -> list[str]:
+def _verify_section(folder: Path | None, out: Path) -> list[str]:
+    if folder is None:
+        return ["No verification in this run."]
     report = _read_json(folder / "verify_report.json")
     if report is None:
         return ["Verification output not found at " + str(folder) + "."]
@@ -152,7 +161,9 @@ def _verify_section(folder: Path, out: Path) -> list[str]:
     return lines
 
 
-def _augment_section(folder: Path) -> list[str]:
+def _augment_section(folder: Path | None) -> list[str]:
+    if folder is None:
+        return ["No rebalancing in this run."]
     report = _read_json(folder / "augment_report.json")
     if report is None:
         return ["Augmentation output not found at " + str(folder) + "."]
@@ -173,13 +184,62 @@ def _augment_section(folder: Path) -> list[str]:
     return lines
 
 
-def run_report(settings: ReportSettings, *, force: bool = False) -> ReportResult:
+def _template(name: str):
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("fersynth", "templates"),
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,  # a missing value is a bug, not an empty cell
+    )
+    return environment.get_template(name)
+
+
+def acceptance_table(verify_folder: Path | None) -> pd.DataFrame | None:
+    """Generated and accepted synthetic images per class (from verify_report.json)."""
+    report = _read_json(verify_folder / "verify_report.json") if verify_folder else None
+    if report is None:
+        return None
+    table = pd.DataFrame.from_dict(report["per_class"], orient="index")[["generated", "accepted"]]
+    table["acceptance %"] = (
+        100 * table["accepted"] / table["generated"].where(table["generated"] > 0)
+    ).round(1)
+    table.index.name = "class"
+    return table
+
+
+def write_results_page(
+    path: Path, experiment: str, comparisons, changes: pd.DataFrame, settings: ReportSettings
+) -> Path:
+    """The results page a run writes for the repository (docs/results/<experiment>.md): the
+    comparison tables, what the synthetic data bought, and the acceptance per class."""
+    acceptance = acceptance_table(_folder(settings.verify))
+    text = _template(RESULTS_TEMPLATE).render(
+        experiment=experiment,
+        report_folder=str(settings.output),
+        tables=[
+            {
+                "title": f"{name} ({'in-domain' if i == 0 else 'cross-dataset'})",
+                "markdown": to_markdown(t).strip(),
+            }
+            for i, (name, t) in enumerate(comparisons)
+        ],
+        changes=_signed_markdown(changes) if not changes.empty else "",
+        acceptance=acceptance.to_markdown() if acceptance is not None else "",
+    )
+    atomic_write_text(Path(path), text)
+    return Path(path)
+
+
+def run_report(settings: ReportSettings, *, force: bool = False, experiment: str = "") -> ReportResult:
     if not settings.comparisons:
         raise FersynthError("report.comparisons: give at least one `fersynth compare` output folder")
     comparisons = [read_comparison(folder) for folder in settings.comparisons]
     with staged_folder(settings.output, force=force) as out:
         lines = ["# fersynth run report", ""]
-        changes = pd.concat([class_changes(table, settings.changes, name) for name, table in comparisons])
+        changes = pd.concat(
+            [class_changes(table, settings.changes or [], name) for name, table in comparisons]
+        )
         lines += ["## Comparison", ""]
         for name, table in comparisons:
             kind = "in-domain" if name == comparisons[0][0] else "cross-dataset"
@@ -200,28 +260,28 @@ def run_report(settings: ReportSettings, *, force: bool = False) -> ReportResult
         test_set, table = comparisons[0]
         skipped = table.attrs.get(SKIPPED) or {}
         for run in table.index:
-            picture = _copy(
-                Path(settings.evaluations) / run.lower() / test_set / "confusion.png",
-                out,
-                f"confusion_{run.lower()}.png",
+            evaluations = _folder(settings.evaluations)
+            picture = evaluations and _copy(
+                evaluations / run.lower() / test_set / "confusion.png", out, f"confusion_{run.lower()}.png"
             )
             if picture:
                 shown = f"![{run}]({picture})"
             else:
                 shown = f"(skipped: {skipped[run]})" if run in skipped else "(no figure)"
             lines += [f"**{run}**", "", shown, ""]
-        lines += ["## Quality", "", *_quality_section(Path(settings.quality), out), ""]
+        lines += ["## Quality", "", *_quality_section(_folder(settings.quality), out), ""]
         lines += [
             "## Verification of the synthetic images",
             "",
-            *_verify_section(Path(settings.verify), out),
+            *_verify_section(_folder(settings.verify), out),
             "",
         ]
-        lines += ["## Rebalancing (Algorithm 4)", "", *_augment_section(Path(settings.augment)), ""]
+        lines += ["## Rebalancing (Algorithm 4)", "", *_augment_section(_folder(settings.augment)), ""]
         lines += ["## Generated samples per class", ""]
         found = False
-        for name in CLASSES:
-            picture = _copy(Path(settings.generated) / f"samples_{name}.png", out, f"samples_{name}.png")
+        generated = _folder(settings.generated)
+        for name in CLASSES if generated is not None else ():
+            picture = _copy(generated / f"samples_{name}.png", out, f"samples_{name}.png")
             if picture:
                 found = True
                 lines += [f"**{name}**", "", f"![{name}]({picture})", ""]
@@ -234,4 +294,6 @@ def run_report(settings: ReportSettings, *, force: bool = False) -> ReportResult
             "skipped": skipped,
         }
         atomic_write_text(out / REPORT_JSON, json.dumps(summary, indent=2) + "\n")
+    if settings.results_page is not None:
+        write_results_page(settings.results_page, experiment, comparisons, changes, settings)
     return ReportResult(Path(settings.output), changes)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
@@ -32,7 +32,10 @@ class Strict(BaseModel):
 class DemoSettings(Strict):
     """`fersynth demo-data`: procedurally drawn faces written in RAF-DB's layout."""
 
-    output: Path = Path("data/demo/raw")
+    output: Path | None = None  # null: data/<experiment>/raw
+    # Named demo data sets, each written to data/<experiment>/<name> with these overrides of
+    # the settings below (e.g. a cross-dataset test set drawn with another seed); {} for none.
+    sets: dict[SplitName, dict[str, Any]] = {}
     seed: int = 2048
     train_size: Annotated[int, Field(ge=7)] = 900
     test_size: Annotated[int, Field(ge=7)] = 300
@@ -70,8 +73,8 @@ class IngestSettings(Strict):
     """`fersynth ingest`: one source layout -> the canonical dataset folder."""
 
     source: Source = "rafdb"
-    input: Path = Path("data/demo/raw")
-    output: Path = Path("data/demo/ingested")
+    input: Path | None = None  # folder or CSV; null: data/<experiment>/raw (the demo's)
+    output: Path | None = None  # null: data/<experiment>/ingested
     workers: Annotated[int, Field(ge=0)] = 0  # 0 = every CPU core
     drop_train_test_duplicates: bool = True
     image_format: Literal["png", "jpg"] = "png"
@@ -103,8 +106,8 @@ class SuperResolutionSettings(Strict):
 class QualitySettings(Strict):
     """`fersynth quality`: score training images, enhance the poor ones (thesis Alg. 2, 3)."""
 
-    data: Path = Path("data/demo/ingested")
-    output: Path = Path("data/demo/quality")
+    data: Path | None = None  # null: data/<experiment>/ingested
+    output: Path | None = None  # null: data/<experiment>/quality
     workers: Annotated[int, Field(ge=0)] = 0  # 0 = every CPU core
     detail_cutoff: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25  # fraction of Nyquist
     # Scores are ranked within the dataset (0..1), then combined by these weights.
@@ -150,8 +153,8 @@ class MekSettings(Strict):
 class TrainSettings(Strict):
     """`fersynth train`: the thesis defaults (Swin-T, AdamW, cosine, 100k steps, fp16)."""
 
-    data: Path = Path("data/demo/guarded")
-    output: Path = Path("runs/models/original_sl")
+    data: Path | None = None  # null: data/<experiment>/guarded
+    output: Path | None = None  # null: runs/<experiment>/models/train (a grid row: its folder)
     arch: str = "swin_tiny_patch4_window7_224"  # any timm model name
     pretrained: str | None = None  # local file or s3:// URI; none = random initialisation
     image_size: Annotated[int, Field(ge=16, le=1024)] = 224
@@ -189,10 +192,12 @@ class TrainSettings(Strict):
 class EvaluateSettings(Strict):
     """`fersynth evaluate`: one model on one or more test sets."""
 
-    model: Path = Path("runs/models/original_sl")
-    data: list[Path] = [Path("data/demo/guarded"), Path("data/demo/cross")]
+    model: Path | None = None  # null: the first grid row's model
+    # Test set folders, in-domain first; each result is named by its folder's name.
+    # null: every test set of the experiment (data/<experiment>/test_sets/<name>).
+    data: list[Path] | None = None
     split: SplitName = "test"
-    output: Path = Path("runs/eval/original_sl")
+    output: Path | None = None  # null: runs/<experiment>/eval/<row>
     batch_size: Positive = 128
     workers: Annotated[int, Field(ge=0)] = 2
     device: Device = "auto"
@@ -202,8 +207,8 @@ class EvaluateSettings(Strict):
 class PriorSettings(Strict):
     """`fersynth train-prior`: the offline autoencoder prior of the gif-prior backend."""
 
-    data: Path = Path("data/demo/guarded")
-    output: Path = Path("runs/demo/prior")
+    data: Path | None = None  # null: data/<experiment>/guarded
+    output: Path | None = None  # null: runs/<experiment>/prior
     image_size: Annotated[int, Field(ge=16, le=512)] = 64
     channels: list[Annotated[int, Field(ge=8)]] = [16, 32, 64]  # 3 blocks: 64 px -> 16x16x4 latent
     steps: Positive = 1500
@@ -217,16 +222,17 @@ class PriorSettings(Strict):
 class GenerateSettings(Strict):
     """`fersynth generate`: GIF guided imagination, K outputs per training image, in shards."""
 
-    data: Path = Path("data/demo/guarded")
-    output: Path = Path("data/demo/generated")  # shards/ inside; `fersynth merge` writes dataset/
+    data: Path | None = None  # null: data/<experiment>/guarded
+    output: Path | None = None  # null: data/<experiment>/generated (shards/, then dataset/)
     backend: Literal["gif-prior", "gif-sd"] = "gif-prior"
     k: Positive = 5  # outputs per seed image (thesis K=5)
     classes: list[str] | None = None  # seed classes to expand; null = every class
     max_seeds_per_class: Positive | None = None
     seeds_per_batch: Positive = 1  # seed images per forward batch (x K outputs)
     guide: Literal["fer", "clip"] = "fer"
-    guide_model: str = "runs/demo/models/original_sl"  # fersynth model (fer) or CLIP folder (clip)
-    prior: Path = Path("runs/demo/prior")  # gif-prior: the trained prior folder
+    # fer: a grid row on the original data (its model) or a fersynth model; clip: a CLIP folder.
+    guide_model: str = "original_sl"
+    prior: Path | None = None  # gif-prior: the trained prior folder; null: prior.output
     sd_model: str | None = None  # gif-sd: diffusers Stable Diffusion folder or s3:// prefix
     image_size: Annotated[int, Field(ge=32, le=1024)] = 512  # gif-sd working resolution
     steps: Positive = 50  # DDIM steps (thesis: 50)
@@ -252,10 +258,11 @@ class GenerateSettings(Strict):
 class GuardSettings(Strict):
     """`fersynth guard`: remove training images that copy a test image (exactly or nearly)."""
 
-    data: Path = Path("data/demo/quality")
-    output: Path = Path("data/demo/guarded")
-    # Other datasets whose evaluation splits must not leak either (cross-dataset test sets).
-    test_sets: list[Path] = [Path("data/demo/cross")]  # other datasets whose test split must not leak
+    data: Path | None = None  # null: data/<experiment>/quality
+    output: Path | None = None  # null: data/<experiment>/guarded
+    # Other datasets whose evaluation splits must not leak either; null: the experiment's
+    # cross-dataset test sets.
+    test_sets: list[Path] | None = None
     # A near-copy: perceptual-hash Hamming distance (of 64 bits) at most this, confirmed by a
     # correlation of the two images' grey 32x32 thumbnails of at least min_correlation.
     max_distance: Annotated[int, Field(ge=0, le=32)] = 6
@@ -267,15 +274,11 @@ class VerifySettings(Strict):
     """`fersynth verify`: multi-model voting on synthetic images, the leakage guard, and the
     fidelity and diversity report (thesis 3.3.2)."""
 
-    data: Path = Path("data/demo/generated/dataset")  # the merged synthetic dataset
-    reference: Path = Path("data/demo/guarded")  # the original data: its test split, real features
-    output: Path = Path("data/demo/verified")
-    # fersynth models trained on the original data (different backbones or seeds).
-    voters: list[str] = [
-        "runs/demo/models/original_sl",
-        "runs/demo/models/original_sl_balanced",
-        "runs/demo/models/original_mek",
-    ]
+    data: Path | None = None  # the merged synthetic dataset; null: generate.output/dataset
+    reference: Path | None = None  # the original data (test split, real features); null: guarded
+    output: Path | None = None  # null: data/<experiment>/verified
+    # Grid rows on the original data (their models), or fersynth model folders.
+    voters: list[str] = ["original_sl", "original_sl_balanced", "original_mek"]
     mode: Literal["intended", "relabel"] = "intended"  # relabel: label = the voters' majority
     min_votes: Positive = 2  # m of N voters must predict the label
     min_probability: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # tau: mean probability of it
@@ -293,9 +296,9 @@ AugmentVariant = Literal["original", "synthetic", "expanded", "balanced", "rho"]
 class AugmentSettings(Strict):
     """`fersynth augment`: thesis Algorithm 4, accepted synthetic images into the minor classes."""
 
-    original: Path = Path("data/demo/guarded")
-    synthetic: Path = Path("data/demo/verified")
-    output: Path = Path("data/demo/augmented")
+    original: Path | None = None  # null: data/<experiment>/guarded
+    synthetic: Path | None = None  # null: verify.output
+    output: Path | None = None  # null: data/<experiment>/augmented/<variant>
     variant: AugmentVariant = "rho"
     rho: Annotated[float, Field(ge=1.0)] = 2.0  # largest / smallest class count to reach
 
@@ -303,19 +306,144 @@ class AugmentSettings(Strict):
 class ReportSettings(Strict):
     """`fersynth report`: one page per run with the tables, pictures and stage summaries."""
 
-    output: Path = Path("runs/demo/report")
-    comparisons: list[Path] = [Path("runs/demo/compare/guarded"), Path("runs/demo/compare/cross")]
-    evaluations: Path = Path("runs/demo/eval")  # <run name lower-case>/<test set>/confusion.png
-    quality: Path = Path("data/demo/quality")
-    verify: Path = Path("data/demo/verified")
-    augment: Path = Path("data/demo/augmented/rho")
-    generated: Path = Path("data/demo/generated/dataset")
-    # Each synthetic row against the original row it should beat.
-    changes: dict[str, str] = {
-        "Expanded_SL": "Original_SL",
-        "Synthetic_MEK": "Original_MEK",
-        "Expanded_MEK": "Original_MEK",
+    # Every null below is the experiment's own folder (runs/<experiment>/..., data/<experiment>/...).
+    output: Path | None = None
+    comparisons: list[Path] | None = None  # `fersynth compare` outputs, in-domain first
+    evaluations: Path | None = None  # <row key>/<test set>/confusion.png
+    quality: Path | None = None
+    verify: Path | None = None
+    augment: Path | None = None  # the augmented set of the first row on synthetic data
+    generated: Path | None = None
+    # Each row on synthetic data against the rows it must beat (labels); null: the grid's `beats`.
+    changes: list[tuple[str, str]] | None = None
+    # The results page for the repository (tables only); null: docs/results/<experiment>.md.
+    results_page: Path | None = None
+
+
+Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")]
+RowKey = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+
+
+class GridRow(Strict):
+    """One row of the experiment grid: how a model is trained and what it must beat."""
+
+    method: Literal["sl", "mek"] = "sl"
+    sampler: Literal["plain", "balanced"] = "plain"  # balanced: the cheapest competitor's sampler
+    # The training set: rows on the original data leave it null; rows on synthetic data name
+    # the variant of Algorithm 4 (`fersynth augment`) they train on.
+    variant: AugmentVariant | None = None
+    beats: list[RowKey] = []  # rows this row must beat (the report's per-class changes)
+    label: str | None = None  # the table's name; null: from the key (expanded_sl -> Expanded_SL)
+
+
+class GridSettings(Strict):
+    """The experiment grid. Rows on the original data are also the voters and the guide."""
+
+    original: dict[RowKey, GridRow] = {
+        "original_sl": GridRow(method="sl"),
+        "original_sl_balanced": GridRow(method="sl", sampler="balanced"),
+        "original_mek": GridRow(method="mek"),
     }
+    synthetic: dict[RowKey, GridRow] = {
+        "expanded_sl": GridRow(method="sl", variant="rho", beats=["original_sl", "original_sl_balanced"]),
+        "synthetic_mek": GridRow(
+            method="mek", variant="synthetic", beats=["original_mek", "original_sl_balanced"]
+        ),
+        "expanded_mek": GridRow(method="mek", variant="rho", beats=["original_mek", "original_sl_balanced"]),
+    }
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GridSettings:
+        both = set(self.original) & set(self.synthetic)
+        if both:
+            raise ValueError(f"row names used twice: {sorted(both)}")
+        if not self.original:
+            raise ValueError("at least one row on the original data is needed (voters, guide)")
+        for key, row in self.original.items():
+            if row.variant not in (None, "original"):
+                raise ValueError(f"original.{key}: a row on the original data has no variant")
+        for key, row in self.synthetic.items():
+            if row.variant is None:
+                raise ValueError(f"synthetic.{key}: name the variant it trains on (rho, synthetic, ...)")
+        rows = {**self.original, **self.synthetic}
+        for key, row in rows.items():
+            unknown = sorted(set(row.beats) - set(rows))
+            if unknown:
+                raise ValueError(f"{key}.beats: unknown rows {unknown}")
+        return self
+
+    def rows(self) -> dict[str, GridRow]:
+        """Every row, those on the original data first."""
+        return {**self.original, **self.synthetic}
+
+    def variants(self) -> list[str]:
+        """The augmented sets the rows on synthetic data train on, in grid order."""
+        return list(dict.fromkeys(str(row.variant) for row in self.synthetic.values()))
+
+
+def row_label(key: str, row: GridRow | None = None) -> str:
+    """`expanded_sl` -> `Expanded_SL`: the thesis' row names (or the row's own label)."""
+    if row is not None and row.label:
+        return row.label
+    head, _, tail = key.partition("_")
+    parts = [part.upper() if part in ("sl", "mek") else part for part in tail.split("_") if part]
+    return "_".join([head.capitalize(), *parts])
+
+
+class CrossTestSet(Strict):
+    """A cross-dataset test set, ingested from its own source into data/<experiment>/test_sets."""
+
+    source: Source
+    input: Path
+    options: dict[str, Any] = {}  # other ingest.* settings for this source, e.g. fer2013.split_map
+
+
+class ExperimentSettings(Strict):
+    """What is compared, on which data: the grid, the test sets, and where outputs go."""
+
+    name: Name = "demo"  # outputs under data/<name>/ and runs/<name>/; MLflow tag `profile`
+    in_domain: SplitName = "in_domain"  # the name of the data's own test split as a test set
+    cross_sets: dict[SplitName, CrossTestSet] = {}  # other datasets' test sets, by name
+    grid: GridSettings = GridSettings()
+
+    @model_validator(mode="after")
+    def _names(self) -> ExperimentSettings:
+        if self.in_domain in self.cross_sets:
+            raise ValueError(f"cross_sets: {self.in_domain!r} is the in-domain test set's name")
+        return self
+
+    def test_sets(self) -> list[str]:
+        """Every test set's name, the in-domain one first."""
+        return [self.in_domain, *self.cross_sets]
+
+
+class Layout:
+    """Where each stage's output lives: data/<experiment>/... and runs/<experiment>/... (relative
+    to the project root). DVC's dvc.yaml and the tests follow the same layout."""
+
+    def __init__(self, name: str) -> None:
+        self.data = Path("data") / name
+        self.runs = Path("runs") / name
+
+    def demo_set(self, key: str) -> Path:
+        return self.data / key
+
+    def test_set(self, name: str) -> Path:
+        return self.data / "test_sets" / name
+
+    def model(self, key: str, on_original: bool) -> Path:
+        # Models of rows on the original data sit apart: verify and generate depend on them,
+        # and the rows on synthetic data depend on verify.
+        return self.runs / "models" / ("original" if on_original else "synthetic") / key
+
+    def evaluation(self, key: str) -> Path:
+        return self.runs / "eval" / key
+
+    def comparison(self, test_set: str) -> Path:
+        return self.runs / "compare" / test_set
+
+    def augmented(self, variant: str) -> Path:
+        return self.data / "augmented" / variant
 
 
 class GpuPoolSettings(Strict):
@@ -338,8 +466,9 @@ class KfpSettings(Strict):
     image_tag: str | None = None  # null: the git commit of the checkout that compiles
     data_repo: str = "https://github.com/fersynth/fersynth.git"  # the DVC project (git URL)
     data_rev: str = "main"  # git revision whose dvc.lock names the data (a commit hash pins it)
-    data_path: str = "data/demo/raw"  # raw data, DVC-tracked in data_repo
-    cross_path: str = "data/demo/cross"  # an ingested cross-dataset test set, DVC-tracked
+    data_path: str | None = None  # raw data, DVC-tracked in data_repo; null: ingest.input
+    # The experiment's ingested test sets, DVC-tracked; null: data/<experiment>/test_sets.
+    test_sets_path: str | None = None
     generate_shards: Positive = 4  # generation shards (pipeline parameter)
     max_parallel_shards: Positive = 4  # GPU pods generating at once
     s3_secret: str = "fersynth-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
@@ -352,6 +481,7 @@ class KfpSettings(Strict):
 
 class Settings(Strict):
     seed: int = 2048
+    experiment: ExperimentSettings = ExperimentSettings()
     demo: DemoSettings = DemoSettings()
     ingest: IngestSettings = IngestSettings()
     quality: QualitySettings = QualitySettings()
@@ -372,6 +502,101 @@ class Settings(Strict):
             raise ValueError("expected an integer in [0, 2**32)")
         return value
 
+    @model_validator(mode="after")
+    def _fill_layout(self) -> Settings:
+        """Every path left null becomes the experiment's own folder (see `Layout`)."""
+        grid = self.experiment.grid
+        for key in (*self.verify.voters, self.generate.guide_model):
+            if key in grid.synthetic:
+                raise ValueError(f"{key!r} trains on synthetic data: voters and guide use the original data")
+        at = self.layout
+        first = next(iter(grid.original))
+        variants = grid.variants()
+        fill: list[tuple[BaseModel, dict[str, Any]]] = [
+            (self.demo, {"output": at.demo_set("raw")}),
+            (self.ingest, {"input": at.demo_set("raw"), "output": at.data / "ingested"}),
+            (self.quality, {"data": at.data / "ingested", "output": at.data / "quality"}),
+            (
+                self.guard,
+                {
+                    "data": at.data / "quality",
+                    "output": at.data / "guarded",
+                    "test_sets": [at.test_set(n) for n in self.experiment.cross_sets],
+                },
+            ),
+            (self.train, {"data": at.data / "guarded", "output": at.runs / "models" / "train"}),
+            (
+                self.evaluate,
+                {
+                    "model": self.model_folder(first),
+                    "data": [at.test_set(n) for n in self.experiment.test_sets()],
+                    "output": at.evaluation(first),
+                },
+            ),
+            (self.prior, {"data": at.data / "guarded", "output": at.runs / "prior"}),
+            (self.generate, {"data": at.data / "guarded", "output": at.data / "generated"}),
+            (self.verify, {"reference": at.data / "guarded", "output": at.data / "verified"}),
+            (self.augment, {"original": at.data / "guarded"}),
+            (
+                self.report,
+                {
+                    "output": at.runs / "report",
+                    "comparisons": [at.comparison(n) for n in self.experiment.test_sets()],
+                    "evaluations": at.runs / "eval",
+                    "quality": at.data / "quality",
+                    "verify": at.data / "verified",
+                    "augment": at.augmented(variants[0] if variants else "rho"),
+                    "generated": at.data / "generated" / "dataset",
+                    "results_page": Path("docs") / "results" / f"{self.experiment.name}.md",
+                    "changes": [
+                        (row_label(key, row), row_label(base, grid.rows()[base]))
+                        for key, row in grid.synthetic.items()
+                        for base in row.beats
+                    ],
+                },
+            ),
+        ]
+        # Voters and the guide named by grid row are that row's model folder.
+        object.__setattr__(self.verify, "voters", [str(self.model_folder(v)) for v in self.verify.voters])
+        if self.generate.guide == "fer":
+            object.__setattr__(
+                self.generate, "guide_model", str(self.model_folder(self.generate.guide_model))
+            )
+        for block, values in fill:
+            for field, value in values.items():
+                if getattr(block, field) is None:
+                    object.__setattr__(block, field, value)  # no re-validation of the whole block
+        for block, field, value in (
+            (self.generate, "prior", self.prior.output),
+            (self.verify, "data", Path(self.generate.output) / "dataset"),
+            (self.augment, "synthetic", self.verify.output),
+            (self.augment, "output", at.augmented(self.augment.variant)),
+            (self.kfp, "data_path", str(self.ingest.input)),
+            (self.kfp, "test_sets_path", str(at.data / "test_sets")),
+        ):
+            if getattr(block, field) is None:
+                object.__setattr__(block, field, value)
+        return self
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.experiment.name)
+
+    def model_folder(self, key_or_path: str) -> Path:
+        """A grid row's model folder (a row key), or the path itself (any fersynth model)."""
+        grid = self.experiment.grid
+        if key_or_path in grid.original:
+            return self.layout.model(key_or_path, on_original=True)
+        if key_or_path in grid.synthetic:
+            return self.layout.model(key_or_path, on_original=False)
+        return Path(key_or_path)
+
+    def row(self, key: str) -> GridRow:
+        rows = self.experiment.grid.rows()
+        if key not in rows:
+            raise FersynthError(f"experiment.grid: no row {key!r} (rows: {', '.join(rows)})")
+        return rows[key]
+
 
 def _format_errors(source: str, error: ValidationError) -> str:
     lines = []
@@ -380,7 +605,8 @@ def _format_errors(source: str, error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key {key!r}")
         else:
-            lines.append(f"{source}: {key} = {item.get('input')!r}: {item['msg']}")
+            message = str(item["msg"]).removeprefix("Value error, ")
+            lines.append(f"{source}: {key} = {item.get('input')!r}: {message}")
     return "; ".join(lines)
 
 

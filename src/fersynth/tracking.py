@@ -86,16 +86,41 @@ def _git_commit(folder: Path) -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def lineage_tags() -> dict[str, str]:
-    """The code's git commit (FERSYNTH_GIT_COMMIT in images), the DVC revision (the commit of
-    the project the run works in, whose dvc.lock names the data) and the KFP run id."""
+def _dvc_rev(folder: Path) -> str | None:
+    """The commit whose dvc.lock names the data of this working tree: the last commit that
+    changed dvc.lock, or `uncommitted:<that commit>` while the working tree's dvc.lock differs
+    from it (a run whose lock is not committed yet)."""
+    try:
+        last = subprocess.run(
+            ["git", "-C", str(folder), "log", "-1", "--format=%H", "--", "dvc.lock"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if last.returncode != 0 or not last.stdout.strip():
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "diff", "--quiet", "HEAD", "--", "dvc.lock"], timeout=10
+        ).returncode
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = last.stdout.strip()
+    return f"uncommitted:{commit}" if dirty else commit
+
+
+def lineage_tags(profile: str | None = None) -> dict[str, str]:
+    """The code's git commit (FERSYNTH_GIT_COMMIT in images), the DVC revision whose dvc.lock
+    names the data (FERSYNTH_DVC_REV on KFP: the pipeline's data_rev), the KFP run id and the
+    profile (experiment name)."""
     tags: dict[str, str] = {}
     code = os.environ.get("FERSYNTH_GIT_COMMIT") or _git_commit(Path(__file__).resolve().parent)
     if code:
         tags["git_commit"] = code
-    project = os.environ.get("FERSYNTH_DVC_REV") or _git_commit(Path.cwd())
+    project = os.environ.get("FERSYNTH_DVC_REV") or _dvc_rev(Path.cwd())
     if project:
         tags["dvc_rev"] = project
+    if profile:
+        tags["profile"] = profile
     for env, tag in (("KFP_RUN_ID", "kfp_run_id"), ("FERSYNTH_PIPELINE_RUN", "pipeline_run")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
@@ -123,7 +148,12 @@ def model_requirements() -> list[str]:
 
 
 def log_training(
-    output: Path, run_name: str, settings: dict[str, Any], summary: dict[str, Any], data: Path
+    output: Path,
+    run_name: str,
+    settings: dict[str, Any],
+    summary: dict[str, Any],
+    data: Path,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Log a finished training run (settings, validation metrics, model, data lineage);
     returns the MLflow run id, also written to `output/mlflow_run.json`."""
@@ -137,14 +167,16 @@ def log_training(
     loaded = load_model(output / MODEL_FILE)
     example = np.zeros((1, 3, loaded.spec.image_size, loaded.spec.image_size), np.float32)
     manifest = pd.read_csv(Path(data) / "manifest.csv", dtype=str, keep_default_na=False)
-    with mlflow.start_run(run_name=run_name, tags=lineage_tags()) as run:
-        mlflow.log_params(_flatten(settings))
+    profile = (settings.get("experiment") or {}).get("name")
+    with mlflow.start_run(run_name=run_name, tags={**lineage_tags(profile), **(tags or {})}) as run:
+        mlflow.log_params(_flatten({k: settings[k] for k in ("seed", "train") if k in settings}))
+        mlflow.log_dict(settings, "settings.json")  # every resolved setting of the run
         best = summary.get("best_metrics") or {}
         metrics = {"val_accuracy": best.get("accuracy"), "val_mean_accuracy": best.get("mean_accuracy")}
         metrics["train_images_per_s"] = summary.get("images_per_second")
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
         mlflow.log_input(
-            mlflow.data.from_pandas(manifest, source=str(Path(data).resolve()), name=Path(data).name),
+            mlflow.data.from_pandas(manifest, source=str(data), name=Path(data).name),
             context="training",
         )
         logged = mlflow.pytorch.log_model(
@@ -188,19 +220,33 @@ def log_evaluation(model_folder: Path, test_set: str, metrics: dict[str, Any], f
             mlflow.log_artifact(str(path), artifact_path=f"evaluation/{prefix}")
 
 
-def track_training(result, settings, run_name: str | None = None) -> str | None:
+def track_training(result, settings, row: str | None = None) -> str | None:
     """Log a finished `run_train` (its `TrainResult`, the resolved `Settings`) when tracking is
-    on; the MLflow run id, or None with tracking off or a skipped run."""
+    on, named and tagged by its grid row; the MLflow run id, or None with tracking off or a
+    skipped run."""
     if not enabled() or result.skipped:
         return None
+    from fersynth.settings import resolved_dict, row_label
+
     summary = json.loads((result.output / "train_summary.json").read_text())
+    tags = {}
+    name = result.output.name
+    if row is not None:
+        name = row_label(row, settings.experiment.grid.rows().get(row))
+        tags = {"grid_row": row, "grid_label": name}
     return log_training(
         result.output,
-        run_name or result.output.name,
-        {"seed": settings.seed, "train": settings.train.model_dump(mode="json")},
+        name,
+        resolved_dict(settings),
         {**summary, "images_per_second": result.images_per_second, "best_metrics": result.best_metrics},
         settings.train.data,
+        tags,
     )
+
+
+def ranking_metric(settings) -> str:
+    """The key `register` ranks by, whichever orchestrator ran: `<in-domain test set>.mean_accuracy`."""
+    return f"{settings.experiment.in_domain}.mean_accuracy"
 
 
 def track_evaluation(model: Path, result) -> None:
@@ -214,7 +260,7 @@ def track_evaluation(model: Path, result) -> None:
     )
 
 
-def log_report(folder: Path) -> str:
+def log_report(folder: Path, profile: str | None = None) -> str:
     """The run report as an MLflow run of its own (its Markdown and pictures as artifacts, the
     per-class changes as metrics); the run id is written to `folder/mlflow_run.json`."""
     mlflow = _mlflow()
@@ -225,7 +271,9 @@ def log_report(folder: Path) -> str:
         for column, value in row.items()
         if value is not None and value == value  # NaN: the class has no test image
     }
-    with mlflow.start_run(run_name="report", tags={**lineage_tags(), "fersynth.kind": "report"}) as run:
+    with mlflow.start_run(
+        run_name="report", tags={**lineage_tags(profile), "fersynth.kind": "report"}
+    ) as run:
         mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(folder), artifact_path="report")
         run_id = run.info.run_id
@@ -272,16 +320,23 @@ def register(model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME
     if not scored:
         raise FersynthError("register: every row of the grid was skipped; nothing to register")
     value, label, run_id, model_uri = max(scored)
-    version = mlflow.register_model(model_uri, name)
-    client.set_model_version_tag(name, version.version, metric, str(value))
-    client.set_model_version_tag(name, version.version, "grid_row", label)
     champion_value = None
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
-        champion_value = client.get_run(current.run_id).data.metrics.get(metric)
     except mlflow.exceptions.MlflowException:
         current = None
-    promoted = current is None or champion_value is None or value > champion_value
+    if current is not None:
+        champion_value = client.get_run(current.run_id).data.metrics.get(metric)
+        if champion_value is None:
+            # Runs logged under another key (another test-set name) are not comparable.
+            raise FersynthError(
+                f"register: the champion ({name} version {current.version}, run {current.run_id}) has no "
+                f"metric {metric!r}; compare on a key both have (--metric), or move the alias by hand"
+            )
+    version = mlflow.register_model(model_uri, name)
+    client.set_model_version_tag(name, version.version, metric, str(value))
+    client.set_model_version_tag(name, version.version, "grid_row", label)
+    promoted = current is None or value > champion_value
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return {

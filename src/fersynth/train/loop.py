@@ -59,6 +59,7 @@ CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "best_weights.pt"
 LOG_FILE = "train_log.jsonl"
 SUMMARY = "train_summary.json"
+SPEED_FILE = "train_speed.jsonl"  # images/s per log window (left out of DVC hashes)
 
 
 @dataclass
@@ -284,7 +285,12 @@ def run_train(
         disable=not progress,
     )
     window_start, window_images, total_images, total_time = time.perf_counter(), 0, 0, 0.0
-    with (output / LOG_FILE).open("a", encoding="utf-8") as log_file:
+    # Speed lives in its own file, which .dvcignore leaves out of the output's hash: the rest of
+    # the folder is the same bytes on every run of the same settings.
+    with (
+        (output / LOG_FILE).open("a", encoding="utf-8") as log_file,
+        (output / SPEED_FILE).open("a", encoding="utf-8") as speed_file,
+    ):
         while step < settings.steps:
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -330,11 +336,12 @@ def run_train(
                     "step": step,
                     "loss": round(loss.item(), 5),
                     "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": round(speed, 1),
                     **{k: round(v.item(), 5) for k, v in parts.items()},
                 }
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+                speed_file.write(json.dumps({"step": step, "images_per_s": round(speed, 1)}) + "\n")
+                speed_file.flush()
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.0f}")
                 window_start, window_images = time.perf_counter(), 0
             if step % settings.eval_every == 0 or step == settings.steps:
@@ -386,7 +393,6 @@ def run_train(
         and {k: best_metrics[k] for k in ("accuracy", "mean_accuracy", "per_class_accuracy")},
         "train_counts": spec.train_counts,
         "val_images": len(val_frame),
-        "images_per_second": round(speed, 1),
         "device": str(device),
         "precision": str(dtype).replace("torch.", "") if dtype else "float32",
         **weights_info,

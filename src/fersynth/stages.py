@@ -1,0 +1,109 @@
+"""The stage entry points both orchestrators call: the CLI (which DVC runs) and the Kubeflow
+components (through `fersynth.pipeline_steps`). Each takes resolved `Settings`, runs the stage
+and tracks it to MLflow when tracking is on, so a local run and a cluster run log the same
+keys and tags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fersynth import tracking
+from fersynth.errors import FersynthError
+from fersynth.files import atomic_write_text
+from fersynth.settings import Settings, row_label
+
+NOT_TRACKED = {"registered": False, "reason": "MLFLOW_TRACKING_URI is not set"}
+
+
+def row_settings(settings: Settings, row: str, data: Path | str | None = None, output=None) -> Settings:
+    """`settings` with a grid row's training settings: its method and sampler, its data (the
+    augmented variant for a row on synthetic data, unless `data` is given) and its folder."""
+    spec = settings.row(row)
+    on_synthetic = row in settings.experiment.grid.synthetic
+    default_data = settings.layout.augmented(str(spec.variant)) if on_synthetic else settings.train.data
+    train = settings.train.model_copy(
+        update={
+            "method": spec.method,
+            "balanced_sampler": spec.sampler == "balanced",
+            "data": Path(data) if data is not None else default_data,
+            "output": Path(output) if output is not None else settings.model_folder(row),
+        }
+    )
+    return settings.model_copy(update={"train": train})
+
+
+def train(
+    settings: Settings,
+    row: str | None = None,
+    *,
+    resume=False,
+    force=False,
+    progress=True,
+    skip_if_empty=False,
+):
+    """Train `settings.train` (a grid row's settings when `row` is given: see `row_settings`);
+    a row on synthetic data with no training images is recorded as skipped, not failed.
+    Returns (TrainResult, MLflow run id or None)."""
+    from fersynth.train.loop import run_train
+
+    on_synthetic = row is not None and row in settings.experiment.grid.synthetic
+    result = run_train(
+        settings.train,
+        seed=settings.seed,
+        resume=resume,
+        force=force,
+        progress=progress,
+        skip_if_empty=skip_if_empty or on_synthetic,
+    )
+    if result.skipped:
+        return result, None
+    return result, tracking.track_training(result, settings, row=row)
+
+
+def evaluate(settings: Settings, *, progress: bool = True) -> list:
+    """Evaluate `settings.evaluate.model` on every test set (named by folder) and log each
+    test set's metrics into the model's MLflow run; [] for a skipped row."""
+    from fersynth.evaluate import run_evaluate
+
+    results = run_evaluate(settings.evaluate, progress=progress)
+    for result in results:
+        tracking.track_evaluation(Path(settings.evaluate.model), result)
+    return results
+
+
+def register(
+    settings: Settings,
+    folders: dict[str, Path],
+    metric: str | None,
+    output: Path | None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """The grid's best model into the MLflow registry, ranked by `metric` (default: the
+    in-domain mean accuracy); with tracking off, a record that nothing was registered."""
+    if not tracking.enabled():
+        if output is None:
+            raise FersynthError("register needs MLflow: set MLFLOW_TRACKING_URI")
+        outcome = dict(NOT_TRACKED)
+    else:
+        metric = metric or tracking.ranking_metric(settings)
+        outcome = {"registered": True, **tracking.register(folders, metric, name or tracking.MODEL_NAME)}
+    if output is not None:
+        atomic_write_text(Path(output), json.dumps(outcome, indent=2) + "\n")
+    return outcome
+
+
+def report(settings: Settings, *, force: bool = False):
+    """The run report (`fersynth.report`), logged to MLflow as a run of its own."""
+    from fersynth.report import run_report
+
+    result = run_report(settings.report, force=force, experiment=settings.experiment.name)
+    if tracking.enabled():
+        tracking.log_report(result.output, settings.experiment.name)
+    return result
+
+
+def grid_folders(settings: Settings, folder_of) -> dict[str, Path]:
+    """{row label: folder_of(row key)} for every row of the grid, rows on the original data first."""
+    return {row_label(key, row): Path(folder_of(key)) for key, row in settings.experiment.grid.rows().items()}
