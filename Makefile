@@ -36,7 +36,7 @@ profile: $(STAMP) ## point params.yaml at PARAMS (default profiles/demo.yaml) an
 	@test "$$(readlink params.yaml)" = "$(PARAMS)" || ln -sfn "$(PARAMS)" params.yaml
 	@$(BIN)/fersynth params experiment.name >/dev/null && echo "profile: $(PARAMS) (params.yaml -> $(PARAMS))"
 
-run: profile ## the main job on a profile (PARAMS=profiles/<name>.yaml, default the demo): `dvc repro`, MLflow in runs/mlflow, the tables
+run: profile ## the main job on a profile (PARAMS=profiles/<name>.yaml, default the demo): `dvc repro`, MLflow in runs/mlflow, the results page
 	@mkdir -p $(MLFLOW_LOCAL)
 	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" \
 	  FERSYNTH_ARTIFACT_LOCATION="$(FERSYNTH_ARTIFACT_LOCATION)" $(BIN)/dvc repro
