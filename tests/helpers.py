@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,16 @@ def face_like(seed: int, size: int = 48, color: bool = True) -> np.ndarray:
     small = rng.integers(0, 256, size=(6, 6, 3) if color else (6, 6), dtype=np.uint8)
     image = Image.fromarray(small).resize((size, size), Image.BILINEAR)
     return np.asarray(image)
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    """The cells of every Markdown table row in `text`, stripped (alignment rows left out)."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|") and not set(line) <= set("|:- "):
+            cells = re.split(r"(?<!\\)\|", line.strip()[1:-1])  # an escaped pipe stays in its cell
+            rows.append([cell.strip() for cell in cells])
+    return rows
 
 
 def write_jpeg(path: Path, pixels: np.ndarray, quality: int = 95) -> Path:

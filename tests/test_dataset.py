@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -148,17 +149,20 @@ def test_decode_cmyk_jpeg_gives_rgb_close_to_source(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("writer", "reason"),
+    ("writer", "reason", "kind"),
     [
-        (write_empty, "empty file"),
-        (write_truncated_jpeg, "truncated"),
-        (lambda p: (p.write_bytes(b"not an image at all"), p)[1], "not a readable image"),
+        (write_empty, "empty file", "empty_file"),
+        (write_truncated_jpeg, "truncated", "corrupt_image"),
+        (lambda p: (p.write_bytes(b"not an image at all"), p)[1], "not a readable image", "not_an_image"),
     ],
 )
-def test_decode_rejects_bad_files_with_reason(tmp_path, writer, reason):
+def test_decode_rejects_bad_files_with_reason(tmp_path, writer, reason, kind):
     path = writer(tmp_path / "bad.jpg")
-    with pytest.raises(ImageDecodeError, match=reason):
+    with pytest.raises(ImageDecodeError, match=reason) as caught:
         decode_image(path.read_bytes())
+    assert caught.value.kind == kind
+    copy = pickle.loads(pickle.dumps(caught.value))  # as it comes back from a worker process
+    assert (str(copy), copy.kind) == (str(caught.value), kind)
 
 
 def test_pixel_hash_depends_on_pixels_and_shape():

@@ -97,7 +97,14 @@ def test_affectnet_crops_maps_excludes_and_balances(tmp_path):
     assert "not a number" in reasons["training.csv row 9"]
     assert reasons["validation.csv row 9"] == "excluded class non-face (expression 10)"
     assert sum("balanced test subset" in r for r in reasons.values()) == 2
-    assert report.rejected_by_reason["excluded class contempt"] == 1
+    kinds = dict(zip(rejected["source_id"], rejected["kind"], strict=True))
+    assert kinds["training.csv row 3"] == kinds["validation.csv row 9"] == "excluded_class"
+    assert kinds["Manually_Annotated_Images/2/e.jpg"] == "bad_face_box"
+    assert kinds["Manually_Annotated_Images/2/missing.jpg"] == "missing_file"
+    assert kinds["training.csv row 8"] == "unsafe_path" and kinds["training.csv row 9"] == "malformed_row"
+    assert report.rejected_by_kind["excluded_class"] == 3  # contempt, none, non-face
+    assert report.rejected_by_kind["not_sampled"] == 2
+    assert sum(report.rejected_by_kind.values()) == report.rejected == len(rejected)
 
 
 def test_affectnet_test_subset_is_deterministic_by_seed(tmp_path):

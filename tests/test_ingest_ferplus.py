@@ -81,6 +81,13 @@ def test_ferplus_joins_votes_with_pixels(tmp_path):
     assert reasons["fer2013new.csv row 4"] == "no image name: FER+ removed this image"
     assert "contempt" in reasons["fer2013new.csv row 5"]
     assert reasons["fer2013new.csv row 6"] == "FER+ majority rule: not a face"
+    kinds = dict(zip(rejected["source_id"], rejected["kind"], strict=True))
+    assert [kinds[f"fer2013new.csv row {n}"] for n in (3, 4, 5, 6)] == [
+        "no_majority",
+        "removed_by_source",
+        "excluded_class",
+        "not_a_face",
+    ]
 
 
 def test_ferplus_row_count_mismatch_is_an_error(tmp_path):

@@ -53,3 +53,12 @@ def test_folder_layout_with_every_awkward_file(tmp_path):
     assert reasons["train/happy/notes.txt"] == "not a readable image format"
     assert reasons["train/loose.jpg"] == "not inside a split/class/ folder"
     assert "outside the input folder" in reasons["train/happy/link.jpg"]
+    kinds = dict(zip(rejected["source_id"], rejected["kind"], strict=True))
+    assert (
+        kinds["train/happy/truncated.jpg"] == "corrupt_image"
+        and kinds["train/happy/empty.jpg"] == "empty_file"
+    )
+    assert (
+        kinds["train/contempt/x.jpg"] == "unknown_label" and kinds["train/happy/notes.txt"] == "not_an_image"
+    )
+    assert kinds["train/loose.jpg"] == "misplaced_file" and kinds["train/happy/link.jpg"] == "unsafe_path"

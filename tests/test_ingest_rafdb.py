@@ -12,7 +12,7 @@ from fersynth.dataset import read_manifest
 from fersynth.errors import FersynthError
 from fersynth.ingest import run_ingest
 from fersynth.settings import IngestSettings
-from helpers import face_like, write_cmyk_jpeg, write_empty, write_jpeg, write_truncated_jpeg
+from helpers import face_like, markdown_rows, write_cmyk_jpeg, write_empty, write_jpeg, write_truncated_jpeg
 
 
 def make_rafdb(root: Path) -> Path:
@@ -64,6 +64,11 @@ def test_rafdb_every_input_is_written_or_reported(rafdb, tmp_path):
     assert reasons["Image/aligned/train_00011_aligned.jpg"] == "file not found"
     assert "is a path" in reasons["EmoLabel/list_patition_label.txt line 16"]
     assert "neither train_ nor test_" in reasons["EmoLabel/list_patition_label.txt line 17"]
+    kinds = dict(zip(rejected["source_id"], rejected["kind"], strict=True))
+    assert kinds["EmoLabel/list_patition_label.txt line 10"] == "unknown_label"
+    assert kinds["EmoLabel/list_patition_label.txt line 11"] == "malformed_row"
+    assert kinds["Image/aligned/train_00011_aligned.jpg"] == "missing_file"
+    assert kinds["EmoLabel/list_patition_label.txt line 17"] == "unknown_split"
 
 
 def test_rafdb_manifest_labels_splits_and_files(rafdb, tmp_path):
@@ -127,9 +132,10 @@ def test_rafdb_report_has_markdown_and_pictures(rafdb, tmp_path):
     out = tmp_path / "dataset"
     run_ingest(IngestSettings(source="rafdb", input=rafdb, output=out, workers=1), progress=False)
     text = (out / "ingest_report.md").read_text()
-    assert "| train | 1 | 2 | 1 | 1 | 1 | 1 | 0 | 7 |" in text
+    rows = markdown_rows(text)
+    assert ["train", "1", "2", "1", "1", "1", "1", "0", "7"] in rows
     assert "every input accounted for: yes" in text
-    assert "| file not found | 1 |" in text
+    assert ["missing_file", "1", "file not found"] in rows  # rejections by kind, with an example
     chart = cv2.imread(str(out / "ingest_classes.png"))
     sheet = cv2.imread(str(out / "ingest_samples.png"))
     assert chart.shape[0] > 200 and chart.shape[1] > 500

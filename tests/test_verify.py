@@ -49,10 +49,12 @@ def test_decide_counts_agreeing_voters_and_mean_probability():
     np.testing.assert_allclose(table["v_mean_prob"][0], (0.9 + 0.9 + 0.6) / 3, atol=1e-4)
     assert table["v_accepted"].tolist() == [True, True, False]
     assert table["v_reason"][2].startswith("0 of 3 voters agree (need 2)")
+    assert table["v_rejected_by"].tolist() == ["", "", "votes|probability"]  # the reasons as codes
     # image 1: two of three agree, but their mean probability (0.9 + 0.0167 + 0.6)/3 = 0.505
     strict = decide(probabilities, labels, min_votes=2, min_probability=0.6)
     assert strict["v_accepted"].tolist() == [True, False, False]
     assert "mean probability 0.51 < 0.60" in strict["v_reason"][1]
+    assert strict["v_rejected_by"].tolist() == ["", "probability", "votes|probability"]
     assert decide(probabilities, labels, min_votes=3, min_probability=0.0)["v_accepted"].tolist() == [
         True,
         False,
@@ -239,6 +241,8 @@ def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
     assert (good["v_votes"] == "fear,fear,disgust").all()  # the shifted voter says the next class
     assert (lost["v_accepted"] == "false").all() and (lost["v_agree"] == 0).all()
     assert lost["v_reason"].str.contains("0 of 3 voters agree").all()
+    assert lost["v_rejected_by"].str.split("|").map(lambda codes: "votes" in codes).all()
+    assert (good["v_rejected_by"] == "").all()
     # The written dataset keeps every verified row with its votes, images linked.
     written = read_manifest(tmp_path / "verified").manifest
     assert len(written) == 10 and (written["v_accepted"] == "true").sum() == 6
@@ -250,6 +254,9 @@ def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
     assert np.isfinite(fear["diversity_synthetic"]) and fear["diversity_synthetic"] > 0
     report = json.loads((tmp_path / "verified" / "verify_report.json").read_text())
     assert report["accepted"] == 6 and report["leaks"]["removed"] == 1
+    assert report["rejected"] == 4 and report["rejected_by"]["votes"] == 4
+    assert report["rejection_reasons"]["too few of 3 voters agree (need 2)"] == 4
+    assert "v_rejected_by" in written.columns
     assert (tmp_path / "verified" / "verify_classes.png").is_file()
     assert "6 of 10" in (tmp_path / "verified" / "verify_report.md").read_text()
 

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from fersynth import markdown
 from fersynth.classes import CLASSES
 from fersynth.dataset import TRAIN_SPLIT, read_manifest, write_manifest
 from fersynth.errors import FersynthError
@@ -31,6 +32,7 @@ from fersynth.settings import AugmentSettings, save_resolved
 
 SYNTHETIC_FOLDER = "synthetic"  # where the added images go inside the output dataset
 REPORT_MD = "augment_report.md"
+TEMPLATE = "augment_report.md.j2"
 REPORT_JSON = "augment_report.json"
 COUNTS_PNG = "augment_counts.png"
 
@@ -140,7 +142,9 @@ def run_augment(
     return result
 
 
-def _write_report(folder: Path, result: AugmentResult, settings: AugmentSettings) -> None:
+def class_table(result: AugmentResult) -> pd.DataFrame:
+    """Per class: the original training count, the accepted synthetic pool, how many were added,
+    and the training set's count."""
     table = pd.DataFrame(
         {
             "original": result.before,
@@ -149,6 +153,12 @@ def _write_report(folder: Path, result: AugmentResult, settings: AugmentSettings
             "training set": result.after,
         }
     ).loc[list(CLASSES)]
+    table.index.name = "class"
+    return table
+
+
+def _write_report(folder: Path, result: AugmentResult, settings: AugmentSettings) -> None:
+    table = class_table(result)
     summary = {
         "variant": settings.variant,
         "rho": settings.rho
@@ -164,20 +174,13 @@ def _write_report(folder: Path, result: AugmentResult, settings: AugmentSettings
         f"augment: {settings.variant}",
         folder / COUNTS_PNG,
     )
-    lines = [
-        f"# Augmented training set: {settings.variant}",
-        "",
-        f"Original: `{settings.original}`; synthetic pool: `{settings.synthetic}` (accepted images only).",
-        f"Largest/smallest class ratio: {result.ratio_before:.2f} before, {result.ratio_after:.2f} after"
-        + (f" (target rho {summary['rho']})." if summary["rho"] else "."),
-        "",
-        "| class | original | accepted pool | added | training set |",
-        "|---|---|---|---|---|",
-    ]
-    for name, row in table.iterrows():
-        lines.append(
-            f"| {name} | {row['original']} | {row['accepted pool']} | {row['added']} "
-            f"| {row['training set']} |"
-        )
-    lines += ["", f"![counts]({COUNTS_PNG})"]
-    atomic_write_text(folder / REPORT_MD, "\n".join(lines) + "\n")
+    text = markdown.render(
+        TEMPLATE,
+        settings=settings,
+        rho=summary["rho"],
+        ratio_before=result.ratio_before,
+        ratio_after=result.ratio_after,
+        table=markdown.table(table),
+        counts_png=COUNTS_PNG,
+    )
+    atomic_write_text(folder / REPORT_MD, text)

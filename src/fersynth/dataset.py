@@ -73,7 +73,15 @@ def safe_join(root: Path, relative: str) -> Path:
 
 
 class ImageDecodeError(ValueError):
-    """An input image that cannot be used; the message is the reason for the report."""
+    """An input image that cannot be used; the message is the reason for the report, `kind`
+    a short code for counting (fersynth.ingest.items.REJECTION_KINDS)."""
+
+    def __init__(self, message: str, kind: str = "unreadable") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keep `kind` across processes
+        return type(self), (str(self), self.kind)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -84,17 +92,17 @@ def decode_image(data: bytes) -> np.ndarray:
     non-image inputs raise ImageDecodeError with the reason.
     """
     if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
+        raise ImageDecodeError("empty file (0 bytes)", "empty_file")
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()  # a truncated file raises here (LOAD_TRUNCATED_IMAGES stays off)
             image = ImageOps.exif_transpose(opened)
     except UnidentifiedImageError:
-        raise ImageDecodeError("not a readable image format") from None
+        raise ImageDecodeError("not a readable image format", "not_an_image") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(f"corrupt or truncated image ({exc})") from None
+        raise ImageDecodeError(f"corrupt or truncated image ({exc})", "corrupt_image") from None
     if image.width < 1 or image.height < 1:
-        raise ImageDecodeError("image has no pixels")
+        raise ImageDecodeError("image has no pixels", "corrupt_image")
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         wide = np.asarray(image, dtype=np.int64)
@@ -127,7 +135,7 @@ def encode_image(pixels: np.ndarray, image_format: str, jpeg_quality: int = 95) 
     params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if image_format == "jpg" else []
     ok, buffer = cv2.imencode(f".{image_format}", bgr, params)
     if not ok:
-        raise ImageDecodeError(f"could not encode as {image_format}")
+        raise ImageDecodeError(f"could not encode as {image_format}", "encode_failed")
     return buffer.tobytes()
 
 
@@ -136,7 +144,7 @@ def load_image(path: Path) -> np.ndarray:
     try:
         pixels = decode_image(Path(path).read_bytes())
     except OSError as exc:
-        raise ImageDecodeError(f"cannot read ({exc.strerror or exc})") from None
+        raise ImageDecodeError(f"cannot read ({exc.strerror or exc})", "unreadable") from None
     return to_rgb(pixels)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fersynth import markdown
 from fersynth.classes import CLASSES
 from fersynth.compare import SKIPPED, read_comparison, to_markdown
 from fersynth.errors import FersynthError
@@ -25,6 +26,7 @@ from fersynth.settings import ReportSettings
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
+REPORT_TEMPLATE = "report.md.j2"
 RESULTS_TEMPLATE = "results.md.j2"
 
 
@@ -76,15 +78,6 @@ def changes_chart(changes: pd.DataFrame, path: Path) -> Path:
     return save_figure(figure, path)
 
 
-def _signed_markdown(changes: pd.DataFrame) -> str:
-    header = "| change | " + " | ".join(changes.columns) + " |"
-    lines = [header, "|---" * (len(changes.columns) + 1) + "|"]
-    for label, row in changes.iterrows():
-        cells = ["-" if pd.isna(v) else f"{v:+.2f}" for v in row]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def _copy(source: Path, folder: Path, name: str) -> str | None:
     """Copy a picture into the report folder; its relative name, or None when absent."""
     if not source.is_file():
@@ -97,102 +90,111 @@ def _folder(value: Path | None) -> Path | None:
     return None if value is None else Path(value)
 
 
-def _quality_section(folder: Path | None, out: Path) -> list[str]:
-    if folder is None:
-        return ["No quality stage in this run."]
-    report = _read_json(folder / "quality_report.json")
-    if report is None:
-        return ["Quality stage output not found at " + str(folder) + "."]
-    lines = [
-        f"{report['train_images']} training images scored; {report['flagged']} flagged "
-        f"(score under {report['score_cutoff']:.3f}, {report['threshold_mode']} {report['threshold']}); "
-        f"{report['enhanced']} enhanced with super-resolution"
-        + ("" if report.get("sr_models") else " (no SwinIR weights configured)")
-        + ".",
-        "",
-        "| class | train images | flagged | flagged % |",
-        "|---|---|---|---|",
-    ]
-    for row in report["per_class"]:
-        lines.append(f"| {row['class']} | {row['train images']} | {row['flagged']} | {row['flagged %']} |")
-    if picture := _copy(folder / "quality_histograms.png", out, "quality_histograms.png"):
-        lines += ["", f"![quality scores]({picture})"]
-    return lines
+def _stage(folder: Path | None, report_json: str) -> dict:
+    """A stage's folder (None: not in this run) and its JSON report (None: not found)."""
+    return {
+        "folder": None if folder is None else str(folder),
+        "report": None if folder is None else _read_json(folder / report_json),
+    }
 
 
-def _verify_section(folder: Path | None, out: Path) -> list[str]:
-    if folder is None:
-        return ["No verification in this run."]
-    report = _read_json(folder / "verify_report.json")
-    if report is None:
-        return ["Verification output not found at " + str(folder) + "."]
-    leaks = report.get("leaks", {})
-    lines = [
-        f"{report['verified']} generated images voted on by {len(report['voters'])} models "
-        f"(accept when at least {report['min_votes']} agree with mean probability at least "
-        f"{report['min_probability']}): **{report['accepted']} accepted**; "
-        f"{leaks.get('removed', 0)} removed as copies of test images.",
-        "",
-        "| class | generated | accepted | acceptance | Frechet distance | diversity real / synthetic |",
-        "|---|---|---|---|---|---|",
-    ]
-
-    def number(value, digits=2):
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    for name in CLASSES:
-        row = report["per_class"].get(name)
-        if row:
-            lines.append(
-                f"| {name} | {row['generated']} | {row['accepted']} "
-                f"| {number(row['acceptance_rate'] * 100, 1)}% "
-                f"| {number(row['frechet_distance'])} | {number(row['diversity_real'])} / "
-                f"{number(row['diversity_synthetic'])} |"
-            )
-    reasons = report.get("rejection_reasons", {})
-    if reasons:
-        lines += ["", "Rejections: " + "; ".join(f"{k}: {v}" for k, v in reasons.items()) + "."]
-    for name, caption in (
-        ("verify_classes.png", "acceptance per class"),
-        ("verify_examples.png", "examples"),
-    ):
-        if picture := _copy(folder / name, out, name):
-            lines += ["", f"![{caption}]({picture})"]
-    return lines
+def _per_class(report: dict) -> dict[str, dict]:
+    """The report's non-empty per-class rows, in canonical class order."""
+    return {name: report["per_class"][name] for name in CLASSES if report["per_class"].get(name)}
 
 
-def _augment_section(folder: Path | None) -> list[str]:
-    if folder is None:
-        return ["No rebalancing in this run."]
-    report = _read_json(folder / "augment_report.json")
-    if report is None:
-        return ["Augmentation output not found at " + str(folder) + "."]
-    lines = [
-        f"Variant `{report['variant']}`: class ratio {report['ratio_before']} -> {report['ratio_after']} "
-        f"(target rho {report['rho']}).",
-        "",
-        "| class | original | accepted pool | added | training set |",
-        "|---|---|---|---|---|",
-    ]
-    for name in CLASSES:
-        row = report["per_class"].get(name)
-        if row:
-            lines.append(
-                f"| {name} | {row['original']} | {row['accepted pool']} | {row['added']} "
-                f"| {row['training set']} |"
-            )
-    return lines
+def changes_markdown(changes: pd.DataFrame) -> str:
+    """The per-class changes as a table, signed, two decimals."""
+    return markdown.table(changes.rename_axis("change"), default="+.2f")
 
 
-def _template(name: str):
-    import jinja2
+def quality_class_table(report: dict) -> pd.DataFrame:
+    """Training images, flagged images and their share per class (from quality_report.json)."""
+    columns = ["train images", "flagged", "flagged %"]
+    return pd.DataFrame(report["per_class"], columns=["class", *columns]).set_index("class")
 
-    environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("fersynth", "templates"),
-        keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,  # a missing value is a bug, not an empty cell
+
+def verify_class_table(report: dict) -> pd.DataFrame:
+    """Generated and accepted images, Frechet distance and diversity per class (from
+    verify_report.json); an empty value (a class with nothing to compare) stays NaN."""
+    columns = ["generated", "accepted", "acceptance_rate", "frechet_distance"]
+    columns += ["diversity_real", "diversity_synthetic"]
+    rows = pd.DataFrame.from_dict(_per_class(report), orient="index").reindex(columns=columns)
+    table = pd.DataFrame(
+        {
+            "generated": rows["generated"],
+            "accepted": rows["accepted"],
+            "acceptance %": 100 * rows["acceptance_rate"].astype(float),
+            "Frechet distance": rows["frechet_distance"].astype(float),
+            "diversity real": rows["diversity_real"].astype(float),
+            "diversity synthetic": rows["diversity_synthetic"].astype(float),
+        }
     )
-    return environment.get_template(name)
+    table.index.name = "class"
+    return table
+
+
+def augment_class_table(report: dict) -> pd.DataFrame:
+    """Original, pool, added and final training counts per class (from augment_report.json)."""
+    columns = ["original", "accepted pool", "added", "training set"]
+    table = pd.DataFrame.from_dict(_per_class(report), orient="index").reindex(columns=columns)
+    table.index.name = "class"
+    return table
+
+
+def _quality(folder: Path | None, out: Path) -> dict:
+    stage = _stage(folder, "quality_report.json")
+    if stage["report"] is not None:
+        stage["table"] = markdown.table(quality_class_table(stage["report"]), {"flagged %": ".1f"})
+        stage["picture"] = _copy(folder / "quality_histograms.png", out, "quality_histograms.png")
+    return stage
+
+
+def _verify(folder: Path | None, out: Path) -> dict:
+    stage = _stage(folder, "verify_report.json")
+    if stage["report"] is not None:
+        decimals = {"Frechet distance": ".2f", "diversity real": ".2f", "diversity synthetic": ".2f"}
+        stage["table"] = markdown.table(
+            verify_class_table(stage["report"]), {"acceptance %": ".1f", **decimals}
+        )
+        stage["pictures"] = [
+            {"name": picture, "caption": caption}
+            for name, caption in (
+                ("verify_classes.png", "acceptance per class"),
+                ("verify_examples.png", "examples"),
+            )
+            if (picture := _copy(folder / name, out, name))
+        ]
+    return stage
+
+
+def _augment(folder: Path | None) -> dict:
+    stage = _stage(folder, "augment_report.json")
+    if stage["report"] is not None:
+        stage["table"] = markdown.table(augment_class_table(stage["report"]))
+    return stage
+
+
+def _confusion(evaluations: Path | None, test_set: str, table: pd.DataFrame, out: Path) -> list[dict]:
+    """Each in-domain row's confusion matrix, copied into the report, or why there is none."""
+    skipped = table.attrs.get(SKIPPED) or {}
+    rows = []
+    for run in table.index:
+        source = None if evaluations is None else evaluations / run.lower() / test_set / "confusion.png"
+        picture = source and _copy(source, out, f"confusion_{run.lower()}.png")
+        rows.append({"run": run, "picture": picture or None, "skipped": skipped.get(run)})
+    return rows
+
+
+def _samples(generated: Path | None, out: Path) -> list[dict]:
+    """The generated contact sheet of each class, copied into the report."""
+    if generated is None:
+        return []
+    return [
+        {"name": name, "picture": picture}
+        for name in CLASSES
+        if (picture := _copy(generated / f"samples_{name}.png", out, f"samples_{name}.png"))
+    ]
 
 
 def acceptance_table(verify_folder: Path | None) -> pd.DataFrame | None:
@@ -214,7 +216,8 @@ def write_results_page(
     """The results page a run writes for the repository (docs/results/<experiment>.md): the
     comparison tables, what the synthetic data bought, and the acceptance per class."""
     acceptance = acceptance_table(_folder(settings.verify))
-    text = _template(RESULTS_TEMPLATE).render(
+    text = markdown.render(
+        RESULTS_TEMPLATE,
         experiment=experiment,
         report_folder=str(settings.output),
         tables=[
@@ -224,8 +227,8 @@ def write_results_page(
             }
             for i, (name, t) in enumerate(comparisons)
         ],
-        changes=_signed_markdown(changes) if not changes.empty else "",
-        acceptance=acceptance.to_markdown() if acceptance is not None else "",
+        changes=changes_markdown(changes) if not changes.empty else "",
+        acceptance=markdown.table(acceptance, {"acceptance %": ".1f"}) if acceptance is not None else "",
     )
     atomic_write_text(Path(path), text)
     return Path(path)
@@ -235,59 +238,26 @@ def run_report(settings: ReportSettings, *, force: bool = False, experiment: str
     if not settings.comparisons:
         raise FersynthError("report.comparisons: give at least one `fersynth compare` output folder")
     comparisons = [read_comparison(folder) for folder in settings.comparisons]
+    changes = pd.concat([class_changes(table, settings.changes or [], name) for name, table in comparisons])
+    test_set, in_domain = comparisons[0]
+    skipped = in_domain.attrs.get(SKIPPED) or {}
     with staged_folder(settings.output, force=force) as out:
-        lines = ["# fersynth run report", ""]
-        changes = pd.concat(
-            [class_changes(table, settings.changes or [], name) for name, table in comparisons]
+        text = markdown.render(
+            REPORT_TEMPLATE,
+            comparisons=[
+                to_markdown(table, f"Accuracy (%) on {name} ({'in-domain' if i == 0 else 'cross-dataset'})")
+                for i, (name, table) in enumerate(comparisons)
+            ],
+            changes=changes_markdown(changes) if not changes.empty else "",
+            changes_chart=changes_chart(changes, out / "changes.png").name if not changes.empty else "",
+            confusion=_confusion(_folder(settings.evaluations), test_set, in_domain, out),
+            quality=_quality(_folder(settings.quality), out),
+            verify=_verify(_folder(settings.verify), out),
+            augment=_augment(_folder(settings.augment)),
+            samples=_samples(_folder(settings.generated), out),
+            generated=None if settings.generated is None else str(settings.generated),
         )
-        lines += ["## Comparison", ""]
-        for name, table in comparisons:
-            kind = "in-domain" if name == comparisons[0][0] else "cross-dataset"
-            lines += [to_markdown(table, f"Accuracy (%) on {name} ({kind})"), ""]
-        lines += ["## What the synthetic data changed", ""]
-        if changes.empty:
-            note = "No synthetic row has results beside its original row"
-            lines += [f"{note} (a skipped row is named under the tables).", ""]
-        else:
-            lines += [
-                "Accuracy points of each synthetic row minus its original row, per class.",
-                "",
-                _signed_markdown(changes),
-                f"![changes]({changes_chart(changes, out / 'changes.png').name})",
-                "",
-            ]
-        lines += ["## Confusion matrices (row-normalised, in-domain)", ""]
-        test_set, table = comparisons[0]
-        skipped = table.attrs.get(SKIPPED) or {}
-        for run in table.index:
-            evaluations = _folder(settings.evaluations)
-            picture = evaluations and _copy(
-                evaluations / run.lower() / test_set / "confusion.png", out, f"confusion_{run.lower()}.png"
-            )
-            if picture:
-                shown = f"![{run}]({picture})"
-            else:
-                shown = f"(skipped: {skipped[run]})" if run in skipped else "(no figure)"
-            lines += [f"**{run}**", "", shown, ""]
-        lines += ["## Quality", "", *_quality_section(_folder(settings.quality), out), ""]
-        lines += [
-            "## Verification of the synthetic images",
-            "",
-            *_verify_section(_folder(settings.verify), out),
-            "",
-        ]
-        lines += ["## Rebalancing (Algorithm 4)", "", *_augment_section(_folder(settings.augment)), ""]
-        lines += ["## Generated samples per class", ""]
-        found = False
-        generated = _folder(settings.generated)
-        for name in CLASSES if generated is not None else ():
-            picture = _copy(generated / f"samples_{name}.png", out, f"samples_{name}.png")
-            if picture:
-                found = True
-                lines += [f"**{name}**", "", f"![{name}]({picture})", ""]
-        if not found:
-            lines += [f"No contact sheets found in {settings.generated}.", ""]
-        atomic_write_text(out / REPORT_MD, "\n".join(lines))
+        atomic_write_text(out / REPORT_MD, text)
         summary = {
             "comparisons": {name: _json_table(table) for name, table in comparisons},
             "changes": changes.round(4).to_dict(orient="index"),

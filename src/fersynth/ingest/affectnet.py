@@ -53,20 +53,24 @@ def _parse(
     try:
         code = int(float(expression))
     except ValueError:
-        return Rejection(where, f"expression {expression!r} is not a number", split)
+        return Rejection(where, "malformed_row", f"expression {expression!r} is not a number", split)
     if code in AFFECTNET_EXCLUDED:
-        return Rejection(where, f"excluded class {AFFECTNET_EXCLUDED[code]} (expression {code})", split)
+        return Rejection(
+            where, "excluded_class", f"excluded class {AFFECTNET_EXCLUDED[code]} (expression {code})", split
+        )
     label = AFFECTNET_LABELS.get(code)
     if label is None:
-        return Rejection(where, f"unknown expression {code} (AffectNet uses 0..10)", split)
+        return Rejection(where, "unknown_label", f"unknown expression {code} (AffectNet uses 0..10)", split)
     try:
         box = tuple(float(v) for v in (x, y, w, h))
     except ValueError:
-        return Rejection(where, f"face box {x},{y},{w},{h} is not numeric", split, label)
+        return Rejection(where, "bad_face_box", f"face box {x},{y},{w},{h} is not numeric", split, label)
     if box[2] <= 0 or box[3] <= 0:
-        return Rejection(where, f"face box {x},{y},{w},{h} is empty", split, label)
+        return Rejection(where, "bad_face_box", f"face box {x},{y},{w},{h} is empty", split, label)
     if not relative.strip() or relative.startswith("/") or ".." in Path(relative).parts:
-        return Rejection(where, f"image path {relative!r} leaves the image folder", split, label)
+        return Rejection(
+            where, "unsafe_path", f"image path {relative!r} leaves the image folder", split, label
+        )
     return Candidate(
         id=safe_name(relative),
         split=split,
@@ -103,6 +107,7 @@ def read(root: Path, settings: AffectNetSettings, seed: int) -> Iterator[Candida
         if isinstance(item, Candidate) and index not in chosen:
             yield Rejection(
                 item.source_id,
+                "not_sampled",
                 f"not drawn into the balanced test subset ({settings.test_per_class} per class)",
                 item.split,
                 item.label,

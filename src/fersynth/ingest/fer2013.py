@@ -52,12 +52,16 @@ def read(path: Path, split_map: dict[str, str]) -> Iterator[Candidate | Rejectio
             number += 1
             split = split_map.get(usage.strip())
             if split is None:
-                yield Rejection(where, f"unknown Usage {usage!r} (expected {', '.join(split_map)})")
+                yield Rejection(
+                    where, "unknown_split", f"unknown Usage {usage!r} (expected {', '.join(split_map)})"
+                )
                 continue
             try:
                 label = FER2013_LABELS[int(emotion)]
             except (ValueError, KeyError):
-                yield Rejection(where, f"unknown emotion {emotion!r} (FER2013 uses 0..6)", split)
+                yield Rejection(
+                    where, "unknown_label", f"unknown emotion {emotion!r} (FER2013 uses 0..6)", split
+                )
                 continue
             yield Candidate(
                 id=row_id(number - 1),

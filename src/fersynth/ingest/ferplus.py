@@ -52,24 +52,30 @@ def read(pixels_csv: Path, labels_csv: Path, split_map: dict[str, str]) -> Itera
         usage, image_name, *raw_votes = label_row
         split = split_map.get(usage.strip())
         if split is None:
-            yield Rejection(where, f"unknown Usage {usage!r} (expected {', '.join(split_map)})")
+            yield Rejection(
+                where, "unknown_split", f"unknown Usage {usage!r} (expected {', '.join(split_map)})"
+            )
             continue
         if not image_name.strip():
-            yield Rejection(where, "no image name: FER+ removed this image", split)
+            yield Rejection(where, "removed_by_source", "no image name: FER+ removed this image", split)
             continue
         try:
             votes = [float(v) for v in raw_votes]
         except ValueError:
-            yield Rejection(where, f"votes are not numbers: {raw_votes}", split)
+            yield Rejection(where, "malformed_row", f"votes are not numbers: {raw_votes}", split)
             continue
         winner = majority(votes)
         if winner == "contempt":
-            yield Rejection(where, "excluded class contempt (not in the 7-class task)", split)
+            yield Rejection(
+                where, "excluded_class", "excluded class contempt (not in the 7-class task)", split
+            )
             continue
         label = FERPLUS_LABELS.get(winner)
         if label is None:
-            reason = "not a face" if winner == "NF" else "no majority / unknown"
-            yield Rejection(where, f"FER+ majority rule: {reason}", split)
+            kind, reason = (
+                ("not_a_face", "not a face") if winner == "NF" else ("no_majority", "no majority / unknown")
+            )
+            yield Rejection(where, kind, f"FER+ majority rule: {reason}", split)
             continue
         yield Candidate(
             id=f"ferplus_{number:05d}",

@@ -35,18 +35,20 @@ def read(root: Path) -> Iterator[Candidate | Rejection]:
         relative = path.relative_to(root)
         where = relative.as_posix()
         if not path.resolve().is_relative_to(root.resolve()):
-            yield Rejection(where, "a link that leads outside the input folder")
+            yield Rejection(where, "unsafe_path", "a link that leads outside the input folder")
             continue
         if len(relative.parts) < 3:
-            yield Rejection(where, "not inside a split/class/ folder")
+            yield Rejection(where, "misplaced_file", "not inside a split/class/ folder")
             continue
         split = _split_name(relative.parts[0])
         if split is None:
-            yield Rejection(where, f"split folder {relative.parts[0]!r} is not a usable name")
+            yield Rejection(
+                where, "unknown_split", f"split folder {relative.parts[0]!r} is not a usable name"
+            )
             continue
         label = folder_class(relative.parts[1])
         if label is None:
-            yield Rejection(where, f"unknown class folder {relative.parts[1]!r}", split)
+            yield Rejection(where, "unknown_label", f"unknown class folder {relative.parts[1]!r}", split)
             continue
         yield Candidate(
             id=safe_name(where),

@@ -36,11 +36,40 @@ class Candidate:
     crop: tuple[float, float, float, float] | None = None
 
 
+# Why an input is rejected, as a short stable code (reports count by it), with what each means.
+REJECTION_KINDS: dict[str, str] = {
+    "malformed_row": "a line or row of the label file that cannot be parsed",
+    "unknown_split": "a split the source does not define (Usage, name prefix, split folder)",
+    "unknown_label": "a label or class folder outside the source's classes",
+    "excluded_class": "a class outside the 7-class task (contempt, none, non-face)",
+    "no_majority": "FER+ votes without a majority, or with one for unknown",
+    "not_a_face": "FER+ voters said it is not a face",
+    "removed_by_source": "the source's own labels drop the image (FER+ without an image name)",
+    "not_sampled": "not drawn into AffectNet's balanced test subset",
+    "unsafe_path": "a path or link that leaves the input folder",
+    "misplaced_file": "a file outside the split/class/ layout",
+    "bad_face_box": "a face box that is not numeric, empty, or outside the image",
+    "missing_file": "the image file named by the labels does not exist",
+    "unreadable": "the file exists but cannot be read",
+    "empty_file": "a file of 0 bytes",
+    "not_an_image": "a file in no readable image format",
+    "corrupt_image": "a corrupt or truncated image",
+    "bad_pixels": "FER2013-style pixel values that are not 0..255 integers of the right count",
+    "encode_failed": "the decoded pixels could not be written",
+}
+
+
 @dataclass(frozen=True)
 class Rejection:
-    """An input that is not imported, and why. Every input is either imported or rejected."""
+    """An input that is not imported, and why: `kind` (REJECTION_KINDS) for counting, `reason`
+    for a person. Every input is either imported or rejected."""
 
     source_id: str
+    kind: str
     reason: str
     split: str = ""
     label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in REJECTION_KINDS:
+            raise ValueError(f"rejection kind {self.kind!r} is not one of {', '.join(REJECTION_KINDS)}")

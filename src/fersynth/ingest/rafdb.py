@@ -39,20 +39,24 @@ def read(root: Path) -> Iterator[Candidate | Rejection]:
             where = f"{LABEL_FILE} line {number}"
             fields = line.split()
             if len(fields) != 2:
-                yield Rejection(where, f"expected 'NAME LABEL', got {line.strip()[:60]!r}")
+                yield Rejection(where, "malformed_row", f"expected 'NAME LABEL', got {line.strip()[:60]!r}")
                 continue
             name, raw_label = fields
             if "/" in name or "\\" in name:
-                yield Rejection(where, f"name {name!r} is a path; RAF-DB names are plain file names")
+                yield Rejection(
+                    where, "unsafe_path", f"name {name!r} is a path; RAF-DB names are plain file names"
+                )
                 continue
             split = SPLIT_PREFIXES.get(name.split("_", 1)[0])
             if split is None:
-                yield Rejection(where, f"name {name!r} starts with neither train_ nor test_")
+                yield Rejection(where, "unknown_split", f"name {name!r} starts with neither train_ nor test_")
                 continue
             try:
                 label = RAFDB_LABELS[int(raw_label)]
             except (ValueError, KeyError):
-                yield Rejection(where, f"unknown label {raw_label!r} (RAF-DB uses 1..7)", split)
+                yield Rejection(
+                    where, "unknown_label", f"unknown label {raw_label!r} (RAF-DB uses 1..7)", split
+                )
                 continue
             stem = name.rsplit(".", 1)[0]
             image = ALIGNED_DIR / f"{stem}_aligned.jpg"

@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from fersynth import markdown as md
 from fersynth.classes import CLASSES
 from fersynth.dataset import is_evaluation_split, load_image
 from fersynth.figures import class_count_chart, contact_sheet, save_png
@@ -20,6 +21,7 @@ REPORT_JSON = "ingest_report.json"
 CLASSES_PNG = "ingest_classes.png"
 SAMPLES_PNG = "ingest_samples.png"
 REPORT_MD = "ingest_report.md"
+TEMPLATE = "ingest_report.md.j2"
 REJECTED_CSV = "ingest_rejected.csv"
 DUPLICATES_CSV = "ingest_duplicates.csv"
 
@@ -81,17 +83,13 @@ class IngestReport:
     removed_test_duplicates: int
     read_counts: dict[str, dict[str, int]]  # labelled inputs per split and class
     written_counts: dict[str, dict[str, int]]
-    rejected_by_reason: dict[str, int]
+    rejected_by_kind: dict[str, int]  # Rejection.kind -> count, most frequent first
     duplicates: dict[str, Any] = field(default_factory=dict)
+    rejection_examples: dict[str, str] = field(default_factory=dict)  # kind -> its first reason
 
     @property
     def accounted(self) -> bool:
         return self.written + self.rejected + self.removed_test_duplicates == self.inputs
-
-
-def _reason_key(reason: str) -> str:
-    # Group "corrupt or truncated image (...detail...)" under its general reason.
-    return reason.split(" (", 1)[0]
 
 
 def build_report(
@@ -117,7 +115,7 @@ def build_report(
         removed_test_duplicates=len(removed),
         read_counts=read_counts,
         written_counts=split_class_counts(kept),
-        rejected_by_reason=dict(Counter(_reason_key(r.reason) for r in rejections).most_common()),
+        rejected_by_kind=dict(Counter(r.kind for r in rejections).most_common()),
         duplicates={
             "within_split_groups": int(len(within_groups)),
             "within_split_rows": int(len(findings.within_split)),
@@ -128,55 +126,45 @@ def build_report(
             "learning_rows_removed": int(len(removed)),
             "policy": "removed from training" if dropped_test_duplicates else "kept (flag)",
         },
+        rejection_examples={r.kind: r.reason for r in reversed(rejections)},
     )
 
 
-def _counts_table(counts: dict[str, dict[str, int]]) -> list[str]:
-    lines = ["| split | " + " | ".join(CLASSES) + " | total |", "|---" * (len(CLASSES) + 2) + "|"]
-    for split, row in counts.items():
-        cells = " | ".join(str(row[name]) for name in CLASSES)
-        lines.append(f"| {split} | {cells} | {sum(row.values())} |")
-    return lines
+def counts_table(counts: dict[str, dict[str, int]]) -> pd.DataFrame:
+    """Images per split (rows) and class (columns, canonical order), and each split's total."""
+    table = pd.DataFrame.from_dict(counts, orient="index", columns=list(CLASSES)).fillna(0).astype(int)
+    table["total"] = table.sum(axis=1)
+    table.index.name = "split"
+    return table
+
+
+def rejections_table(report: IngestReport) -> pd.DataFrame:
+    """Rejected inputs per kind, most frequent first, with the first reason of each kind."""
+    table = pd.DataFrame(
+        {
+            "count": report.rejected_by_kind,
+            "example": {kind: report.rejection_examples.get(kind, "") for kind in report.rejected_by_kind},
+        },
+        columns=["count", "example"],
+    )
+    table.index.name = "kind"
+    return table
 
 
 def markdown(report: IngestReport, figures: bool = True) -> str:
     """The report as Markdown; `figures=False` for the terminal (no image links)."""
-    dup = report.duplicates
-    lines = [
-        f"# Ingest report: {report.source}",
-        "",
-        f"Input `{report.input}` -> dataset `{report.output}`.",
-        "",
-        f"- inputs: {report.inputs}",
-        f"- written: {report.written}",
-        f"- rejected: {report.rejected} (listed with reasons in `{REJECTED_CSV}`)",
-        f"- training rows removed as copies of test images: {report.removed_test_duplicates}",
-        f"- every input accounted for: {'yes' if report.accounted else 'NO'}",
-        "",
-        "## Images written per split and class",
-        "",
-        *_counts_table(report.written_counts),
-        "",
-        *([f"![images per class]({CLASSES_PNG})", "", f"![samples]({SAMPLES_PNG})", ""] if figures else []),
-        "## Labelled inputs read per split and class",
-        "",
-        *_counts_table(report.read_counts),
-        "",
-        "## Exact duplicates (decoded pixels)",
-        "",
-        f"- within a split: {dup['within_split_groups']} groups, {dup['within_split_rows']} rows, "
-        f"{dup['within_split_groups_with_conflicting_labels']} groups with conflicting labels",
-        f"- shared between training and test: {dup['train_test_distinct_images']} distinct images "
-        f"({dup['train_test_learning_rows']} training rows, "
-        f"{dup['train_test_test_rows']} test rows); training copies {dup['policy']}",
-        f"- every group with its paths: `{DUPLICATES_CSV}`",
-        "",
-    ]
-    if report.rejected_by_reason:
-        lines += ["## Rejected inputs by reason", "", "| reason | count |", "|---|---|"]
-        lines += [f"| {reason} | {n} |" for reason, n in report.rejected_by_reason.items()]
-        lines.append("")
-    return "\n".join(lines)
+    return md.render(
+        TEMPLATE,
+        report=report,
+        written=md.table(counts_table(report.written_counts)),
+        read=md.table(counts_table(report.read_counts)),
+        rejections=md.table(rejections_table(report)) if report.rejected_by_kind else "",
+        figures=figures,
+        classes_png=CLASSES_PNG,
+        samples_png=SAMPLES_PNG,
+        rejected_csv=REJECTED_CSV,
+        duplicates_csv=DUPLICATES_CSV,
+    )
 
 
 def write_figures(folder: Path, report: IngestReport, kept: pd.DataFrame, per_class: int = 8) -> None:
@@ -207,7 +195,7 @@ def write_report(
     atomic_write_text(folder / REPORT_JSON, json.dumps(asdict(report), indent=2) + "\n")
     atomic_write_text(folder / REPORT_MD, markdown(report))
     rejected = pd.DataFrame(
-        [asdict(r) for r in rejections], columns=["source_id", "split", "label", "reason"]
+        [asdict(r) for r in rejections], columns=["source_id", "split", "label", "kind", "reason"]
     )
     atomic_write_text(folder / REJECTED_CSV, rejected.to_csv(index=False, lineterminator="\n"))
     duplicates = pd.concat(

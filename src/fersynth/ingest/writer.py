@@ -30,12 +30,12 @@ def parse_pixels(text: str, shape: tuple[int, int]) -> np.ndarray:
     try:
         values = np.array(text.split(), dtype=np.int64)
     except ValueError:
-        raise ImageDecodeError("pixels are not all integers") from None
+        raise ImageDecodeError("pixels are not all integers", "bad_pixels") from None
     expected = shape[0] * shape[1]
     if values.size != expected:
-        raise ImageDecodeError(f"expected {expected} pixel values, got {values.size}")
+        raise ImageDecodeError(f"expected {expected} pixel values, got {values.size}", "bad_pixels")
     if values.min() < 0 or values.max() > 255:
-        raise ImageDecodeError("pixel values outside 0..255")
+        raise ImageDecodeError("pixel values outside 0..255", "bad_pixels")
     return values.astype(np.uint8).reshape(shape)
 
 
@@ -46,7 +46,7 @@ def crop_box(pixels: np.ndarray, box: tuple[float, float, float, float]) -> np.n
     left, top = max(0, int(round(x))), max(0, int(round(y)))
     right, bottom = min(width, int(round(x + w))), min(height, int(round(y + h)))
     if right - left < 2 or bottom - top < 2:
-        raise ImageDecodeError(f"face box {box} lies outside the {width}x{height} image")
+        raise ImageDecodeError(f"face box {box} lies outside the {width}x{height} image", "bad_face_box")
     return pixels[top:bottom, left:right]
 
 
@@ -73,9 +73,9 @@ def import_one(item: Candidate | Rejection, options: WriteOptions) -> dict[str, 
             try:
                 data = Path(item.file).read_bytes()
             except FileNotFoundError:
-                raise ImageDecodeError("file not found") from None
+                raise ImageDecodeError("file not found", "missing_file") from None
             except OSError as exc:
-                raise ImageDecodeError(f"cannot read ({exc.strerror or exc})") from None
+                raise ImageDecodeError(f"cannot read ({exc.strerror or exc})", "unreadable") from None
             pixels = decode_image(data)
             if item.crop is not None:
                 pixels = crop_box(pixels, item.crop)
@@ -85,7 +85,7 @@ def import_one(item: Candidate | Rejection, options: WriteOptions) -> dict[str, 
             extension = options.image_format
             payload = encode_image(pixels, options.image_format, options.jpeg_quality)
     except ImageDecodeError as exc:
-        return Rejection(item.source_id, str(exc), item.split, item.label)
+        return Rejection(item.source_id, exc.kind, str(exc), item.split, item.label)
     relative = f"{IMAGES_DIR}/{item.split}/{item.id}.{extension}"
     target = options.folder / relative
     target.parent.mkdir(parents=True, exist_ok=True)

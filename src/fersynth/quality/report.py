@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from fersynth import markdown
 from fersynth.classes import CLASSES
 from fersynth.dataset import TRAIN_SPLIT, ImageDecodeError, load_image
 from fersynth.figures import contact_sheet, save_figure, save_png
@@ -32,6 +33,7 @@ class QualityResult:
 
 
 REPORT_MD = "quality_report.md"
+TEMPLATE = "quality_report.md.j2"
 REPORT_JSON = "quality_report.json"
 HISTOGRAMS_PNG = "quality_histograms.png"
 LOWEST_PNG = "quality_lowest.png"
@@ -47,6 +49,7 @@ def flagged_per_class(frame: pd.DataFrame) -> pd.DataFrame:
         train[train["q_action"] == "enhanced"]["label"].value_counts().reindex(CLASSES, fill_value=0)
     )
     table["flagged %"] = (100 * table["flagged"] / table["train images"].clip(lower=1)).round(1)
+    table.index.name = "class"
     return table
 
 
@@ -124,12 +127,6 @@ def write_report(folder: Path, result: QualityResult, settings: QualitySettings)
     histograms(frame, result.threshold, folder / HISTOGRAMS_PNG)
 
     per_class = flagged_per_class(frame)
-    sr_line = (
-        f"super-resolution with {', '.join(result.sr_models)}"
-        if result.sr_models
-        else "**super-resolution skipped** (`quality.sr.model: none`): flagged images are "
-        "listed but not enhanced"
-    )
     summary = {
         "data": str(settings.data),
         "output": str(settings.output),
@@ -142,7 +139,7 @@ def write_report(folder: Path, result: QualityResult, settings: QualitySettings)
         "flagged": int((frame["q_flag"] != "").sum()),
         "enhanced": int((frame["q_action"] == "enhanced").sum()),
         "flag_reasons": frame.loc[frame["q_flag"] != "", "q_flag"].value_counts().to_dict(),
-        "per_class": per_class.reset_index(names="class").to_dict(orient="records"),
+        "per_class": per_class.reset_index().to_dict(orient="records"),
         "problems": [{"path": p, "reason": r} for p, r in result.problems],
         "lowest": lowest[["id", "label", "q_score", *[f"q_{n}" for n in SCORE_NAMES]]]
         .head(20)
@@ -150,38 +147,14 @@ def write_report(folder: Path, result: QualityResult, settings: QualitySettings)
         .to_dict(orient="records"),
     }
     atomic_write_text(folder / REPORT_JSON, json.dumps(summary, indent=2, default=str) + "\n")
-    lines = [
-        "# Quality report",
-        "",
-        f"Dataset `{settings.data}` -> `{settings.output}`.",
-        "",
-        f"- {sr_line}",
-        f"- threshold: {settings.threshold_mode} {settings.threshold} -> combined score below "
-        f"{result.threshold:.4f}; shorter side below {settings.min_size} px always flagged",
-        f"- training images: {summary['train_images']}, flagged: {summary['flagged']}, "
-        f"enhanced: {summary['enhanced']}; enhanced images are resized to "
-        f"{result.working_size[0]}x{result.working_size[1]}",
-        f"- unreadable: {len(result.problems)}"
-        + "".join(f"\n  - `{p}`: {r}" for p, r in result.problems[:20]),
-        "",
-        "## Flagged per class (training split)",
-        "",
-        "| class | train images | flagged | enhanced | flagged % |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {c} | {r['train images']:.0f} | {r['flagged']:.0f} | {r['enhanced']:.0f} | {r['flagged %']} |"
-            for c, r in per_class.iterrows()
-        ],
-        "",
-        "## Scores",
-        "",
-        f"![score histograms]({HISTOGRAMS_PNG})",
-        "",
-        "## Lowest-scoring training images",
-        "",
-        f"![lowest]({LOWEST_PNG})",
-        "",
-    ]
-    if pairs:
-        lines += ["## Before and after", "", f"![before and after]({BEFORE_AFTER_PNG})", ""]
-    atomic_write_text(folder / REPORT_MD, "\n".join(lines))
+    text = markdown.render(
+        TEMPLATE,
+        settings=settings,
+        result=result,
+        summary=summary,
+        per_class=markdown.table(per_class, {"flagged %": ".1f"}),
+        histograms=HISTOGRAMS_PNG,
+        lowest=LOWEST_PNG,
+        before_after=BEFORE_AFTER_PNG if pairs else None,
+    )
+    atomic_write_text(folder / REPORT_MD, text)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from fersynth import markdown
 from fersynth.classes import CLASSES
 from fersynth.dataset import ImageDecodeError, load_image
 from fersynth.figures import contact_sheet, save_figure, save_png
 from fersynth.files import atomic_write_text
+from fersynth.verify.voting import CODE_SEPARATOR, REJECTION_CODES, rejection_labels
 
 if TYPE_CHECKING:
     from fersynth.settings import GuardSettings, VerifySettings
@@ -23,6 +26,8 @@ LEAK_PAIRS_PNG = "leakage_pairs.png"
 GUARD_MD = "guard_report.md"
 GUARD_JSON = "guard_report.json"
 VERIFY_MD = "verify_report.md"
+GUARD_TEMPLATE = "guard_report.md.j2"
+VERIFY_TEMPLATE = "verify_report.md.j2"
 VERIFY_JSON = "verify_report.json"
 FIDELITY_CSV = "fidelity.csv"
 VERIFY_PNG = "verify_classes.png"
@@ -61,32 +66,34 @@ def _leak_pairs(root: Path, leaks: pd.DataFrame, path: Path, pairs_per_row: int 
     return save_png(path, contact_sheet(bands, tile=72, columns=2 * pairs_per_row))
 
 
-def _leak_markdown(leaks: pd.DataFrame, max_distance: int, picture: bool) -> list[str]:
-    summary = _leak_summary(leaks)
-    lines = [
-        f"Removed **{summary['removed']}** images: {summary['exact']} exact copies and "
-        f"{summary['perceptual']} near-duplicates (pHash within {max_distance} of 64 bits, confirmed by "
-        "thumbnail correlation) "
-        f"of {summary['distinct_test_images']} distinct test images. All of them, with both paths: "
-        f"`{LEAKS_CSV}`.",
-        "",
-    ]
-    if len(leaks):
-        lines += [
-            "| image | split | test image | kind | distance | correlation |",
-            "|---|---|---|---|---|---|",
-        ]
-        for _, leak in leaks.head(20).iterrows():
-            lines.append(
-                f"| {leak['path']} | {leak['split']} | {leak['test_set']}: {leak['test_id']} "
-                f"| {leak['kind']} | {leak['distance']} | {leak['correlation']} |"
-            )
-        if len(leaks) > 20:
-            lines.append(f"| ... {len(leaks) - 20} more in `{LEAKS_CSV}` | | | | | |")
-        lines.append("")
-    if picture:
-        lines += [f"![pairs]({LEAK_PAIRS_PNG})", ""]
-    return lines
+LEAKS_SHOWN = 20  # rows of the leak table on the page; all of them are in LEAKS_CSV
+
+
+def leak_table(leaks: pd.DataFrame, rows: int = LEAKS_SHOWN) -> pd.DataFrame:
+    """The first `rows` leaks: the removed image, its split, the test image it copies, how."""
+    shown = leaks.head(rows)
+    return pd.DataFrame(
+        {
+            "image": shown["path"],
+            "split": shown["split"],
+            "test image": shown["test_set"].astype(str) + ": " + shown["test_id"].astype(str),
+            "kind": shown["kind"],
+            "distance": shown["distance"],
+            "correlation": shown["correlation"],
+        }
+    ).set_index("image")
+
+
+def _leak_values(leaks: pd.DataFrame, max_distance: int, picture: bool) -> dict:
+    """What the leak section of both pages (templates/_leaks.md.j2) shows."""
+    return {
+        "leaks": _leak_summary(leaks),
+        "max_distance": max_distance,
+        "leak_table": markdown.table(leak_table(leaks)) if len(leaks) else "",
+        "leaks_not_shown": max(0, len(leaks) - LEAKS_SHOWN),
+        "leaks_csv": LEAKS_CSV,
+        "leak_picture": LEAK_PAIRS_PNG if picture else None,
+    }
 
 
 def write_guard_report(folder: Path, result: GuardResult, settings: GuardSettings) -> None:
@@ -104,20 +111,15 @@ def write_guard_report(folder: Path, result: GuardResult, settings: GuardSetting
         "unreadable": [{"path": p, "reason": r} for p, r in result.unreadable],
     }
     atomic_write_text(folder / GUARD_JSON, json.dumps(summary, indent=2) + "\n")
-    lines = [
-        f"# Test-leakage guard: {settings.data}",
-        "",
-        "Compared every training and validation image with every test image: "
-        + "; ".join(result.tests)
-        + ".",
-        "",
-        *_leak_markdown(result.leaks, settings.max_distance, picture),
-        f"Kept {len(result.manifest)} rows.",
-    ]
-    if result.unreadable:
-        lines += ["", f"{len(result.unreadable)} unreadable images (kept, not compared):"]
-        lines += [f"- {p}: {r}" for p, r in result.unreadable[:20]]
-    atomic_write_text(folder / GUARD_MD, "\n".join(lines) + "\n")
+    text = markdown.render(
+        GUARD_TEMPLATE,
+        data=str(settings.data),
+        tests=result.tests,
+        kept=len(result.manifest),
+        unreadable=result.unreadable,
+        **_leak_values(result.leaks, settings.max_distance, picture),
+    )
+    atomic_write_text(folder / GUARD_MD, text)
 
 
 def _class_chart(table: pd.DataFrame, path: Path) -> Path:
@@ -156,8 +158,29 @@ def _examples(root: Path, frame: pd.DataFrame, path: Path, per_kind: int = 4) ->
     return save_png(path, contact_sheet(rows, tile=64, columns=2 * per_kind))
 
 
-def _fmt(value: float, digits: int = 3) -> str:
-    return "-" if pd.isna(value) else f"{value:.{digits}f}"
+def verify_class_table(fidelity: pd.DataFrame) -> pd.DataFrame:
+    """Per class: generated and accepted images, acceptance in percent, Frechet distance, KID
+    (x1000) and the diversity of real and synthetic images, from the fidelity table."""
+    table = pd.DataFrame(
+        {
+            "generated": fidelity["generated"].astype(int),
+            "accepted": fidelity["accepted"].astype(int),
+            "accepted %": 100 * fidelity["acceptance_rate"],
+            "Frechet distance": fidelity["frechet_distance"],
+            "KID x1000": 1000 * fidelity["kid_mean"],
+            "diversity real": fidelity["diversity_real"],
+            "diversity synthetic": fidelity["diversity_synthetic"],
+        }
+    )
+    table.index.name = "class"
+    return table
+
+
+def rejection_counts(frame: pd.DataFrame) -> dict[str, int]:
+    """Rejected images per rejection code (voting.REJECTION_CODES), counted from the structured
+    `v_rejected_by` column; an image rejected for both reasons counts under each."""
+    counts = Counter(code for codes in frame["v_rejected_by"] for code in codes.split(CODE_SEPARATOR) if code)
+    return {code: counts[code] for code in REJECTION_CODES}
 
 
 def write_verify_report(
@@ -173,10 +196,8 @@ def write_verify_report(
     _class_chart(table, folder / VERIFY_PNG)
     _examples(folder, frame, folder / EXAMPLES_PNG)
     accepted = int((frame["v_accepted"] == "true").sum())
-    reasons = frame.loc[frame["v_accepted"] != "true", "v_reason"].str.split("; ").explode()
-    reasons = reasons.str.replace(r"^\d+ of", "too few of", regex=True).str.replace(
-        r"probability [\d.]+ <", "probability <", regex=True
-    )
+    rejected_by = rejection_counts(frame)
+    labels = rejection_labels(len(result.voters), settings.min_votes, settings.min_probability)
     summary = {
         "data": str(settings.data),
         "voters": result.voters,
@@ -185,54 +206,31 @@ def write_verify_report(
         "min_probability": settings.min_probability,
         "verified": len(frame),
         "accepted": accepted,
+        "rejected": len(frame) - accepted,
         "leaks": _leak_summary(result.leaks),
-        "rejection_reasons": {k: int(v) for k, v in reasons.value_counts().items()},
+        "rejected_by": rejected_by,  # per code (fersynth.verify.voting.REJECTION_CODES)
+        # The same counts under their human labels, most frequent first.
+        "rejection_reasons": {
+            labels[code]: n for code, n in sorted(rejected_by.items(), key=lambda item: -item[1]) if n
+        },
         "per_class": json.loads(table.to_json(orient="index")),
         "unreadable": [{"path": p, "reason": r} for p, r in result.unreadable],
     }
     atomic_write_text(folder / VERIFY_JSON, json.dumps(summary, indent=2) + "\n")
-    lines = [
-        f"# Synthetic expression check: {settings.data}",
-        "",
-        f"Voters ({len(result.voters)}, flip TTA {'on' if settings.tta_flip else 'off'}): "
-        + ", ".join(f"`{v}`" for v in result.voters)
-        + ".",
-        f"Rule ({settings.mode} mode): at least {settings.min_votes} of {len(result.voters)} voters "
-        f"predict the label, and their mean probability of it is at least {settings.min_probability}.",
-        "",
-        f"**{accepted} of {len(frame)}** synthetic images accepted.",
-        "",
-        "| class | generated | accepted | accepted % | Frechet distance | KID x1000 "
-        "| diversity real | diversity synthetic |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, row in table.iterrows():
-        rate = "-" if pd.isna(row["acceptance_rate"]) else f"{100 * row['acceptance_rate']:.1f}"
-        lines.append(
-            f"| {name} | {int(row['generated'])} | {int(row['accepted'])} | {rate} "
-            f"| {_fmt(row['frechet_distance'], 2)} | {_fmt(row['kid_mean'] * 1000, 2)} "
-            f"| {_fmt(row['diversity_real'], 2)} | {_fmt(row['diversity_synthetic'], 2)} |"
-        )
-    lines += [
-        "",
-        "Features: pre-logit layer of the first voter. Frechet distance and KID compare the accepted "
-        f"synthetic images of a class with up to {settings.fidelity_images_per_class} real training "
-        "images of it; diversity is the mean pairwise feature distance within each. Small classes "
-        "make these estimates noisy.",
-        "",
-        f"![classes]({VERIFY_PNG})",
-        "",
-        f"Examples (accepted first, then rejected): ![examples]({EXAMPLES_PNG})",
-        "",
-        "Why images were rejected: "
-        + (", ".join(f"{k} ({v})" for k, v in summary["rejection_reasons"].items()) or "none")
-        + ".",
-        "",
-        "## Test leakage",
-        "",
-        *_leak_markdown(result.leaks, max_distance, leak_picture),
-    ]
-    if result.unreadable:
-        lines += [f"{len(result.unreadable)} unreadable synthetic images were dropped:"]
-        lines += [f"- {p}: {r}" for p, r in result.unreadable[:20]]
-    atomic_write_text(folder / VERIFY_MD, "\n".join(lines) + "\n")
+    decimals = ["Frechet distance", "KID x1000", "diversity real", "diversity synthetic"]
+    text = markdown.render(
+        VERIFY_TEMPLATE,
+        settings=settings,
+        voters=result.voters,
+        accepted=accepted,
+        verified=len(frame),
+        class_table=markdown.table(
+            verify_class_table(table), {"accepted %": ".1f", **dict.fromkeys(decimals, ".2f")}
+        ),
+        rejection_reasons=summary["rejection_reasons"],
+        classes_png=VERIFY_PNG,
+        examples_png=EXAMPLES_PNG,
+        unreadable=result.unreadable,
+        **_leak_values(result.leaks, max_distance, leak_picture),
+    )
+    atomic_write_text(folder / VERIFY_MD, text)

@@ -20,7 +20,21 @@ from fersynth.classes import CLASS_INDEX, CLASSES
 from fersynth.evaluate import predict_probabilities
 from fersynth.train.models import load_model
 
-VOTE_COLUMNS = ["v_votes", "v_agree", "v_mean_prob", "v_accepted", "v_reason"]
+VOTE_COLUMNS = ["v_votes", "v_agree", "v_mean_prob", "v_accepted", "v_reason", "v_rejected_by"]
+# Why an image was rejected, as codes in `v_rejected_by` (joined by "|"; empty when accepted).
+# `v_reason` says the same for a person; counts are taken from the codes, never from it.
+TOO_FEW_VOTES = "votes"  # fewer than min_votes voters predict the label
+LOW_PROBABILITY = "probability"  # the voters' mean probability of the label is below min_probability
+REJECTION_CODES = (TOO_FEW_VOTES, LOW_PROBABILITY)
+CODE_SEPARATOR = "|"
+
+
+def rejection_labels(voters: int, min_votes: int, min_probability: float) -> dict[str, str]:
+    """Each rejection code as a person reads it, for counts in reports."""
+    return {
+        TOO_FEW_VOTES: f"too few of {voters} voters agree (need {min_votes})",
+        LOW_PROBABILITY: f"mean probability < {min_probability:.2f}",
+    }
 
 
 def voter_probabilities(
@@ -78,28 +92,34 @@ def decide(
     min_probability: float,
 ) -> pd.DataFrame:
     """Per image: each voter's vote, how many agree with `labels` (class indices), their mean
-    probability of it, accepted or not, and why not."""
+    probability of it, accepted or not, and why not: as a sentence (`v_reason`) and as codes
+    (`v_rejected_by`, REJECTION_CODES joined by "|")."""
     votes = probabilities.argmax(axis=2)  # V x N
     n = votes.shape[1]
     agree = (votes == labels[None, :]).sum(axis=0)
     mean_probability = probabilities.mean(axis=0)[np.arange(n), labels] if n else np.zeros(0)
     voters = probabilities.shape[0]
-    reasons = []
-    for count, probability in zip(agree, mean_probability, strict=True):
+    too_few = agree < min_votes
+    low = mean_probability < min_probability
+    codes, reasons = [], []
+    for count, probability, few, weak in zip(agree, mean_probability, too_few, low, strict=True):
         problems = []
-        if count < min_votes:
+        if few:
             problems.append(f"{count} of {voters} voters agree (need {min_votes})")
-        if probability < min_probability:
+        if weak:
             problems.append(f"mean probability {probability:.2f} < {min_probability:.2f}")
         reasons.append("; ".join(problems))
+        codes.append(CODE_SEPARATOR.join(c for c, on in zip(REJECTION_CODES, (few, weak), strict=True) if on))
     return pd.DataFrame(
         {
             "v_votes": [",".join(CLASSES[k] for k in votes[:, i]) for i in range(n)],
             "v_agree": agree.astype(int),
             "v_mean_prob": np.round(mean_probability, 4),
-            "v_accepted": [reason == "" for reason in reasons],
+            "v_accepted": ~(too_few | low),
             "v_reason": reasons,
-        }
+            "v_rejected_by": codes,
+        },
+        columns=VOTE_COLUMNS,
     )
 
 
