@@ -4,6 +4,7 @@ artifacts on the rclone S3 server), through the CLI as users run it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -180,3 +181,17 @@ def test_a_failed_pipeline_is_an_mlflow_run(mlflow_env, tmp_path):
     assert runs and runs[0].data.tags["state"] == "FAILED"
     logged = Path(client.download_artifacts(runs[0].info.run_id, "status.json", str(tmp_path)))
     assert json.loads(logged.read_text())["error"] == "no voters"
+
+
+def test_steps_racing_to_create_the_experiment_both_go_on(mlflow_env, monkeypatch):
+    """Two steps side by side (a KFP ParallelFor) both find no experiment and both create it:
+    the second one's RESOURCE_ALREADY_EXISTS is not a failure."""
+    import mlflow
+
+    from fersynth import tracking
+
+    tracking._mlflow()  # the experiment now exists
+    with monkeypatch.context() as patched:
+        patched.setattr(mlflow, "get_experiment_by_name", lambda name: None)  # as the racer saw it
+        assert tracking._mlflow() is mlflow
+    assert mlflow.get_experiment_by_name(os.environ["FERSYNTH_EXPERIMENT"]) is not None

@@ -71,7 +71,12 @@ def _mlflow():
     experiment = os.environ.get("FERSYNTH_EXPERIMENT", "fersynth")
     if mlflow.get_experiment_by_name(experiment) is None:
         location = os.environ.get("FERSYNTH_ARTIFACT_LOCATION")  # e.g. a local folder for sqlite
-        mlflow.create_experiment(experiment, artifact_location=location)
+        try:
+            mlflow.create_experiment(experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException as exc:
+            # Steps running side by side (ParallelFor, several DVC jobs) may race to create it.
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     mlflow.set_experiment(experiment)
     return mlflow
 
