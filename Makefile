@@ -31,10 +31,14 @@ FERSYNTH_ARTIFACT_LOCATION ?= $(MLFLOW_LOCAL)/artifacts
 MLFLOW_UI_PORT ?= 5000
 
 profile: $(STAMP) ## point params.yaml at PARAMS (default profiles/demo.yaml) and check it
+	@case "$(PARAMS)" in profiles/*/*|*..*) echo "make: PARAMS=$(PARAMS): must be profiles/<name>.yaml"; exit 2;; \
+	  profiles/*.yaml) ;; *) echo "make: PARAMS=$(PARAMS): must be profiles/<name>.yaml"; exit 2;; esac
 	@test -f "$(PARAMS)" || { echo "make: PARAMS=$(PARAMS): no such profile (see profiles/)"; exit 2; }
-	@case "$(PARAMS)" in profiles/*.yaml) ;; *) echo "make: PARAMS must be profiles/<name>.yaml"; exit 2;; esac
+	@if [ -e params.yaml ] && [ ! -L params.yaml ]; then \
+	  echo "make: params.yaml is a file, not a link to a profile: move your edits into profiles/ first"; exit 2; fi
+	@$(BIN)/fersynth --params "$(PARAMS)" params experiment.name >/dev/null
 	@test "$$(readlink params.yaml)" = "$(PARAMS)" || ln -sfn "$(PARAMS)" params.yaml
-	@$(BIN)/fersynth params experiment.name >/dev/null && echo "profile: $(PARAMS) (params.yaml -> $(PARAMS))"
+	@echo "profile: $(PARAMS) (params.yaml -> $(PARAMS))"
 
 run: profile ## the main job on a profile (PARAMS=profiles/<name>.yaml, default the demo): `dvc repro`, MLflow in runs/mlflow, the results page
 	@mkdir -p $(MLFLOW_LOCAL)
@@ -87,6 +91,7 @@ lock: ## re-resolve requirements.lock from the pins in pyproject.toml (needs the
 	rm -rf .lock-venv
 
 clean: ## remove outputs of make run for the active profile (keeps .venv and the DVC cache)
-	rm -rf data/$(EXPERIMENT) runs/$(EXPERIMENT)
+	@name=$(EXPERIMENT); test -n "$$name" || { echo "make clean: the active profile does not resolve"; exit 2; }; \
+	  echo "rm -rf data/$$name runs/$$name"; rm -rf "data/$$name" "runs/$$name"
 
 .PHONY: help venv profile run mlflow-ui mlflow-server test test-fast lint image pipeline k8s lock clean

@@ -34,13 +34,14 @@ STAGES = (
 )
 
 
-def build(image: str, gpu_image: str) -> SimpleNamespace:
-    """Every stage as a component: `components.build(...).train` and so on."""
+def build(image: str, gpu_image: str, extra_gpu: tuple[str, ...] = ()) -> SimpleNamespace:
+    """Every stage as a component: `components.build(...).train` and so on. `extra_gpu`: more
+    stages on the CUDA image (evaluate, verify when the profile runs them on cuda)."""
     made = {}
     for name in STAGES:
         made[name] = dsl.component(
             func=getattr(stages, name),
-            base_image=gpu_image if name in GPU_STAGES else image,
+            base_image=gpu_image if name in (*GPU_STAGES, *extra_gpu) else image,
             install_kfp_package=False,
         )
     return SimpleNamespace(**made)

@@ -215,14 +215,17 @@ def verify(
     generated: Input[Dataset],
     reference: Input[Dataset],
     voters: Input[list[Model]],
+    voter_rows: list[str],
     test_sets: Input[Dataset],
     settings: Input[Artifact],
     dataset: Output[Dataset],
 ):
-    from fersynth.pipeline_steps import settings_from, test_set_folders
+    """The vote of the profile's voters (`voter_rows`, out of every row on the original data)."""
+    from fersynth.pipeline_steps import by_grid_row, settings_from, test_set_folders
     from fersynth.pipeline_steps import verify as step
 
-    voter_paths = sorted(voter.path for voter in voters)  # the order of a Collected list is not fixed
+    models = by_grid_row(voter.path for voter in voters)  # the order of a Collected list is not fixed
+    voter_paths = [models[row] for row in voter_rows]
     folders = test_set_folders(settings_from(settings.path), reference.path, test_sets.path)
     cross = [folder for folder in folders.values() if folder != reference.path]
     dataset.metadata.update(

@@ -17,6 +17,7 @@ from pathlib import Path
 from kfp import dsl
 
 import components
+from fersynth.errors import FersynthError
 from fersynth.settings import Settings, load_settings, resolved_dict, row_label
 from pipelines.resources import on_gpu_pool, with_credentials
 
@@ -37,15 +38,33 @@ def grid_rows(settings: Settings) -> tuple[list[dict], list[dict]]:
     return rows(grid.original, False), rows(grid.synthetic, True)
 
 
+def row_of(settings: Settings, model: str, where: str, originals: list[dict]) -> str:
+    """The label of the row on the original data whose model folder `model` is."""
+    for row in originals:
+        if Path(model) == settings.model_folder(row["key"]):
+            return row["label"]
+    raise FersynthError(f"{where}: {model} is not a row on the original data; the pipeline trains its models")
+
+
 def build_pipeline(settings: Settings, image_tag: str):
     """The pipeline function, with defaults from `settings` and images tagged `image_tag`."""
     kfp = settings.kfp
-    ops = components.build(f"{kfp.image}:{image_tag}", f"{kfp.gpu_image}:{image_tag}")
+    # Evaluation and the vote go to the GPU pool when the profile runs them on CUDA.
+    on_cuda = {
+        name
+        for name, device in (("evaluate", settings.evaluate.device), ("verify", settings.verify.device))
+        if device.startswith("cuda")
+    }
+    ops = components.build(f"{kfp.image}:{image_tag}", f"{kfp.gpu_image}:{image_tag}", tuple(sorted(on_cuda)))
     originals, synthetics = grid_rows(settings)
     profile = json.dumps(resolved_dict(settings), sort_keys=True)
-    # The guide: a row on the original data, named in generate.guide_model (resolved to its folder).
-    guide_key = Path(settings.generate.guide_model).name
-    guide_label = next((row["label"] for row in originals if row["key"] == guide_key), originals[0]["label"])
+    # The guide and the voters: rows on the original data (resolved to their model folders).
+    if settings.generate.guide != "fer":
+        raise FersynthError(
+            "the pipeline guides generation with a grid row's FER model (generate.guide: fer)"
+        )
+    guide_label = row_of(settings, settings.generate.guide_model, "generate.guide_model", originals)
+    voter_labels = [row_of(settings, voter, "verify.voters", originals) for voter in settings.verify.voters]
     # Each row reaches its tasks as one JSON string (ParallelFor over strings runs everywhere).
     original_rows = [json.dumps(row, sort_keys=True) for row in originals]
     synthetic_rows = [json.dumps(row, sort_keys=True) for row in synthetics]
@@ -126,7 +145,8 @@ def build_pipeline(settings: Settings, image_tag: str):
                         row=row,
                         settings=every,
                         pipeline_run=run_id,
-                    )
+                    ),
+                    gpu="evaluate" in on_cuda,
                 ).set_display_name("evaluate")
                 return trained, evaluated
 
@@ -161,9 +181,11 @@ def build_pipeline(settings: Settings, image_tag: str):
                     generated=merged.outputs["dataset"],
                     reference=clean,
                     voters=dsl.Collected(voter.outputs["model"]),
+                    voter_rows=voter_labels,
                     test_sets=test_sets.outputs["data"],
                     settings=every,
-                )
+                ),
+                gpu="verify" in on_cuda,
             )
             augmented = prepared(
                 ops.augment(

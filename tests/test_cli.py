@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from tests.helpers import run_cli
 
 from fersynth.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("command", [[], ["ingest"], ["demo-data"], ["params"]])
@@ -50,12 +53,26 @@ def test_params_prints_resolved_settings_with_overrides(capsys):
 
 def test_grid_and_test_set_names_are_checked_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").symlink_to(ROOT / "profiles" / "demo.yaml")
     assert main(["train", "--row", "nosuch"]) == 2
     assert "experiment.grid: no row 'nosuch'" in capsys.readouterr().err
     assert main(["test-set", "nosuch"]) == 2
-    assert "no test set 'nosuch' (test sets: in_domain)" in capsys.readouterr().err
+    assert "no test set 'nosuch' (test sets: in_domain, cross)" in capsys.readouterr().err
     assert main(["train", "--row", "original_sl", "--method", "mek"]) == 2
     assert "drop --method" in capsys.readouterr().err
+    assert main(["-S", "train.method=mek", "train", "--row", "original_sl"]) == 2
+    assert "drop -S train.method" in capsys.readouterr().err
+    assert main(["augment", "--grid", "--variant", "rho"]) == 2
+    assert "drop --variant" in capsys.readouterr().err
+    assert main(["compare", "--output", "x"]) == 2  # two test sets, one folder
+    assert "add --test-set (one of in_domain, cross)" in capsys.readouterr().err
+
+
+def test_a_dangling_params_link_is_an_error_not_the_defaults(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").symlink_to("profiles/gone.yaml")
+    assert main(["params", "experiment.name"]) == 2
+    assert "params.yaml links to profiles/gone.yaml, which does not exist" in capsys.readouterr().err
 
 
 def test_demo_data_then_ingest_from_the_command_line(tmp_path):

@@ -120,7 +120,7 @@ def test_the_kfp_pipeline_is_built_from_each_profile(profile, tmp_path):
     assert type(settings).model_validate(carried) == settings  # every setting travels
     assert parameters["train_steps"]["defaultValue"] == settings.train.steps
     assert parameters["register_metric"]["defaultValue"] == f"{settings.experiment.in_domain}.mean_accuracy"
-    assert parameters["data_path"]["defaultValue"] == str(settings.ingest.input)
+    assert parameters["data_path"]["defaultValue"] == str(settings.kfp.data_path)
 
 
 def test_an_edited_copy_of_a_profile_moves_dvc_and_kfp_alike(tmp_path):
@@ -151,3 +151,25 @@ def test_an_edited_copy_of_a_profile_moves_dvc_and_kfp_alike(tmp_path):
     assert parameters["train_steps"]["defaultValue"] == 123
     carried = carried_profile(spec)
     assert "other" in carried["experiment"]["cross_sets"] and carried["train"]["steps"] == 123
+
+
+def test_a_gpu_profile_evaluates_and_votes_on_the_gpu_pool_with_its_own_voters(tmp_path):
+    """rafdb-thesis runs evaluate and verify on CUDA: their steps get the CUDA image."""
+    profile = ROOT / "profiles" / "rafdb-thesis.yaml"
+    settings = load_settings(profile)
+    spec = compiled(profile, tmp_path)
+    executors = spec["deploymentSpec"]["executors"]
+    for step in ("exec-evaluate", "exec-verify"):
+        container = executors[step]["container"]
+        assert (
+            container["image"].startswith(settings.kfp.gpu_image) and "accelerator" in container["resources"]
+        )
+    voters = [
+        json.loads(task["inputs"]["parameters"]["voter_rows"]["runtimeValue"]["constant"])
+        if isinstance(task["inputs"]["parameters"]["voter_rows"]["runtimeValue"]["constant"], str)
+        else task["inputs"]["parameters"]["voter_rows"]["runtimeValue"]["constant"]
+        for component in spec["components"].values()
+        for name, task in component.get("dag", {}).get("tasks", {}).items()
+        if name == "verify"
+    ]
+    assert voters == [[row_label(Path(v).name) for v in settings.verify.voters]]

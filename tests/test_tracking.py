@@ -195,3 +195,28 @@ def test_steps_racing_to_create_the_experiment_both_go_on(mlflow_env, monkeypatc
         patched.setattr(mlflow, "get_experiment_by_name", lambda name: None)  # as the racer saw it
         assert tracking._mlflow() is mlflow
     assert mlflow.get_experiment_by_name(os.environ["FERSYNTH_EXPERIMENT"]) is not None
+
+
+def test_a_step_that_loses_a_create_race_retries_instead_of_failing(monkeypatch):
+    """Three rows trained side by side log the same dataset; the server's get-or-create can
+    answer the loser with a UNIQUE constraint error, which is retried, never a failed step."""
+    import mlflow
+
+    from fersynth import tracking
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    calls = []
+
+    def losing_then_fine():
+        calls.append(1)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException("UNIQUE constraint failed: datasets.experiment_id")
+        return "logged"
+
+    assert tracking._racing(losing_then_fine) == "logged" and len(calls) == 2
+
+    def broken():
+        raise mlflow.exceptions.MlflowException("something else")
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match="something else"):
+        tracking._racing(broken)

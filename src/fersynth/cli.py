@@ -20,9 +20,16 @@ class _Context:
 
     def settings(self, extra: list[str] | None = None) -> Settings:
         path = self.params
+        if path is None and DEFAULT_PARAMS.is_symlink() and not DEFAULT_PARAMS.exists():
+            target = DEFAULT_PARAMS.readlink()
+            raise FersynthError(f"{DEFAULT_PARAMS} links to {target}, which does not exist (make profile)")
         if path is None and DEFAULT_PARAMS.is_file():
             path = DEFAULT_PARAMS
         return load_settings(path, self.overrides + (extra or []))
+
+    def overridden(self, *keys: str) -> list[str]:
+        """The given settings that a -S override sets."""
+        return [key for key in keys if any(pair.partition("=")[0].strip() == key for pair in self.overrides)]
 
 
 def _option_overrides(**pairs: object) -> list[str]:
@@ -318,8 +325,14 @@ def train_command(
         )
     )
     if row is not None:
-        if method is not None:
-            raise FersynthError(f"--row {row} sets the method (experiment.grid): drop --method")
+        clash = obj.overridden("train.method", "train.balanced_sampler", "train.output")
+        if row in settings.experiment.grid.synthetic:  # its data is its augmented variant (--data to change)
+            clash += obj.overridden("train.data")
+        if method is not None or clash:
+            given = ", ".join(["--method"] * (method is not None) + [f"-S {key}" for key in clash])
+            raise FersynthError(
+                f"--row {row} sets method, sampler, data and folder (experiment.grid): drop {given}"
+            )
         settings = stages.row_settings(settings, row, data, output)
     result, run_id = stages.train(
         settings, row, resume=resume, force=force, progress=not quiet, skip_if_empty=skip_if_empty
@@ -366,6 +379,9 @@ def evaluate_command(obj: _Context, row, model, data, split, output, no_tta, qui
         by_row = _option_overrides(
             **{"evaluate.model": base.model_folder(row), "evaluate.output": base.layout.evaluation(row)}
         )
+    elif model is not None and output is None and not obj.overridden("evaluate.output"):
+        # Another model's results never replace a grid row's: they go beside them, by its name.
+        by_row = _option_overrides(**{"evaluate.output": base.layout.evaluation(f"model_{Path(model).stem}")})
     settings = obj.settings(
         by_row
         + _option_overrides(
@@ -579,7 +595,24 @@ def augment_command(
     from fersynth.augment import REPORT_MD, run_augment
 
     if for_grid:
+        given = [
+            flag
+            for flag, value in (
+                ("--original", original),
+                ("--synthetic", synthetic),
+                ("--output", output),
+                ("--variant", variant),
+            )
+            if value is not None
+        ]
+        if given:
+            raise FersynthError(
+                f"--grid builds every variant of the grid in its own folder: drop {', '.join(given)}"
+            )
         base = obj.settings()
+        Path(base.layout.data / "augmented").mkdir(
+            parents=True, exist_ok=True
+        )  # the stage's output, even empty
         for name in base.experiment.grid.variants():
             extra = _option_overrides(
                 **{"augment.variant": name, "augment.output": base.layout.augmented(name), "augment.rho": rho}
@@ -643,13 +676,22 @@ def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path
         if runs
         else list(grid_folders(settings, settings.layout.evaluation).items())
     )
-    test_sets = settings.experiment.test_sets() if test_set is None and not runs else [test_set]
+    if runs:  # a comparison of the user's own: the in-domain set when the results have it
+        test_sets = [test_set or settings.experiment.in_domain]
+        if test_set is None and not (Path(named[0][1]) / settings.experiment.in_domain).is_dir():
+            test_sets = [None]  # the first test set in the results folders
+    else:
+        test_sets = [test_set] if test_set else settings.experiment.test_sets()
+    if output is not None and len(test_sets) > 1:
+        raise FersynthError(f"--output holds one table: add --test-set (one of {', '.join(test_sets)})")
     for name in test_sets:
         results = [load_result(label, folder, name) for label, folder in named]
         table = comparison_table(results)
         shown = name or results[0].metrics.get("test_set", "test")
         title = f"Accuracy (%) on {shown}"
-        target = output if output is not None and len(test_sets) == 1 else settings.layout.comparison(shown)
+        # The grid's tables are DVC's output; other comparisons go to runs/compare/<test set>.
+        default = settings.layout.comparison(shown) if not runs else Path("runs") / "compare" / shown
+        target = output if output is not None else default
         markdown_path, csv_path = write_comparison(table, target, title)
         click.echo(to_markdown(table, title))
         click.echo(f"table: {markdown_path} and {csv_path}")

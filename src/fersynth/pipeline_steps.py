@@ -289,7 +289,8 @@ def report(
     from fersynth import stages as entry
     from fersynth.report import REPORT_MD
 
-    evaluation_links = _linked({name.lower(): folder for name, folder in evaluations.items()})
+    keys = settings_from(overrides).report.row_keys or {}  # results are found by row key
+    evaluation_links = _linked({keys.get(name, name.lower()): folder for name, folder in evaluations.items()})
     try:
         settings = settings_from(
             overrides,

@@ -175,13 +175,21 @@ def _augment(folder: Path | None) -> dict:
     return stage
 
 
-def _confusion(evaluations: Path | None, test_set: str, table: pd.DataFrame, out: Path) -> list[dict]:
-    """Each in-domain row's confusion matrix, copied into the report, or why there is none."""
+def _confusion(
+    evaluations: Path | None,
+    test_set: str,
+    table: pd.DataFrame,
+    out: Path,
+    row_keys: dict[str, str] | None = None,
+) -> list[dict]:
+    """Each in-domain row's confusion matrix, copied into the report, or why there is none
+    (`row_keys`: table label -> the row key its results are filed under)."""
     skipped = table.attrs.get(SKIPPED) or {}
     rows = []
     for run in table.index:
-        source = None if evaluations is None else evaluations / run.lower() / test_set / "confusion.png"
-        picture = source and _copy(source, out, f"confusion_{run.lower()}.png")
+        key = (row_keys or {}).get(run, run.lower())
+        source = None if evaluations is None else evaluations / key / test_set / "confusion.png"
+        picture = source and _copy(source, out, f"confusion_{key}.png")
         rows.append({"run": run, "picture": picture or None, "skipped": skipped.get(run)})
     return rows
 
@@ -250,7 +258,7 @@ def run_report(settings: ReportSettings, *, force: bool = False, experiment: str
             ],
             changes=changes_markdown(changes) if not changes.empty else "",
             changes_chart=changes_chart(changes, out / "changes.png").name if not changes.empty else "",
-            confusion=_confusion(_folder(settings.evaluations), test_set, in_domain, out),
+            confusion=_confusion(_folder(settings.evaluations), test_set, in_domain, out, settings.row_keys),
             quality=_quality(_folder(settings.quality), out),
             verify=_verify(_folder(settings.verify), out),
             augment=_augment(_folder(settings.augment)),

@@ -26,7 +26,8 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 class Strict(BaseModel):
     """Base of every settings block: unknown keys are errors, values are not coerced loosely."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A number given for a text setting is that text (`-S kfp.data_rev=12345678`, a commit).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class DemoSettings(Strict):
@@ -318,6 +319,8 @@ class ReportSettings(Strict):
     changes: list[tuple[str, str]] | None = None
     # The results page for the repository (tables only); null: docs/results/<experiment>.md.
     results_page: Path | None = None
+    # Table label -> row key (the folder of its results); null: the grid's rows.
+    row_keys: dict[str, str] | None = None
 
 
 Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")]
@@ -370,6 +373,15 @@ class GridSettings(Strict):
             unknown = sorted(set(row.beats) - set(rows))
             if unknown:
                 raise ValueError(f"{key}.beats: unknown rows {unknown}")
+            if key in row.beats:
+                raise ValueError(f"{key}.beats: a row cannot beat itself")
+        for key, row in self.original.items():
+            if row.beats:
+                raise ValueError(f"original.{key}.beats: only rows on synthetic data are compared")
+        labels = [row_label(key, row) for key, row in rows.items()]
+        doubled = sorted({label for label in labels if labels.count(label) > 1})
+        if doubled:
+            raise ValueError(f"two rows share the label {doubled[0]!r}: each row needs its own")
         return self
 
     def rows(self) -> dict[str, GridRow]:
@@ -415,6 +427,10 @@ class ExperimentSettings(Strict):
     def test_sets(self) -> list[str]:
         """Every test set's name, the in-domain one first."""
         return [self.in_domain, *self.cross_sets]
+
+
+# Folders under data/<experiment>/ that stages write: a demo set cannot take these names.
+RESERVED_FOLDERS = ("ingested", "quality", "guarded", "generated", "verified", "augmented", "test_sets")
 
 
 class Layout:
@@ -506,9 +522,33 @@ class Settings(Strict):
     def _fill_layout(self) -> Settings:
         """Every path left null becomes the experiment's own folder (see `Layout`)."""
         grid = self.experiment.grid
-        for key in (*self.verify.voters, self.generate.guide_model):
+        models = [("verify.voters", key) for key in self.verify.voters]
+        if self.generate.guide == "fer":
+            models.append(("generate.guide_model", self.generate.guide_model))
+        for where, key in models:
             if key in grid.synthetic:
-                raise ValueError(f"{key!r} trains on synthetic data: voters and guide use the original data")
+                raise ValueError(f"{where}: {key!r} trains on synthetic data; use a row on the original data")
+            if key not in grid.original and "/" not in key and not Path(key).suffix:
+                rows = ", ".join(grid.original)
+                raise ValueError(
+                    f"{where}: {key!r} is no row of experiment.grid.original ({rows}) nor a path"
+                )
+        for name, values in self.demo.sets.items():
+            if name in RESERVED_FOLDERS:
+                raise ValueError(
+                    f"demo.sets.{name}: data/<experiment>/{name} is a stage's output; pick another name"
+                )
+            try:
+                DemoSettings.model_validate({**self.demo.model_dump(exclude={"sets"}), **values})
+            except ValidationError as exc:
+                problem = _format_errors("", exc).removeprefix(": ")
+                raise ValueError(f"demo.sets.{name}: {problem}") from None
+        for name, cross in self.experiment.cross_sets.items():
+            try:
+                IngestSettings.model_validate({**cross.options, "source": cross.source})
+            except ValidationError as exc:
+                problem = _format_errors("", exc).removeprefix(": ")
+                raise ValueError(f"experiment.cross_sets.{name}.options: {problem}") from None
         at = self.layout
         first = next(iter(grid.original))
         variants = grid.variants()
@@ -548,6 +588,7 @@ class Settings(Strict):
                     "augment": at.augmented(variants[0] if variants else "rho"),
                     "generated": at.data / "generated" / "dataset",
                     "results_page": Path("docs") / "results" / f"{self.experiment.name}.md",
+                    "row_keys": {row_label(key, row): key for key, row in grid.rows().items()},
                     "changes": [
                         (row_label(key, row), row_label(base, grid.rows()[base]))
                         for key, row in grid.synthetic.items()
@@ -606,7 +647,11 @@ def _format_errors(source: str, error: ValidationError) -> str:
             lines.append(f"{source}: unknown key {key!r}")
         else:
             message = str(item["msg"]).removeprefix("Value error, ")
-            lines.append(f"{source}: {key} = {item.get('input')!r}: {message}")
+            value = item.get("input")
+            if isinstance(value, dict | list) or not key:  # a whole section: the message names the key
+                lines.append(f"{source}: {key + ': ' if key else ''}{message}")
+            else:
+                lines.append(f"{source}: {key} = {value!r}: {message}")
     return "; ".join(lines)
 
 
@@ -635,7 +680,8 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        # `-S section.map={}` empties a mapping; a non-empty one is merged key by key.
+        if isinstance(value, dict) and value and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value

@@ -81,6 +81,22 @@ def _mlflow():
     return mlflow
 
 
+def _racing(call, attempts: int = 4):
+    """`call()`, again when a step beside this one (KFP's ParallelFor, parallel DVC jobs) won
+    the race to create the same record: the server's get-or-create then finds it. Seen with the
+    dataset of three rows trained side by side (a UNIQUE constraint on the sqlite store)."""
+    import mlflow
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except mlflow.exceptions.MlflowException as exc:
+            if "UNIQUE constraint" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+    return None
+
+
 def _git_commit(folder: Path) -> str | None:
     try:
         result = subprocess.run(
@@ -180,10 +196,8 @@ def log_training(
         metrics = {"val_accuracy": best.get("accuracy"), "val_mean_accuracy": best.get("mean_accuracy")}
         metrics["train_images_per_s"] = summary.get("images_per_second")
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-        mlflow.log_input(
-            mlflow.data.from_pandas(manifest, source=str(data), name=Path(data).name),
-            context="training",
-        )
+        dataset = mlflow.data.from_pandas(manifest, source=str(data), name=Path(data).name)
+        _racing(lambda: mlflow.log_input(dataset, context="training"))
         logged = mlflow.pytorch.log_model(
             loaded.model.eval(),
             name="model",
