@@ -83,11 +83,10 @@ def guard(
     data: Input[Dataset], test_sets: Input[Dataset], settings: Input[Artifact], dataset: Output[Dataset]
 ):
     """Training images that copy an in-domain or a cross-dataset test image are removed."""
+    from fersynth.pipeline_steps import cross_set_folders, settings_from
     from fersynth.pipeline_steps import guard as step
-    from fersynth.pipeline_steps import settings_from, test_set_folders
 
-    folders = test_set_folders(settings_from(settings.path), data.path, test_sets.path)
-    cross = [folder for folder in folders.values() if folder != data.path]
+    cross = cross_set_folders(settings_from(settings.path), test_sets.path)
     dataset.metadata.update(step(data.path, cross, dataset.path, settings.path))
 
 
@@ -221,13 +220,12 @@ def verify(
     dataset: Output[Dataset],
 ):
     """The vote of the profile's voters (`voter_rows`, out of every row on the original data)."""
-    from fersynth.pipeline_steps import by_grid_row, settings_from, test_set_folders
+    from fersynth.pipeline_steps import by_grid_row, cross_set_folders, settings_from
     from fersynth.pipeline_steps import verify as step
 
     models = by_grid_row(voter.path for voter in voters)  # the order of a Collected list is not fixed
     voter_paths = [models[row] for row in voter_rows]
-    folders = test_set_folders(settings_from(settings.path), reference.path, test_sets.path)
-    cross = [folder for folder in folders.values() if folder != reference.path]
+    cross = cross_set_folders(settings_from(settings.path), test_sets.path)
     dataset.metadata.update(
         step(generated.path, reference.path, voter_paths, cross, dataset.path, settings.path)
     )

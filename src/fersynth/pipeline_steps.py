@@ -22,7 +22,7 @@ from typing import Any
 from fersynth import tracking
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
-from fersynth.settings import Settings, load_settings, save_resolved
+from fersynth.settings import Settings, load_settings, save_resolved, settings_from_mapping
 
 log = logging.getLogger(__name__)
 SETTINGS_JSON = "settings.json"  # the pipeline's settings artifact: every resolved setting
@@ -68,13 +68,7 @@ def resolve_overrides(
     overrides from named values and `extra` pairs, validated once and written to `output` (a
     folder) as settings.json, which every step reads."""
     overrides = [f"{key}={json.dumps(value)}" for key, value in values.items()] + list(extra)
-    Path(output).mkdir(parents=True, exist_ok=True)
-    base = Path(output) / ".profile.json"
-    atomic_write_text(base, json.dumps(dict(profile or {})))
-    try:
-        settings = load_settings(base, overrides)
-    finally:
-        base.unlink()
+    settings = settings_from_mapping(dict(profile or {}), overrides, "the pipeline's profile")
     save_resolved(settings, Path(output), SETTINGS_JSON)
     return settings
 
@@ -89,6 +83,12 @@ def test_set_folders(settings: Settings, in_domain: str | Path, test_sets: str |
             raise FersynthError(f"{test_sets}: no test set {name!r} (is kfp.test_sets_path right?)")
         folders[name] = str(folder)
     return folders
+
+
+def cross_set_folders(settings: Settings, test_sets: str | Path) -> list[str]:
+    """The experiment's cross-dataset test set folders in the fetched test-sets folder (what
+    guard and verify check for copies besides the data's own test split)."""
+    return list(test_set_folders(settings, "", test_sets).values())[1:]
 
 
 def _linked(links: Mapping[str, str | Path]) -> Path:

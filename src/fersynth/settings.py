@@ -707,6 +707,14 @@ def load_settings(path: Path | None = DEFAULT_PARAMS, overrides: list[str] | Non
         if not isinstance(loaded, dict):
             raise FersynthError(f"{path}: expected a mapping of sections at the top level")
         raw = loaded
+    return settings_from_mapping(raw, overrides, source)
+
+
+def settings_from_mapping(
+    raw: dict[str, Any], overrides: list[str] | None = None, source: str = "defaults"
+) -> Settings:
+    """Validate a parameter mapping (a profile already read, e.g. the one a compiled pipeline
+    carries) plus KEY=VALUE overrides; errors name `source`."""
     if overrides:
         raw = _merge(raw, parse_overrides(overrides))
     try:
