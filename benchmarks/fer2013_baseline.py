@@ -37,7 +37,6 @@ RECIPE = dict(
     lr=2e-3,
     weight_decay=0.05,
     warmup_steps=100,
-    val_fraction=0.05,
     workers=1,
     in_memory="always",  # decoded once, whole batches augmented (the per-image path: 1.6 ms/image)
     log_every=100,
@@ -73,7 +72,9 @@ def main() -> int:
 
     dataset = CACHE / "fer2013"
     if not (dataset / "manifest.csv").is_file():
-        run_ingest(IngestSettings(source="fer2013", input=SHARED, output=dataset), force=True)
+        run_ingest(
+            IngestSettings(source="fer2013", input=SHARED, output=dataset, val_fraction=0.05), force=True
+        )
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for method in args.methods:
         name = f"{method}_balanced" if args.balanced else method
@@ -93,6 +94,7 @@ def main() -> int:
             EvaluateSettings(model=settings.output, data=[dataset], output=CACHE / "eval" / name, workers=1)
         )[0]
         m = evaluated.metrics
+        train_threads = settings.cpu_threads or torch.get_num_threads()  # as run_train pinned them
         results[name] = {
             "method": method,
             "balanced_sampler": args.balanced,
@@ -107,7 +109,7 @@ def main() -> int:
             "val_curve": _val_curve(settings.output / "train_log.jsonl", settings.batch_size),
             "recipe": RECIPE,
             "train_images": sum(m["train_counts"].values()),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+            "machine": f"{platform.machine()}, {train_threads} torch threads",
         }
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")

@@ -131,11 +131,10 @@ def evaluate(
     """Per-class metrics and the confusion matrix in the KFP UI; the folder for compare."""
     import json
     import os
-    from pathlib import Path
 
     from fersynth.classes import CLASSES
     from fersynth.pipeline_steps import evaluate as step
-    from fersynth.pipeline_steps import mark_grid_row, settings_from, test_set_folders
+    from fersynth.pipeline_steps import mark_grid_row, seed_folders, settings_from, test_set_folders
 
     name = json.loads(row)["label"]
     os.environ["KFP_RUN_ID"] = pipeline_run
@@ -152,8 +151,9 @@ def evaluate(
         for cls, value in outcome["per_class_accuracy"].items():
             if value is not None:
                 metrics.log_metric(f"{prefix}.accuracy.{cls}", value)
-    if outcomes:
-        first = json.loads((Path(results.path) / in_domain_name / "metrics.json").read_text())
+    if outcomes:  # a row with seeds: the first seed's, as its metrics above
+        first_folder = seed_folders(results.path)[0]
+        first = json.loads((first_folder / in_domain_name / "metrics.json").read_text())
         confusion.log_confusion_matrix(list(CLASSES), first["confusion"])
 
 
@@ -214,16 +214,19 @@ def verify(
     generated: Input[Dataset],
     reference: Input[Dataset],
     voters: Input[list[Model]],
+    original_models: Input[list[Model]],
     voter_rows: list[str],
     test_sets: Input[Dataset],
     settings: Input[Artifact],
     dataset: Output[Dataset],
 ):
-    """The vote of the profile's voters (`voter_rows`, out of every row on the original data)."""
+    """The vote of the profile's voters (`voter_rows`: experiment voters or rows on the original
+    data, out of both lists)."""
     from fersynth.pipeline_steps import by_grid_row, cross_set_folders, settings_from
     from fersynth.pipeline_steps import verify as step
 
-    models = by_grid_row(voter.path for voter in voters)  # the order of a Collected list is not fixed
+    # The order of a Collected list is not fixed: models are found by their label.
+    models = by_grid_row([voter.path for voter in voters] + [model.path for model in original_models])
     voter_paths = [models[row] for row in voter_rows]
     cross = cross_set_folders(settings_from(settings.path), test_sets.path)
     dataset.metadata.update(

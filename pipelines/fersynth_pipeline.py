@@ -1,7 +1,7 @@
 """The fersynth pipeline for Kubeflow Pipelines v2: the graph of dvc.yaml, wired from components.
 
 fetch (DVC, at a git revision) -> ingest -> quality -> guard -> the original rows of the grid
-(also the voters) -> prior -> generate (ParallelFor over shards) -> merge (Collected) ->
+(the guide), the voters -> prior -> generate (ParallelFor over shards) -> merge (Collected) ->
 verify -> augment -> the synthetic rows -> evaluate (in-domain and cross-dataset) -> compare
 -> report -> register; an exit handler records how the run ended.
 
@@ -38,12 +38,19 @@ def grid_rows(settings: Settings) -> tuple[list[dict], list[dict]]:
     return rows(grid.original, False), rows(grid.synthetic, True)
 
 
+def voter_rows(settings: Settings) -> list[dict]:
+    """The experiment's voters as rows for the train step (trained on the original data)."""
+    return [{"key": key, "label": key, "variant": ""} for key in settings.experiment.voters]
+
+
 def row_of(settings: Settings, model: str, where: str, originals: list[dict]) -> str:
-    """The label of the row on the original data whose model folder `model` is."""
+    """The label of the row on the original data (or the voter) whose model folder `model` is."""
     for row in originals:
         if Path(model) == settings.model_folder(row["key"]):
             return row["label"]
-    raise FersynthError(f"{where}: {model} is not a row on the original data; the pipeline trains its models")
+    raise FersynthError(
+        f"{where}: {model} is not a row on the original data nor a voter; the pipeline trains its models"
+    )
 
 
 def build_pipeline(settings: Settings, image_tag: str):
@@ -64,10 +71,14 @@ def build_pipeline(settings: Settings, image_tag: str):
             "the pipeline guides generation with a grid row's FER model (generate.guide: fer)"
         )
     guide_label = row_of(settings, settings.generate.guide_model, "generate.guide_model", originals)
-    voter_labels = [row_of(settings, voter, "verify.voters", originals) for voter in settings.verify.voters]
+    voters = voter_rows(settings)
+    voter_labels = [
+        row_of(settings, voter, "verify.voters", originals + voters) for voter in settings.verify.voters
+    ]
     # Each row reaches its tasks as one JSON string (ParallelFor over strings runs everywhere).
     original_rows = [json.dumps(row, sort_keys=True) for row in originals]
     synthetic_rows = [json.dumps(row, sort_keys=True) for row in synthetics]
+    voter_specs = [json.dumps(row, sort_keys=True) for row in voters]
 
     def prepared(task, gpu: bool = False):
         with_credentials(task, kfp, image_tag)
@@ -151,10 +162,21 @@ def build_pipeline(settings: Settings, image_tag: str):
                 return trained, evaluated
 
             with dsl.ParallelFor(original_rows, name="original-rows") as row:
-                voter, voter_results = train_and_evaluate(clean, row)
+                trained_original, evaluated_original = train_and_evaluate(clean, row)
+
+            if voter_specs:  # models trained only to vote, independent of the guide
+                with dsl.ParallelFor(voter_specs, name="voters") as spec:
+                    vote_model = prepared(
+                        ops.train(data=clean, row=spec, settings=every, pipeline_run=run_id), gpu=True
+                    ).set_display_name("train voter")
+                vote_models = dsl.Collected(vote_model.outputs["model"])
+            else:
+                vote_models = dsl.Collected(trained_original.outputs["model"])
 
             prior = prepared(ops.train_prior(data=clean, settings=every), gpu=True)
-            guide = ops.select_model(models=dsl.Collected(voter.outputs["model"]), grid_row=guide_label)
+            guide = ops.select_model(
+                models=dsl.Collected(trained_original.outputs["model"]), grid_row=guide_label
+            )
             shards = ops.shard_indices(num_shards=generate_shards)
             with dsl.ParallelFor(shards.output, parallelism=kfp.max_parallel_shards, name="shards") as shard:
                 generated_shard = prepared(
@@ -180,7 +202,8 @@ def build_pipeline(settings: Settings, image_tag: str):
                 ops.verify(
                     generated=merged.outputs["dataset"],
                     reference=clean,
-                    voters=dsl.Collected(voter.outputs["model"]),
+                    voters=vote_models,
+                    original_models=dsl.Collected(trained_original.outputs["model"]),
                     voter_rows=voter_labels,
                     test_sets=test_sets.outputs["data"],
                     settings=every,
@@ -200,7 +223,7 @@ def build_pipeline(settings: Settings, image_tag: str):
 
             compared = prepared(
                 ops.compare(
-                    original_results=dsl.Collected(voter_results.outputs["results"]),
+                    original_results=dsl.Collected(evaluated_original.outputs["results"]),
                     synthetic_results=dsl.Collected(results.outputs["results"]),
                     settings=every,
                 )
@@ -208,7 +231,7 @@ def build_pipeline(settings: Settings, image_tag: str):
             prepared(
                 ops.report(
                     comparisons=compared.outputs["comparisons"],
-                    original_results=dsl.Collected(voter_results.outputs["results"]),
+                    original_results=dsl.Collected(evaluated_original.outputs["results"]),
                     synthetic_results=dsl.Collected(results.outputs["results"]),
                     quality_data=scored.outputs["dataset"],
                     verified=verified.outputs["dataset"],
@@ -220,7 +243,7 @@ def build_pipeline(settings: Settings, image_tag: str):
             )
             prepared(
                 ops.register(
-                    original_models=dsl.Collected(voter.outputs["model"]),
+                    original_models=dsl.Collected(trained_original.outputs["model"]),
                     synthetic_models=dsl.Collected(model.outputs["model"]),
                     metric=register_metric,
                     settings=every,

@@ -189,12 +189,14 @@ def write_dataset(root: Path, rows: list[dict], images: list[np.ndarray]) -> Pat
     return root
 
 
-def colour_dataset(root: Path, per_class: int, test_per_class: int, seed: int = 0) -> Path:
-    """Every class in its own colour: train and test splits."""
+def colour_dataset(
+    root: Path, per_class: int, test_per_class: int, seed: int = 0, val_per_class: int = 0
+) -> Path:
+    """Every class in its own colour: train and test splits (and val, when asked)."""
     from fersynth.classes import CLASSES
 
     rows, images = [], []
-    for split, count in (("train", per_class), ("test", test_per_class)):
+    for split, count in (("train", per_class), ("val", val_per_class), ("test", test_per_class)):
         for k, name in enumerate(CLASSES):
             for i in range(count):
                 rows.append({"id": f"{split}_{name}_{i}", "label": name, "split": split})

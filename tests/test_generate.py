@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from fersynth.dataset import read_manifest
 from fersynth.errors import FersynthError
@@ -142,6 +143,16 @@ def test_k_outputs_per_seed_only_from_training_images(world, tmp_path):
     labels = seeds.set_index("id")["label"]
     assert (manifest["label"] == labels.loc[manifest["seed_id"]].to_numpy()).all()
     assert (merged.output / "samples_fear.png").is_file()
+    assert_seed_sizes(manifest, merged.output, config.data)
+
+
+def assert_seed_sizes(synthetic: pd.DataFrame, folder: Path, seeds: Path) -> None:
+    """Every generated image is stored at its seed image's size, and the manifest says so."""
+    seed_rows = read_manifest(seeds).manifest.set_index("id")
+    for row in synthetic.itertuples():
+        stored = np.asarray(Image.open(folder / row.path))
+        seed = np.asarray(Image.open(seeds / seed_rows.at[row.seed_id, "path"]))
+        assert stored.shape[:2] == seed.shape[:2] == (int(row.height), int(row.width)), row.id
 
 
 def test_exact_regeneration_from_the_recorded_seed(world, tmp_path):
@@ -231,10 +242,10 @@ def test_tiny_stable_diffusion_round_trip_and_gif_sd(world, tmp_path):
     )
     result = run_generate(config, progress=False)
     assert result.written == 2 * 2
-    image = np.asarray(
-        __import__("PIL.Image", fromlist=["Image"]).open(next((result.folder / "images").glob("*.png")))
-    )
-    assert image.shape == (64, 64, 3)
+    merged = run_merge(config, num_shards=1, progress=False)
+    synthetic = read_manifest(merged.output).manifest
+    assert len(synthetic) == 4 and 64 not in set(synthetic["width"].astype(int))  # not the working size
+    assert_seed_sizes(synthetic, merged.output, config.data)
     records = json.loads(next((result.folder / RECORDS).glob("*.json")).read_text())
     assert records[0]["backend"] == "gif-sd" and records[0]["strength"] == 0.2
     assert "face" in records[0]["prompt"]

@@ -93,7 +93,12 @@ def test_shared_fer2013_counts_and_train_test_duplicates(fer2013_csv, tmp_path):
     assert dup["train_test_distinct_images"] == 270
     assert dup["train_test_learning_rows"] == 351 and dup["train_test_test_rows"] == 280
     assert report.written_counts["train"]["happy"] + report.removed_test_duplicates > 0
-    assert sum(report.written_counts["train"].values()) == 28709 - 351
+    written = report.written_counts
+    assert sum(written["train"].values()) + sum(written["val"].values()) == 28709 - 351
+    # The validation split: 10% of every class of Training, drawn once, real images only.
+    assert report.val_drawn == sum(written["val"].values())
+    for name, count in EXPECTED_TRAINING.items():
+        assert abs(written["val"][name] - 0.1 * count) <= 0.1 * count * 0.1 + 2
     duplicates = pd.read_csv(out / "ingest_duplicates.csv", keep_default_na=False)
     across = duplicates[duplicates["kind"] == "train_test"]
     assert across["pixel_hash"].nunique() == 270 and across["test_ids"].str.len().min() > 0

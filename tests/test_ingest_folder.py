@@ -62,3 +62,22 @@ def test_folder_layout_with_every_awkward_file(tmp_path):
         kinds["train/contempt/x.jpg"] == "unknown_label" and kinds["train/happy/notes.txt"] == "not_an_image"
     )
     assert kinds["train/loose.jpg"] == "misplaced_file" and kinds["train/happy/link.jpg"] == "unsafe_path"
+
+
+def test_ingest_draws_one_validation_split_from_training(tmp_path):
+    """Sources without a val split (RAF-DB here) get one: stratified, seeded, its files under
+    images/val/, counted in the report; a second ingest with the same seed draws the same."""
+    from helpers import make_demo_dataset
+
+    from fersynth.dataset import read_manifest
+
+    first = read_manifest(make_demo_dataset(tmp_path / "a", train_size=140, test_size=21)).manifest
+    again = read_manifest(make_demo_dataset(tmp_path / "b", train_size=140, test_size=21)).manifest
+    val = first[first["split"] == "val"]
+    assert 10 <= len(val) <= 18 and set(val["origin"]) == {"real"}
+    assert val["path"].str.startswith("images/val/").all()
+    assert all((tmp_path / "a" / "ds" / p).is_file() for p in val["path"])
+    assert list(val["id"]) == list(again[again["split"] == "val"]["id"])
+    assert set(val["label"]) == set(first[first["split"] == "train"]["label"])  # every class
+    text = (tmp_path / "a" / "ds" / "ingest_report.md").read_text()
+    assert f"validation split: {len(val)} training images drawn" in text

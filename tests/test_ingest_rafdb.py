@@ -130,7 +130,8 @@ def test_rafdb_missing_label_file_is_a_clear_error(tmp_path):
 
 def test_rafdb_report_has_markdown_and_pictures(rafdb, tmp_path):
     out = tmp_path / "dataset"
-    run_ingest(IngestSettings(source="rafdb", input=rafdb, output=out, workers=1), progress=False)
+    settings = IngestSettings(source="rafdb", input=rafdb, output=out, workers=1, val_fraction=0.0)
+    run_ingest(settings, progress=False)
     text = (out / "ingest_report.md").read_text()
     rows = markdown_rows(text)
     assert ["train", "1", "2", "1", "1", "1", "1", "0", "7"] in rows

@@ -47,8 +47,10 @@ def test_gpu_steps_get_the_pool_the_accelerator_and_shared_memory():
     pipeline, executors = _spec()
     containers = {name: body["container"] for name, body in pipeline["deploymentSpec"]["executors"].items()}
     gpu_steps = {name for name, c in containers.items() if "accelerator" in c.get("resources", {})}
-    # quality, train (two loops), prior, generate; nothing else holds a GPU.
-    assert gpu_steps == {"exec-quality", "exec-train", "exec-train-2", "exec-train-prior", "exec-generate"}
+    # quality, train (three loops: original rows, voters, synthetic rows), prior, generate;
+    # nothing else holds a GPU.
+    trains = {"exec-train", "exec-train-2", "exec-train-3"}
+    assert gpu_steps == {"exec-quality", *trains, "exec-train-prior", "exec-generate"}
     for name in gpu_steps:
         accelerator = containers[name]["resources"]["accelerator"]
         assert (
@@ -107,7 +109,7 @@ def test_the_grid_rows_are_the_profile_s_rows():
     assert [r["label"] for r in originals] == ["Original_SL", "Original_SL_balanced", "Original_MEK"]
     assert [r["label"] for r in synthetics] == ["Expanded_SL", "Synthetic_MEK", "Expanded_MEK"]
     assert [r["key"] for r in originals] == ["original_sl", "original_sl_balanced", "original_mek"]
-    assert [r["variant"] for r in synthetics] == ["rho", "synthetic", "rho"]
+    assert [r["variant"] for r in synthetics] == ["rho", "synthetic_matched", "rho"]
 
 
 def _run(*args: str, cwd: Path) -> str:
@@ -152,7 +154,7 @@ TINY = [
     "prior.steps=3", "prior.image_size=32", "prior.batch_size=8", "generate.max_seeds_per_class=1",
     "generate.k=2", "verify.fidelity_images_per_class=4", "verify.kid_subset_size=2",
     "verify.min_probability=0.0", "verify.min_votes=1", "verify.workers=0",
-    "guard.workers=1", "ingest.workers=1", "quality.workers=1",
+    "guard.workers=1", "ingest.workers=1", "quality.workers=1", "experiment.grid.seeds=[2048, 2049]",
 ]  # fmt: skip
 
 
@@ -268,13 +270,17 @@ def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, mlflow_env, tmp_pat
         key, _, value = rest.partition("=")
         if "." not in key:
             profile.setdefault(section, {})[key] = yaml.safe_load(value)
+    profile["experiment"]["grid"]["seeds"] = [2048, 2049]
     _local_run(tmp_path / "local", profile)
     experiment = os.environ["FERSYNTH_EXPERIMENT"]
     runs = _row_runs(experiment, "original_sl")
     kfp_runs = [r for r in runs if "kfp_run_id" in r.data.tags]
     local_runs = [r for r in runs if "kfp_run_id" not in r.data.tags]
-    assert len(kfp_runs) == 1 and len(local_runs) == 1
-    kfp_run, local_run = kfp_runs[0], local_runs[0]
+    # One run per seed on either orchestrator, tagged with its seed.
+    assert sorted(r.data.tags["seed"] for r in kfp_runs) == ["2048", "2049"]
+    assert sorted(r.data.tags["seed"] for r in local_runs) == ["2048", "2049"]
+    kfp_run = next(r for r in kfp_runs if r.data.tags["seed"] == "2048")
+    local_run = next(r for r in local_runs if r.data.tags["seed"] == "2048")
     assert set(kfp_run.data.metrics) == set(local_run.data.metrics)
     assert {"in_domain.mean_accuracy", "cross.mean_accuracy", "in_domain.accuracy.fear"} <= set(
         local_run.data.metrics

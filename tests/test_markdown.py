@@ -110,14 +110,19 @@ def test_run_report_builders_read_the_stage_json():
     assert table.loc[CLASSES[3]].tolist() == [3, 6, 1, 4]
 
 
-def test_changes_are_signed_with_two_decimals():
-    changes = pd.DataFrame(
-        {"fear": [15.0, -1.0], "Mean": [3.856, np.nan]}, index=["a - b (raf)", "c - d (raf)"]
+def test_changes_are_signed_with_two_decimals_their_spread_and_marks():
+    paired = pd.DataFrame(
+        [
+            ("a - b (raf)", "fear", 15.0, 1.5, 3, 0.01, True),
+            ("a - b (raf)", "Mean", 3.856, 4.0, 3, 0.3, False),
+            ("c - d (raf)", "fear", -1.0, float("nan"), 1, float("nan"), False),
+        ],
+        columns=["change", "column", "mean", "std", "n", "p", "marked"],
     )
-    rows = markdown_rows(changes_markdown(changes))
+    rows = markdown_rows(changes_markdown(paired, ["fear", "Mean"]))
     assert rows == [
         ["change", "fear", "Mean"],
-        ["a - b (raf)", "+15.00", "+3.86"],
+        ["a - b (raf)", "+15.00 ± 1.50 *", "+3.86 ± 4.00"],
         ["c - d (raf)", "-1.00", "-"],
     ]
 
@@ -181,8 +186,8 @@ def test_rejections_are_counted_from_the_codes_not_the_sentence():
             "v_reason": ["whatever", "2 of 3 voters agree (need 2)", "", ""],
         }
     )
-    assert rejection_counts(frame) == {"votes": 2, "probability": 2}
-    assert rejection_counts(frame.iloc[2:3]) == {"votes": 0, "probability": 0}
+    assert rejection_counts(frame) == {"votes": 2, "probability": 2, "unrecognised": 0}
+    assert rejection_counts(frame.iloc[2:3]) == {"votes": 0, "probability": 0, "unrecognised": 0}
 
 
 def test_ingest_tables_and_rejection_kinds():
@@ -324,7 +329,8 @@ def test_quality_guard_verify_and_augment_pages_have_every_section(tmp_path):
     assert "too few of 3 voters agree (need 2) (7), mean probability < 0.50 (7)." in page
     assert ["fear", "2", "1", "50.0", "1.00", "2.00", "0.50", "0.40"] in markdown_rows(page)
     summary = json.loads((tmp_path / "verify_report.json").read_text())
-    assert summary["rejected_by"] == {"votes": 7, "probability": 7} and summary["rejected"] == 7
+    assert summary["rejected_by"] == {"votes": 7, "probability": 7, "unrecognised": 0}
+    assert summary["rejected"] == 7
 
     before = dict.fromkeys(CLASSES, 10)
     result = AugmentResult(

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from tests.helpers import colour_dataset, tiny_train_settings
 
 from fersynth.classes import CLASSES
 from fersynth.demo import RAFDB_TRAIN_COUNTS
 from fersynth.errors import FersynthError
+from fersynth.settings import load_settings
+from fersynth.train.loop import effective_rates, run_train
 from fersynth.train.losses import (
     attention_consistency,
     mek_class_weights,
@@ -124,3 +130,56 @@ def test_attention_consistency_weights_classes():
     weights[1] = 3.0
     assert torch.isclose(attention_consistency(maps, flipped, weights), 3 * base)
     assert torch.isclose(base, torch.tensor(0.5))
+
+
+OFFICIAL = {"lr_scale_batch": 512, "warmup_steps": 1}  # the official scaling, a 1-step warm-up
+
+
+@pytest.mark.parametrize("method", ["mek", "sl"])
+def test_mek_rates_scale_by_batch_over_512_and_sl_rates_do_not(tmp_path, method):
+    """A real run: MEK's optimiser runs at lr 5e-4 * 32 / 512 = 3.125e-5 (the official code's
+    rate), saved in train_summary.json; an SL run with the same settings keeps train.*."""
+    data = colour_dataset(tmp_path / "data", per_class=5, test_per_class=1)
+    settings = tiny_train_settings(
+        data,
+        tmp_path / method,
+        method=method,
+        batch_size=32,
+        steps=2,
+        lr=5e-4,
+        warmup_lr=5e-7,
+        min_lr=5e-6,
+        warmup_steps=5,
+        log_every=2,
+        eval_every=2,
+        checkpoint_every=2,
+        mek=OFFICIAL,
+    )
+    run_train(settings, progress=False)
+    rates = json.loads((tmp_path / method / "train_summary.json").read_text())["effective_lr"]
+    logged = [json.loads(line) for line in (tmp_path / method / "train_log.jsonl").read_text().splitlines()]
+    step2 = next(r for r in logged if r.get("step") == 2 and "lr" in r)
+    if method == "mek":
+        assert rates == pytest.approx(
+            {"lr": 3.125e-05, "warmup_lr": 3.125e-08, "min_lr": 3.125e-07, "warmup_steps": 1}
+        )
+        assert step2["lr"] == pytest.approx(3.125e-05)  # past its 1-step warm-up: the peak
+    else:
+        assert rates == {"lr": 5e-4, "warmup_lr": 5e-7, "min_lr": 5e-6, "warmup_steps": 5}
+        assert step2["lr"] == pytest.approx(5e-7 + (5e-4 - 5e-7) / 5)  # 1 of 5 warm-up steps
+
+
+def test_rates_are_as_given_unless_set_and_the_thesis_profile_follows_the_official_code():
+    mek = tiny_train_settings(Path("d"), Path("o"), method="mek")
+    assert effective_rates(mek) == {
+        "lr": mek.lr,
+        "warmup_lr": mek.warmup_lr,
+        "min_lr": mek.min_lr,
+        "warmup_steps": 2,
+    }
+    thesis = load_settings(Path(__file__).resolve().parents[1] / "profiles" / "rafdb-thesis.yaml").train
+    assert thesis.mek.lr_scale_batch == 512 and thesis.mek.warmup_steps == 2000
+    assert effective_rates(thesis.model_copy(update={"method": "mek"})) == pytest.approx(
+        {"lr": 3.125e-05, "warmup_lr": 3.125e-08, "min_lr": 3.125e-07, "warmup_steps": 2000}
+    )
+    assert effective_rates(thesis)["lr"] == 5e-4  # the profile's SL rows: the thesis' rate

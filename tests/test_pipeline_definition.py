@@ -37,4 +37,4 @@ def test_the_voters_and_the_guide_are_inside_what_verify_and_generate_wait_for(p
     for stage in ("verify", "generate"):
         assert "runs/${experiment.name}/models/original" in stages[stage]["deps"]
     for model in [*settings.verify.voters, settings.generate.guide_model]:
-        assert Path(model).parent == Path(originals)
+        assert Path(model).is_relative_to(originals)  # a row's seed model or a voter

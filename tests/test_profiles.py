@@ -49,10 +49,11 @@ def expected_plan(settings) -> dict[str, list[str]]:
     plan["in_domain_test_set"] = [str(at.test_set(experiment.in_domain))]
     plan.update({f"cross_test_set@{n}": [str(at.test_set(n))] for n in experiment.cross_sets})
     plan["quality"], plan["guard"] = [str(at.data / "quality")], [str(at.data / "guarded")]
-    plan.update({f"train_original@{k}": [str(settings.model_folder(k))] for k in grid.original})
+    plan.update({f"train_original@{k}": [str(settings.row_folder(k))] for k in grid.original})
+    plan.update({f"train_voter@{k}": [str(at.voter(k))] for k in experiment.voters})
     plan["train_prior"], plan["generate"] = [str(settings.prior.output)], [str(settings.generate.output)]
     plan["verify"], plan["augment"] = [str(settings.verify.output)], [str(at.data / "augmented")]
-    plan.update({f"train_synthetic@{k}": [str(settings.model_folder(k))] for k in grid.synthetic})
+    plan.update({f"train_synthetic@{k}": [str(settings.row_folder(k))] for k in grid.synthetic})
     plan.update({f"evaluate_original@{k}": [str(at.evaluation(k))] for k in grid.original})
     plan.update({f"evaluate_synthetic@{k}": [str(at.evaluation(k))] for k in grid.synthetic})
     plan["compare"] = [str(at.runs / "compare")]
@@ -114,7 +115,8 @@ def carried_profile(spec: dict) -> dict:
 def test_the_kfp_pipeline_is_built_from_each_profile(profile, tmp_path):
     settings = load_settings(profile)
     spec = compiled(profile, tmp_path)
-    assert pipeline_rows(spec) == list(settings.experiment.grid.rows())
+    grid = settings.experiment.grid
+    assert pipeline_rows(spec) == [*grid.original, *settings.experiment.voters, *grid.synthetic]
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     carried = carried_profile(spec)
     assert type(settings).model_validate(carried) == settings  # every setting travels
@@ -141,7 +143,7 @@ def test_an_edited_copy_of_a_profile_moves_dvc_and_kfp_alike(tmp_path):
     assert plan == expected_plan(settings)
     assert plan["train_synthetic@balanced_sl"] == ["runs/demo/models/synthetic/balanced_sl"]
     assert plan["cross_test_set@other"] == ["data/demo/test_sets/other"]
-    assert settings.experiment.grid.variants() == ["rho", "synthetic", "balanced"]
+    assert settings.experiment.grid.variants() == ["rho", "synthetic_matched", "balanced"]
     assert ("Balanced_SL", "Original_SL_balanced") in settings.report.changes
     assert row_label("balanced_sl") == "Balanced_SL"
 
@@ -172,4 +174,5 @@ def test_a_gpu_profile_evaluates_and_votes_on_the_gpu_pool_with_its_own_voters(t
         for name, task in component.get("dag", {}).get("tasks", {}).items()
         if name == "verify"
     ]
-    assert voters == [[row_label(Path(v).name) for v in settings.verify.voters]]
+    assert voters == [[Path(v).name for v in settings.verify.voters]]  # the experiment's voters
+    assert voters == [list(settings.experiment.voters)]

@@ -28,8 +28,9 @@ def test_unset_paths_follow_the_experiment_layout():
     assert settings.ingest.output == Path("data/other/ingested")
     assert settings.guard.output == Path("data/other/guarded")
     assert settings.train.data == Path("data/other/guarded")
-    assert settings.verify.voters[0] == "runs/other/models/original/original_sl"
-    assert settings.generate.guide_model == "runs/other/models/original/original_sl"
+    assert settings.verify.voters == [f"runs/other/models/original/voters/voter_{k}" for k in (1, 2, 3)]
+    assert settings.generate.guide_model == "runs/other/models/original/original_sl/seed_2048"
+    assert settings.evaluate.output == Path("runs/other/eval/original_sl/seed_2048")
     assert settings.augment.output == Path("data/other/augmented/rho")
     assert settings.evaluate.data == [Path("data/other/test_sets/in_domain")]
     assert settings.report.comparisons == [Path("runs/other/compare/in_domain")]
@@ -45,7 +46,7 @@ def test_the_grid_names_what_each_row_beats_and_its_variants():
     assert list(grid.rows()) == [
         "original_sl", "original_sl_balanced", "original_mek", "expanded_sl", "synthetic_mek", "expanded_mek"
     ]  # fmt: skip
-    assert grid.variants() == ["rho", "synthetic"]
+    assert grid.variants() == ["rho", "synthetic_matched"]
     # Every row on synthetic data is compared with the cheapest competitor too.
     assert all("original_sl_balanced" in row.beats for row in grid.synthetic.values())
     assert ("Expanded_SL", "Original_SL_balanced") in settings.report.changes
@@ -58,7 +59,12 @@ def test_the_grid_names_what_each_row_beats_and_its_variants():
         ("experiment.grid.synthetic.expanded_sl.variant=null", "name the variant"),
         ("verify.voters=[expanded_sl]", "trains on synthetic data"),
         ("experiment.cross_sets={in_domain: {source: rafdb, input: x}}", "in-domain"),
-        ("verify.voters=[original_sl, orignal_mek]", "'orignal_mek' is no row of experiment.grid.original"),
+        ("verify.voters=[voter_1, orignal_mek]", "'orignal_mek' is no row of experiment.grid.original"),
+        ("verify.voters=[original_sl, voter_1]", "'original_sl' is also the generation guide"),
+        ("experiment.voters.original_sl={seed: 9}", "voters.original_sl: also a row of the grid"),
+        ("experiment.voters.voter_4={seed: 1}", "two voters are the same model"),
+        ("experiment.grid.seeds=[1, 1]", "give one or more different seeds"),
+        ("experiment.grid.original.voters={method: sl}", "'voters' is the voters' folder"),
         ("generate.guide_model=orignal_sl", "generate.guide_model: 'orignal_sl' is no row"),
         ("demo.sets.ingested={}", "demo.sets.ingested: data/<experiment>/ingested is a stage's output"),
         ("demo.sets.raw={sed: 3}", "demo.sets.raw: unknown key 'sed'"),

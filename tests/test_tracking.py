@@ -23,7 +23,7 @@ def ok(result: subprocess.CompletedProcess) -> str:
 TINY = [
     "-S", "train.arch=resnet18", "-S", "train.image_size=32", "-S", "train.batch_size=16",
     "-S", "train.warmup_steps=2", "-S", "train.workers=0", "-S", "train.lr=0.003",
-    "-S", "train.rotation=0.0", "-S", "train.val_fraction=0.2", "-S", "evaluate.workers=0",
+    "-S", "train.rotation=0.0", "-S", "evaluate.workers=0",
 ]  # fmt: skip
 
 
@@ -31,7 +31,7 @@ def test_runs_metrics_models_and_the_champion_alias(mlflow_env, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
-    data = colour_dataset(tmp_path / "colours", per_class=10, test_per_class=3)
+    data = colour_dataset(tmp_path / "colours", per_class=8, test_per_class=3, val_per_class=2)
     settings = ["-S", f"evaluate.data=[{json.dumps(str(data))}]"]
     for name, steps in (("weak", 1), ("strong", 40)):
         out = ok(
@@ -49,6 +49,8 @@ def test_runs_metrics_models_and_the_champion_alias(mlflow_env, tmp_path):
     run = client.get_run(strong_id)
     metric = f"{data.name}.mean_accuracy"
     assert run.data.params["train.arch"] == "resnet18" and run.data.params["seed"] == "2048"
+    # The rates the run really used (an SL run: train.lr as given; MEK may scale it).
+    assert run.data.params["effective.lr"] == "0.003" and run.data.params["effective.warmup_steps"] == "2"
     assert 0.0 <= run.data.metrics[metric] <= 1.0
     assert f"{data.name}.accuracy.fear" in run.data.metrics
     assert run.data.tags["git_commit"] and "val_accuracy" in run.data.metrics

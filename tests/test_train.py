@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -77,16 +78,40 @@ def test_in_memory_auto_follows_the_decoded_size():
     assert use_in_memory("always", 300_000, 256) and not use_in_memory("never", 10, 16)
 
 
-def test_validation_split_is_stratified_and_seeded(demo_dataset):
+def test_validation_split_is_stratified_seeded_and_keeps_copies_together(demo_dataset):
     from fersynth.dataset import read_manifest
+    from fersynth.splits import draw_validation
 
     frame = read_manifest(demo_dataset).manifest
-    train, val = split_validation(frame, 0.1, seed=1)
-    again_train, again_val = split_validation(frame, 0.1, seed=1)
-    assert list(val["id"]) == list(again_val["id"])
-    assert set(val["label"]) == set(train["label"]) == set(CLASSES)
-    assert not set(val["id"]) & set(train["id"])
+    frame = frame[frame["split"] != "val"].copy()
+    copy = frame[frame["split"] == "train"].iloc[0].copy()
+    copy["id"], copy["label"] = "copy_of_first", "happy"  # exact copy under another label
+    frame = pd.concat([frame, copy.to_frame().T], ignore_index=True)
+    drawn = draw_validation(frame, 0.1, seed=1)
+    shuffled = frame.sample(frac=1, random_state=3)  # the manifest's row order does not matter
+    assert set(drawn) == set(draw_validation(shuffled, 0.1, seed=1))
+    assert list(drawn) != list(draw_validation(frame, 0.1, seed=2))
+    val = frame.loc[drawn]
+    train = frame[(frame["split"] == "train") & ~frame.index.isin(drawn)]
     assert set(val["split"]) == {"train"}  # taken from training, never from test
+    assert set(val["label"]) == set(train["label"]) == set(CLASSES)
+    for name in CLASSES:  # about 10% of every class
+        n = int((frame[frame["split"] == "train"]["label"] == name).sum())
+        assert abs(int((val["label"] == name).sum()) - round(n * 0.1)) <= 2
+    assert not set(val["pixel_hash"]) & set(train["pixel_hash"])  # copies go together
+    synthetic = frame.assign(origin="synthetic")
+    assert draw_validation(synthetic, 0.1, seed=1).empty  # synthetic rows never validate
+
+
+def test_training_refuses_a_synthetic_validation_image(demo_dataset):
+    from fersynth.dataset import read_manifest
+
+    frame = read_manifest(demo_dataset).manifest.copy()
+    train, val = split_validation(frame)
+    assert len(val) > 0 and set(val["origin"]) <= {"real", "enhanced"}
+    frame.loc[val.index[0], "origin"] = "synthetic"
+    with pytest.raises(FersynthError, match="validation must be real images only"):
+        split_validation(frame)
 
 
 @pytest.mark.parametrize("method", ["sl", "mek"])

@@ -19,7 +19,7 @@ from fersynth.settings import GuardSettings, VerifySettings
 from fersynth.train.loop import run_train
 from fersynth.verify import run_guard, run_verify
 from fersynth.verify.leakage import nearest, perceptual_hash
-from fersynth.verify.voting import decide, majority
+from fersynth.verify.voting import decide, majority, recognised_classes, voter_recall
 
 FEAR, HAPPY, SAD = CLASSES.index("fear"), CLASSES.index("happy"), CLASSES.index("sad")
 
@@ -60,6 +60,26 @@ def test_decide_counts_agreeing_voters_and_mean_probability():
         False,
         False,
     ]
+
+
+def test_a_class_too_few_voters_recall_on_validation_is_not_verified():
+    # 3 voters, 2 classes present on validation: surprise (index 0) and fear (index 1).
+    labels = np.array([0, 0, 1, 1])
+    probabilities = np.zeros((3, 4, 7))
+    probabilities[0, :, 0] = 1  # voter 0 says surprise to everything
+    probabilities[1, [0, 1], 0], probabilities[1, [2, 3], 1] = 1, 1  # voter 1 is right
+    probabilities[2, [0, 1], 0], probabilities[2, [2], 1], probabilities[2, [3], 0] = 1, 1, 1
+    recall = voter_recall(probabilities, labels)
+    assert recall[:, 0].tolist() == [1.0, 1.0, 1.0] and recall[:, 1].tolist() == [0.0, 1.0, 0.5]
+    assert np.isnan(recall[:, 2]).all()  # disgust: no validation image
+    recognised = recognised_classes(recall, min_votes=2, min_recall=0.6)
+    assert recognised[:3].tolist() == [True, False, True]
+    votes = decide(
+        probabilities, np.array([0, 1, 1, 1]), min_votes=1, min_probability=0.0, recognised=recognised
+    )
+    assert votes["v_accepted"].tolist() == [True, False, False, False]
+    assert votes["v_rejected_by"].tolist() == ["", "votes|unrecognised", "unrecognised", "unrecognised"]
+    assert "do not recognise fear on validation" in votes["v_reason"].iloc[1]
 
 
 def test_majority_breaks_ties_by_mean_probability():
@@ -179,7 +199,7 @@ def test_guard_passes_distinct_images_and_checks_other_test_sets(leaky_dataset, 
 def voters(tmp_path_factory):
     """Two voters that learnt colour -> class, and one that learnt every class shifted by one."""
     root = tmp_path_factory.mktemp("voters")
-    data = colour_dataset(root / "colours", per_class=12, test_per_class=3)
+    data = colour_dataset(root / "colours", per_class=12, test_per_class=3, val_per_class=3)
     frame = read_manifest(data).manifest
     shifted = frame.assign(label=[CLASSES[(CLASSES.index(x) + 1) % 7] for x in frame["label"]])
     shifted_root = root / "shifted"
@@ -193,8 +213,8 @@ def voters(tmp_path_factory):
     paths = []
     for name, source, seed in (("a", data, 1), ("b", data, 2), ("shifted", shifted_root, 3)):
         settings = tiny_train_settings(
-            source, root / f"voter_{name}", steps=60, batch_size=16, lr=3e-3, rotation=0.0, val_fraction=0.0
-        )
+            source, root / f"voter_{name}", steps=60, batch_size=16, lr=3e-3, rotation=0.0, eval_every=60
+        )  # selected at the last step: a confident voter (the first perfect one is not yet)
         run_train(settings, seed=seed, progress=False)
         paths.append(str(root / f"voter_{name}"))
     return data, paths
@@ -258,12 +278,23 @@ def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
     assert report["rejection_reasons"]["too few of 3 voters agree (need 2)"] == 4
     assert "v_rejected_by" in written.columns
     assert (tmp_path / "verified" / "verify_classes.png").is_file()
-    assert "6 of 10" in (tmp_path / "verified" / "verify_report.md").read_text()
+    page = (tmp_path / "verified" / "verify_report.md").read_text()
+    assert "6 of 10" in page and "## What the voters recognise" in page
+    # Each voter's recall on the real validation split: the shifted voter recalls nothing.
+    assert report["voter_recall"]["voter_a"]["fear"] == 100.0
+    assert report["voter_recall"]["voter_shifted"]["fear"] == 0.0
+    assert all(report["recognised"].values())  # two voters recall every class
+    assert report["rejected_by_class"]["fear"]["accepted"] == 6
 
-    # All three voters required: the shifted one never agrees.
+    # All three voters required: the shifted one never agrees, and recalls no class on
+    # validation, so the report blames the voters, not the images.
     unanimous = settings.model_copy(update={"min_votes": 3, "output": tmp_path / "unanimous"})
     result = run_verify(unanimous, GuardSettings(test_sets=[], workers=1), seed=0, progress=False)
     assert (result.manifest["v_accepted"] == "false").all()
+    assert result.manifest["v_rejected_by"].str.contains("unrecognised").all()
+    assert not any(result.recognised.values())
+    report = json.loads((tmp_path / "unanimous" / "verify_report.json").read_text())
+    assert "do not recognise fear on validation" in report["no_accepted_because"]["fear"]
 
 
 def test_verify_relabel_mode_takes_the_majority(voters, synthetic, tmp_path):
@@ -304,7 +335,7 @@ def test_guard_finds_the_fer2013_training_copies_of_publictest_images(fer2013_da
     exact = result.leaks[result.leaks["kind"] == "exact"]
     assert len(exact) == 351  # Training rows that repeat a PublicTest image pixel for pixel
     assert len(exact[["test_set", "test_id"]].drop_duplicates()) == 270  # distinct images
-    assert set(exact["split"]) == {"train"}
+    assert set(exact["split"]) <= {"train", "val"}  # training and validation copies both go
     # Near-duplicates (pHash within 6 bits) come on top; every removed row is listed.
     near = result.leaks[result.leaks["kind"] == "perceptual"]
     assert (near["distance"] <= settings.max_distance).all()

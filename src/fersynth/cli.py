@@ -272,7 +272,11 @@ def quality_command(obj: _Context, data, output, sr_model, workers, force: bool,
 
 
 @cli.command("train")
-@click.option("--row", help="A row of experiment.grid: its method, sampler, data and folder.")
+@click.option(
+    "--row",
+    help="A row of experiment.grid (once per seed of experiment.grid.seeds) or a voter of "
+    "experiment.voters: its method, sampler, data and folder.",
+)
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset folder [train.data].")
 @click.option("--output", type=click.Path(path_type=Path), help="Run folder [train.output].")
 @click.option("--arch", help="timm model name [train.arch].")
@@ -334,23 +338,24 @@ def train_command(
                 f"--row {row} sets method, sampler, data and folder (experiment.grid): drop {given}"
             )
         settings = stages.row_settings(settings, row, data, output)
-    result, run_id = stages.train(
+    outcomes = stages.train(
         settings, row, resume=resume, force=force, progress=not quiet, skip_if_empty=skip_if_empty
     )
-    if result.skipped:
-        click.echo(f"skipped: {result.skipped} (recorded in {result.output})")
-        return
-    if run_id:
-        click.echo(f"MLflow run {run_id} at {tracking.tracking_uri()}")
-    best = result.best_metrics
-    line = f"trained {result.steps} steps at {result.images_per_second:.0f} images/s"
-    if best:
-        line += (
-            f"; best validation at step {result.best_step}: accuracy {best['accuracy']:.2%}, "
-            f"mean per-class {best['mean_accuracy']:.2%}"
-        )
-    click.echo(line)
-    click.echo(f"model: {result.output / 'model.pt'}")
+    for result, run_id in outcomes:
+        if result.skipped:
+            click.echo(f"skipped: {result.skipped} (recorded in {result.output})")
+            continue
+        if run_id:
+            click.echo(f"MLflow run {run_id} at {tracking.tracking_uri()}")
+        best = result.best_metrics
+        line = f"trained {result.steps} steps at {result.images_per_second:.0f} images/s"
+        if best:
+            line += (
+                f"; best validation at step {result.best_step}: accuracy {best['accuracy']:.2%}, "
+                f"mean per-class {best['mean_accuracy']:.2%}"
+            )
+        click.echo(line)
+        click.echo(f"model: {result.output / 'model.pt'}")
 
 
 @cli.command("evaluate")
@@ -375,11 +380,25 @@ def evaluate_command(obj: _Context, row, model, data, split, output, no_tta, qui
     base = obj.settings()
     by_row = []
     if row is not None:
-        base.row(row)  # a clear error for an unknown row
-        by_row = _option_overrides(
-            **{"evaluate.model": base.model_folder(row), "evaluate.output": base.layout.evaluation(row)}
+        if model is not None or output is not None:
+            raise FersynthError(
+                f"--row {row} evaluates the row's models into its folder: drop --model/--output"
+            )
+        settings = obj.settings(
+            _option_overrides(**{"evaluate.split": split, "evaluate.tta_flip": False if no_tta else None})
+            + ([f"evaluate.data={json.dumps([str(d) for d in data])}"] if data else [])
         )
-    elif model is not None and output is None and not obj.overridden("evaluate.output"):
+        for seed, results in stages.evaluate_row(settings, row, progress=not quiet):
+            if not results:
+                click.echo(f"seed {seed}: skipped (its training was skipped)")
+            for result in results:
+                m = result.metrics
+                click.echo(
+                    f"seed {seed}, {result.name}: accuracy {m['accuracy']:.2%}, mean per-class "
+                    f"{m['mean_accuracy']:.2%} -> {result.folder}"
+                )
+        return
+    if model is not None and output is None and not obj.overridden("evaluate.output"):
         # Another model's results never replace a grid row's: they go beside them, by its name.
         by_row = _option_overrides(**{"evaluate.output": base.layout.evaluation(f"model_{Path(model).stem}")})
     settings = obj.settings(
@@ -575,7 +594,9 @@ def verify_command(obj: _Context, data, reference, output, voters, relabel, forc
 @click.option("--output", type=click.Path(path_type=Path), help="Output dataset folder [augment.output].")
 @click.option(
     "--variant",
-    type=click.Choice(["original", "synthetic", "expanded", "balanced", "rho"]),
+    type=click.Choice(
+        ["original", "synthetic", "synthetic_matched", "expanded", "expanded_balanced", "balanced", "rho"]
+    ),  # settings.AugmentVariant
     help="Training set to build [augment.variant].",
 )
 @click.option("--rho", type=float, help="Largest/smallest class ratio to reach [augment.rho].")
@@ -731,9 +752,7 @@ def register_command(obj: _Context, runs: tuple[str, ...], metric, name, output:
     from fersynth.compare import parse_run_arguments
 
     settings = obj.settings()
-    folders = (
-        dict(parse_run_arguments(runs)) if runs else stages.grid_folders(settings, settings.model_folder)
-    )
+    folders = dict(parse_run_arguments(runs)) if runs else stages.grid_folders(settings, settings.row_folder)
     outcome = stages.register(settings, folders, metric, output, name)
     if not outcome["registered"]:
         click.echo(f"register: {outcome['reason']}; nothing registered")

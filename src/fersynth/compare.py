@@ -4,51 +4,86 @@ One row per run (Original_SL, Expanded_SL, Original_MEK, ...); columns are the c
 sorted by their training count (most first, as the reference run was trained), then Total and
 Mean accuracy. The best value of each column is marked. A skipped row (fersynth.skipped: e.g.
 a synthetic-only set the vote left empty) stays in the table, empty, with its reason below.
+
+A row trained with several seeds (experiment.grid.seeds: results in `seed_<s>/` folders) shows
+the mean and the standard deviation over its seeds; `paired_changes` compares two rows seed by
+seed (paired t-test) and marks a difference only when it is beyond the seed spread.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fersynth.classes import CLASSES
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
+from fersynth.settings import SEED_PREFIX
 from fersynth.skipped import SKIPPED_JSON, skipped_reason
 
 SKIPPED = "skipped"  # table.attrs key: {row: reason}
+SPREAD = "spread"  # table.attrs key: {row: {column: standard deviation over seeds}}
+PER_SEED = "per_seed"  # table.attrs key: long table run, seed, column, value
+ALPHA = 0.05  # a paired difference is marked when its two-sided p-value is below this
 # What `fersynth evaluate` writes per test set; defined here so that reading results (compare,
 # report) does not import torch (7 s on two cores).
 METRICS_JSON = "metrics.json"
+SPREAD_CSV = "comparison_std.csv"  # standard deviation over seeds, rows with several seeds
+PER_SEED_CSV = "comparison_seeds.csv"  # every seed's value: run, seed, column, value
 
 
 @dataclass(frozen=True)
 class RunResult:
     name: str
-    metrics: dict | None
+    metrics: dict | None  # the first seed's (or the only) results
     skipped: str | None = None  # the reason, when the run had nothing to train on
+    by_seed: dict[str, dict] = field(default_factory=dict)  # seed -> results, for several seeds
 
 
-def load_result(name: str, folder: Path, test_set: str | None) -> RunResult:
-    """Metrics of one run: `folder` is an evaluate output (one sub-folder per test set) or a
-    test-set folder holding metrics.json."""
-    folder = Path(folder)
+def _load_one(name: str, folder: Path, test_set: str | None) -> dict | None | str:
     reason = skipped_reason(folder)
     if reason is not None:
-        return RunResult(name, None, skipped=reason)
+        return reason
     direct = folder / METRICS_JSON
     if direct.is_file():
-        return RunResult(name, json.loads(direct.read_text()))
+        return json.loads(direct.read_text())
     candidates = sorted(p.parent.name for p in folder.glob(f"*/{METRICS_JSON}"))
     if not candidates:
         raise FersynthError(f"{folder}: no evaluation results ({METRICS_JSON}) for run {name!r}")
     chosen = test_set or candidates[0]
     if chosen not in candidates:
         raise FersynthError(f"{folder}: no test set {chosen!r} (has {', '.join(candidates)})")
-    return RunResult(name, json.loads((folder / chosen / METRICS_JSON).read_text()))
+    return json.loads((folder / chosen / METRICS_JSON).read_text())
+
+
+def load_result(name: str, folder: Path, test_set: str | None) -> RunResult:
+    """Metrics of one run: `folder` is an evaluate output (one sub-folder per test set), a
+    test-set folder holding metrics.json, or a grid row's results with one `seed_<s>` folder
+    per training seed."""
+    folder = Path(folder)
+    seeds = sorted(
+        (p for p in folder.glob(f"{SEED_PREFIX}*") if p.is_dir()),
+        key=lambda p: (
+            int(p.name.removeprefix(SEED_PREFIX)) if p.name.removeprefix(SEED_PREFIX).isdigit() else -1
+        ),
+    )
+    if not seeds:
+        loaded = _load_one(name, folder, test_set)
+        if isinstance(loaded, str):
+            return RunResult(name, None, skipped=loaded)
+        return RunResult(name, loaded)
+    by_seed = {}
+    for seed_dir in seeds:
+        loaded = _load_one(name, seed_dir, test_set)
+        if isinstance(loaded, str):  # the row's data was empty: every seed is skipped alike
+            return RunResult(name, None, skipped=loaded)
+        by_seed[seed_dir.name.removeprefix(SEED_PREFIX)] = loaded
+    return RunResult(name, next(iter(by_seed.values())), by_seed=by_seed)
 
 
 def column_order(train_counts: dict[str, int] | None) -> list[str]:
@@ -58,32 +93,122 @@ def column_order(train_counts: dict[str, int] | None) -> list[str]:
     return sorted(CLASSES, key=lambda name: (-train_counts.get(name, 0), CLASSES.index(name)))
 
 
+def _values(metrics: dict, order: list[str]) -> dict[str, float]:
+    """One evaluation as percentages: the classes in `order`, Total and Mean."""
+    per_class = metrics["per_class_accuracy"]
+    row = {name: per_class[name] * 100 if per_class[name] is not None else float("nan") for name in order}
+    row["Total"] = metrics["accuracy"] * 100
+    row["Mean"] = metrics["mean_accuracy"] * 100
+    return row
+
+
 def comparison_table(runs: list[RunResult], order_by: dict[str, int] | None = None) -> pd.DataFrame:
-    """Accuracies in percent: rows = runs, columns = classes by training count, Total, Mean."""
+    """Accuracies in percent: rows = runs, columns = classes by training count, Total, Mean.
+
+    A run with several seeds shows its mean over them; `attrs[SPREAD]` holds the standard
+    deviations (ddof 1) and `attrs[PER_SEED]` every seed's values (run, seed, column, value)."""
     if not runs:
         raise FersynthError("compare: give at least one NAME=RESULTS pair")
     ran = [run for run in runs if run.metrics is not None]
     order = column_order(order_by or (ran[0].metrics.get("train_counts") if ran else None))
-    rows = {}
+    rows, spread, per_seed = {}, {}, []
     for run in runs:
         if run.metrics is None:
             rows[run.name] = dict.fromkeys([*order, "Total", "Mean"], float("nan"))
             continue
-        per_class = run.metrics["per_class_accuracy"]
-        row = {name: per_class[name] * 100 if per_class[name] is not None else float("nan")
-               for name in order}  # fmt: skip
-        row["Total"] = run.metrics["accuracy"] * 100
-        row["Mean"] = run.metrics["mean_accuracy"] * 100
-        rows[run.name] = row
+        seeds = run.by_seed or {"": run.metrics}
+        values = pd.DataFrame({seed: _values(metrics, order) for seed, metrics in seeds.items()}).T
+        rows[run.name] = values.mean(axis=0).to_dict()
+        if len(values) > 1:
+            spread[run.name] = values.std(axis=0, ddof=1).to_dict()
+        for seed, row in values.iterrows():
+            per_seed += [(run.name, seed, column, value) for column, value in row.items()]
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "run"
     table.attrs[SKIPPED] = {run.name: run.skipped for run in runs if run.skipped}
+    table.attrs[SPREAD] = spread
+    table.attrs[PER_SEED] = pd.DataFrame(per_seed, columns=["run", "seed", "column", "value"])
     return table
 
 
+def seeds_of(table: pd.DataFrame) -> list[str]:
+    """The seeds the table's rows were trained with ([] for single runs without seed folders)."""
+    per_seed = table.attrs.get(PER_SEED)
+    if per_seed is None or per_seed.empty:
+        return []
+    return sorted({str(s) for s in per_seed["seed"] if str(s) != ""}, key=lambda s: (len(s), s))
+
+
+def paired_changes(table: pd.DataFrame, pairs: list[tuple[str, str]], test_set: str) -> pd.DataFrame:
+    """Each (row, baseline) pair's change in accuracy points, per column, paired over seeds.
+
+    Long table: change ("<row> - <baseline> (<test set>)"), column, mean (of the per-seed
+    differences), std (their standard deviation, ddof 1), n (seeds both rows have), p (paired
+    two-sided t-test, scipy.stats.ttest_rel; NaN with fewer than two seeds or no variation) and
+    marked (p < ALPHA: the difference is beyond the seed spread)."""
+    from scipy.stats import ttest_rel
+
+    per_seed = table.attrs.get(PER_SEED)
+    records = []
+    for row, baseline in pairs:
+        if row not in table.index or baseline not in table.index:
+            continue
+        label = f"{row} - {baseline} ({test_set})"
+        for column in table.columns:
+            if per_seed is not None and not per_seed.empty:
+                a = per_seed[(per_seed["run"] == row) & (per_seed["column"] == column)].set_index("seed")[
+                    "value"
+                ]
+                b = per_seed[(per_seed["run"] == baseline) & (per_seed["column"] == column)].set_index(
+                    "seed"
+                )["value"]
+                both = a.index.intersection(b.index)
+                a, b = a.loc[both].astype(float), b.loc[both].astype(float)
+                keep = a.notna() & b.notna()
+                a, b = a[keep].to_numpy(), b[keep].to_numpy()
+            else:
+                a = np.array([table.at[row, column]], dtype=float)
+                b = np.array([table.at[baseline, column]], dtype=float)
+                keep = ~(np.isnan(a) | np.isnan(b))
+                a, b = a[keep], b[keep]
+            if len(a) == 0:
+                continue
+            difference = a - b
+            p = float("nan")
+            if len(a) >= 2 and np.ptp(difference) > 0:
+                p = float(ttest_rel(a, b).pvalue)
+            elif len(a) >= 2 and difference[0] != 0:
+                p = 0.0  # the same non-zero difference on every seed
+            records.append(
+                {
+                    "change": label,
+                    "column": column,
+                    "mean": float(difference.mean()),
+                    "std": float(difference.std(ddof=1)) if len(a) > 1 else float("nan"),
+                    "n": len(a),
+                    "p": p,
+                    "marked": bool(not math.isnan(p) and p < ALPHA),
+                }
+            )
+    return pd.DataFrame(records, columns=["change", "column", "mean", "std", "n", "p", "marked"])
+
+
+def spread_footnote(seeds: list[str]) -> str:
+    """What the ± and the marks mean, for the tables' footnotes."""
+    if len(seeds) < 2:
+        return "One training seed: no spread is known, so no difference is marked."
+    return (
+        f"Mean ± standard deviation over {len(seeds)} training seeds ({', '.join(seeds)}). A change is "
+        "marked * only when it is beyond the seed spread: paired t-test over the seeds, two-sided, "
+        f"p < {ALPHA}."
+    )
+
+
 def to_markdown(table: pd.DataFrame, title: str = "") -> str:
-    """Markdown with the best value of each column in bold."""
+    """Markdown with the best (mean) value of each column in bold; `mean ± std` where the row
+    has several seeds."""
     best = table.max(axis=0, skipna=True)
+    spread = table.attrs.get(SPREAD) or {}
     header = "| run | " + " | ".join(table.columns) + " |"
     lines = ([f"**{title}**", ""] if title else []) + [
         header,
@@ -94,10 +219,17 @@ def to_markdown(table: pd.DataFrame, title: str = "") -> str:
         for column, value in row.items():
             if pd.isna(value):
                 cells.append("-")
-            else:
-                text = f"{value:.2f}"
-                cells.append(f"**{text}**" if abs(value - best[column]) < 1e-9 else text)
+                continue
+            text = f"{value:.2f}"
+            text = f"**{text}**" if abs(value - best[column]) < 1e-9 else text
+            deviation = (spread.get(run) or {}).get(column)
+            if deviation is not None and not pd.isna(deviation):
+                text += f" ± {deviation:.2f}"
+            cells.append(text)
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    seeds = seeds_of(table)
+    if seeds:
+        lines += ["", spread_footnote(seeds)]
     skipped = table.attrs.get(SKIPPED) or {}
     if skipped:
         lines += ["", *(f"{run}: skipped, {reason}" for run, reason in skipped.items())]
@@ -110,13 +242,25 @@ def write_comparison(table: pd.DataFrame, output: Path, title: str = "") -> tupl
     markdown_path, csv_path = output / "comparison.md", output / "comparison.csv"
     atomic_write_text(markdown_path, to_markdown(table, title))
     atomic_write_text(csv_path, table.round(4).to_csv(lineterminator="\n"))
+    spread = pd.DataFrame.from_dict(table.attrs.get(SPREAD) or {}, orient="index").reindex(
+        columns=table.columns
+    )
+    spread.index.name = "run"
+    atomic_write_text(output / SPREAD_CSV, spread.round(4).to_csv(lineterminator="\n"))
+    per_seed = table.attrs.get(PER_SEED)
+    if per_seed is None:
+        per_seed = pd.DataFrame(columns=["run", "seed", "column", "value"])
+    atomic_write_text(
+        output / PER_SEED_CSV, per_seed.round({"value": 4}).to_csv(index=False, lineterminator="\n")
+    )
     # The skipped rows' reasons ({} when every row ran), for the report.
     atomic_write_text(output / SKIPPED_JSON, json.dumps(table.attrs.get(SKIPPED) or {}, indent=2) + "\n")
     return markdown_path, csv_path
 
 
 def read_comparison(folder: Path) -> tuple[str, pd.DataFrame]:
-    """(test set name, table in percent, skipped rows in `attrs`) from a compare output folder."""
+    """(test set name, table in percent, skipped rows, spread and per-seed values in `attrs`)
+    from a compare output folder."""
     folder = Path(folder)
     csv = folder / "comparison.csv"
     if not csv.is_file():
@@ -124,6 +268,21 @@ def read_comparison(folder: Path) -> tuple[str, pd.DataFrame]:
     table = pd.read_csv(csv, index_col="run")
     skipped = folder / SKIPPED_JSON
     table.attrs[SKIPPED] = json.loads(skipped.read_text()) if skipped.is_file() else {}
+    spread = folder / SPREAD_CSV
+    table.attrs[SPREAD] = (
+        {run: row.dropna().to_dict() for run, row in pd.read_csv(spread, index_col="run").iterrows()}
+        if spread.is_file()
+        else {}
+    )
+    table.attrs[SPREAD] = {run: values for run, values in table.attrs[SPREAD].items() if values}
+    per_seed = folder / PER_SEED_CSV
+    table.attrs[PER_SEED] = (
+        pd.read_csv(per_seed, dtype={"seed": str}, keep_default_na=False, na_values=[""]).assign(
+            seed=lambda f: f["seed"].fillna("")
+        )
+        if per_seed.is_file()
+        else None
+    )
     return folder.name, table
 
 

@@ -19,6 +19,7 @@ from fersynth.dataset import read_manifest
 from fersynth.errors import FersynthError
 from fersynth.figures import save_figure
 from fersynth.files import atomic_write_text, staged_folder
+from fersynth.parallel import pins_torch_threads
 from fersynth.settings import EvaluateSettings, save_resolved
 from fersynth.skipped import skipped_reason, write_skipped
 from fersynth.train.data import ManifestImages, test_transform
@@ -164,6 +165,7 @@ def _write_results(
     confusion_figure(metrics, name, folder / "confusion.png")
 
 
+@pins_torch_threads
 def run_evaluate(
     settings: EvaluateSettings, *, loaded: LoadedModel | None = None, progress: bool = True
 ) -> list[TestSetResult]:

@@ -42,12 +42,19 @@ def render(name: str, **values: Any) -> str:
     return template(name).render(**values)
 
 
-def table(frame: pd.DataFrame, formats: Mapping[str, str] | None = None, *, default: str = "g") -> str:
+def table(
+    frame: pd.DataFrame,
+    formats: Mapping[str, str] | None = None,
+    *,
+    default: str = "g",
+    preformatted: bool = False,
+) -> str:
     """`frame` as a pipe table, its index as the first column (named by the index name).
 
     `formats`: a format spec per column name (".1f", "+.2f"); other float columns use
     `default`. Integers are written as they are, empty cells (NaN, None) as "-", and a
-    pipe inside a text cell is escaped.
+    pipe inside a text cell is escaped. `preformatted`: the cells are text already written
+    ("+2.00 ± 0.50 *") and stay exactly as they are.
     """
     formats = dict(formats or {})
     unknown = set(formats) - set(frame.columns)
@@ -56,7 +63,7 @@ def table(frame: pd.DataFrame, formats: Mapping[str, str] | None = None, *, defa
     floatfmt = [default, *(formats.get(column, default) for column in frame.columns)]
     shown = frame.map(_cell).astype(object).where(frame.notna(), None)
     shown.index = shown.index.map(_cell)
-    return shown.to_markdown(floatfmt=floatfmt, missingval=MISSING)
+    return shown.to_markdown(floatfmt=floatfmt, missingval=MISSING, disable_numparse=preformatted)
 
 
 def _cell(value: Any) -> Any:

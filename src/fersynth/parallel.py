@@ -1,7 +1,9 @@
-"""Ordered parallel map over a stream, on every CPU core, without holding the stream in memory."""
+"""Ordered parallel map over a stream, on every CPU core, without holding the stream in memory;
+torch's CPU thread count, pinned for reproducible training."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -37,3 +39,37 @@ def imap(
         return
     with multiprocessing.get_context("fork").Pool(count) as pool:
         yield from pool.imap(call, items, chunksize=chunksize)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to `count`, restored afterwards; 0 leaves torch's own choice
+    (OMP_NUM_THREADS, else every core).
+
+    On a CPU the thread count is part of a training run's result: oneDNN and ATen split a
+    float sum (a convolution's weight gradient, say) into one partial sum per thread, so 1, 2
+    or 4 threads give weights that differ in the last bits, and after a few hundred steps in
+    some predictions (docs/testing.md#reproducibility). A fixed count makes the bits depend on
+    the settings and the CPU kind only, not on the machine's core count."""
+    import torch
+
+    if count == 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def pins_torch_threads(function: Callable[..., R]) -> Callable[..., R]:
+    """Runs `function(settings, ...)` inside `torch_threads(settings.cpu_threads)`."""
+
+    @functools.wraps(function)
+    def pinned(settings, *args: Any, **kwargs: Any) -> R:
+        with torch_threads(settings.cpu_threads):
+            return function(settings, *args, **kwargs)
+
+    return pinned

@@ -22,7 +22,14 @@ from typing import Any
 from fersynth import tracking
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
-from fersynth.settings import Settings, load_settings, save_resolved, settings_from_mapping
+from fersynth.settings import (
+    SEED_PREFIX,
+    Settings,
+    load_settings,
+    save_resolved,
+    seed_folder,
+    settings_from_mapping,
+)
 
 log = logging.getLogger(__name__)
 SETTINGS_JSON = "settings.json"  # the pipeline's settings artifact: every resolved setting
@@ -145,7 +152,8 @@ def train(data: str, output: str, row: str, overrides: Iterable[str] | str | Pat
     from fersynth import stages
 
     settings = stages.row_settings(settings_from(overrides), row, data, output)
-    result, run_id = stages.train(settings, row, force=True, progress=False)
+    outcomes = stages.train(settings, row, force=True, progress=False)
+    result, run_id = outcomes[0]
     if result.skipped:
         log.warning("%s skipped: %s", row, result.skipped)
         return {"skipped": result.skipped}
@@ -153,7 +161,21 @@ def train(data: str, output: str, row: str, overrides: Iterable[str] | str | Pat
         "best_step": result.best_step,
         "images_per_second": result.images_per_second,
         "mlflow_run": run_id,
+        "seeds": len(outcomes),
     }
+
+
+def seed_folders(folder: str | Path) -> list[Path]:
+    """A grid row's artifact: its `seed_<s>` folders (models or results), in seed order; a
+    voter's or a plain model's: the folder itself."""
+    seeds = sorted(Path(folder).glob(f"{SEED_PREFIX}*/"), key=lambda p: (len(p.name), p.name))
+    return seeds or [Path(folder)]
+
+
+def first_seed(settings: Settings, folder: str | Path) -> Path:
+    """The model (or results) of a row's first seed, as `Settings.model_folder(row)` names it."""
+    candidate = Path(folder) / seed_folder(settings.seeds[0])
+    return candidate if candidate.is_dir() else Path(folder)
 
 
 def evaluate(
@@ -163,15 +185,20 @@ def evaluate(
     from fersynth import stages
 
     named = _linked(test_sets)
+    outcomes = []
     try:
         data = [str(named / name) for name in test_sets]
-        settings = settings_from(
-            overrides, evaluate__model=model, evaluate__data=data, evaluate__output=output
-        )
-        results = stages.evaluate(settings, progress=False)
+        seeds = [p for p in seed_folders(model) if p != Path(model)]
+        for folder in seeds or [Path(model)]:
+            target = Path(output) / folder.name if seeds else Path(output)  # seed_<s>, as the model
+            settings = settings_from(
+                overrides, evaluate__model=str(folder), evaluate__data=data, evaluate__output=str(target)
+            )
+            results = stages.evaluate(settings, progress=False)
+            outcomes = outcomes or [{"test_set": r.name, **r.metrics} for r in results]  # the first seed's
     finally:
         shutil.rmtree(named, ignore_errors=True)
-    return [{"test_set": r.name, **r.metrics} for r in results]
+    return outcomes
 
 
 def train_prior(data: str, output: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
@@ -195,6 +222,8 @@ def generate(
         generate__guide_model=guide,
         generate__output=output,
     )
+    # The guide is a grid row's artifact: its first seed's model guides, as in a local run.
+    settings.generate.guide_model = str(first_seed(settings, guide))
     result = run_generate(
         settings.generate, shard=shard, num_shards=num_shards, seed=settings.seed, progress=False
     )
@@ -233,11 +262,12 @@ def verify(
 ) -> dict[str, Any]:
     from fersynth.verify import run_verify
 
+    base = settings_from(overrides)
     settings = settings_from(
         overrides,
         verify__data=generated,
         verify__reference=reference,
-        verify__voters=voters,
+        verify__voters=[str(first_seed(base, voter)) for voter in voters],
         verify__output=output,
         guard__test_sets=test_sets,
     )

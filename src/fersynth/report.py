@@ -18,7 +18,7 @@ import pandas as pd
 
 from fersynth import markdown
 from fersynth.classes import CLASSES
-from fersynth.compare import SKIPPED, read_comparison, to_markdown
+from fersynth.compare import SKIPPED, paired_changes, read_comparison, seeds_of, spread_footnote, to_markdown
 from fersynth.errors import FersynthError
 from fersynth.figures import save_figure
 from fersynth.files import atomic_write_text, staged_folder
@@ -46,14 +46,18 @@ def _json_table(table: pd.DataFrame) -> dict:
 
 
 def class_changes(table: pd.DataFrame, pairs: list[tuple[str, str]], test_set: str) -> pd.DataFrame:
-    """Accuracy points each row on synthetic data gains over each row it must beat, per class."""
-    rows = {}
-    for row, baseline in pairs:
-        if row in table.index and baseline in table.index:
-            change = table.loc[row] - table.loc[baseline]
-            if change.notna().any():  # a skipped row has no change to show
-                rows[f"{row} - {baseline} ({test_set})"] = change
-    return pd.DataFrame.from_dict(rows, orient="index")
+    """Accuracy points each row on synthetic data gains over each row it must beat, per class
+    (the mean of the per-seed differences); rows "<row> - <baseline> (<test set>)"."""
+    return wide_changes(paired_changes(table, pairs, test_set), list(table.columns))
+
+
+def wide_changes(paired: pd.DataFrame, columns: list[str], value: str = "mean") -> pd.DataFrame:
+    """`compare.paired_changes`' long table as changes x columns of one of its values."""
+    if paired.empty:
+        return pd.DataFrame(columns=columns, dtype=float)
+    wide = paired.pivot(index="change", columns="column", values=value)
+    order = list(dict.fromkeys(paired["change"]))
+    return wide.reindex(index=order, columns=columns).rename_axis(index=None, columns=None)
 
 
 def changes_chart(changes: pd.DataFrame, path: Path) -> Path:
@@ -103,9 +107,27 @@ def _per_class(report: dict) -> dict[str, dict]:
     return {name: report["per_class"][name] for name in CLASSES if report["per_class"].get(name)}
 
 
-def changes_markdown(changes: pd.DataFrame) -> str:
-    """The per-class changes as a table, signed, two decimals."""
-    return markdown.table(changes.rename_axis("change"), default="+.2f")
+def changes_markdown(paired: pd.DataFrame, columns: list[str]) -> str:
+    """The per-class changes as a table: signed mean over seeds, ± the spread of the paired
+    differences where there are several seeds, and * where the change is beyond that spread."""
+    means = wide_changes(paired, columns)
+    spread = wide_changes(paired, columns, "std")
+    marked = wide_changes(paired, columns, "marked")
+    cells = means.astype(object).copy()
+    for change in means.index:
+        for column in columns:
+            value = means.at[change, column]
+            if pd.isna(value):
+                cells.at[change, column] = "-"
+                continue
+            text = f"{value:+.2f}"
+            deviation = spread.at[change, column]
+            if not pd.isna(deviation):
+                text += f" ± {deviation:.2f}"
+            if marked.at[change, column] is True:
+                text += " *"
+            cells.at[change, column] = text
+    return markdown.table(cells.rename_axis("change"), preformatted=True)
 
 
 def quality_class_table(report: dict) -> pd.DataFrame:
@@ -188,7 +210,11 @@ def _confusion(
     rows = []
     for run in table.index:
         key = (row_keys or {}).get(run, run.lower())
-        source = None if evaluations is None else evaluations / key / test_set / "confusion.png"
+        source = None
+        if evaluations is not None:
+            # A row with seeds: the first seed's matrix (the others are in MLflow).
+            seeds = sorted((evaluations / key).glob("seed_*/"), key=lambda p: (len(p.name), p.name))
+            source = (seeds[0] if seeds else evaluations / key) / test_set / "confusion.png"
         picture = source and _copy(source, out, f"confusion_{key}.png")
         rows.append({"run": run, "picture": picture or None, "skipped": skipped.get(run)})
     return rows
@@ -219,7 +245,7 @@ def acceptance_table(verify_folder: Path | None) -> pd.DataFrame | None:
 
 
 def write_results_page(
-    path: Path, experiment: str, comparisons, changes: pd.DataFrame, settings: ReportSettings
+    path: Path, experiment: str, comparisons, paired: pd.DataFrame, settings: ReportSettings
 ) -> Path:
     """The results page a run writes for the repository (docs/results/<experiment>.md): the
     comparison tables, what the synthetic data bought, and the acceptance per class."""
@@ -235,7 +261,8 @@ def write_results_page(
             }
             for i, (name, t) in enumerate(comparisons)
         ],
-        changes=changes_markdown(changes) if not changes.empty else "",
+        changes=changes_markdown(paired, list(comparisons[0][1].columns)) if not paired.empty else "",
+        changes_footnote=spread_footnote(seeds_of(comparisons[0][1])),
         acceptance=markdown.table(acceptance, {"acceptance %": ".1f"}) if acceptance is not None else "",
     )
     atomic_write_text(Path(path), text)
@@ -246,8 +273,14 @@ def run_report(settings: ReportSettings, *, force: bool = False, experiment: str
     if not settings.comparisons:
         raise FersynthError("report.comparisons: give at least one `fersynth compare` output folder")
     comparisons = [read_comparison(folder) for folder in settings.comparisons]
-    changes = pd.concat([class_changes(table, settings.changes or [], name) for name, table in comparisons])
     test_set, in_domain = comparisons[0]
+    columns = list(in_domain.columns)
+    paired = pd.concat(
+        [paired_changes(table, settings.changes or [], name) for name, table in comparisons],
+        ignore_index=True,
+    )
+    changes = wide_changes(paired, columns)
+    footnote = spread_footnote(seeds_of(in_domain))
     skipped = in_domain.attrs.get(SKIPPED) or {}
     with staged_folder(settings.output, force=force) as out:
         text = markdown.render(
@@ -256,7 +289,8 @@ def run_report(settings: ReportSettings, *, force: bool = False, experiment: str
                 to_markdown(table, f"Accuracy (%) on {name} ({'in-domain' if i == 0 else 'cross-dataset'})")
                 for i, (name, table) in enumerate(comparisons)
             ],
-            changes=changes_markdown(changes) if not changes.empty else "",
+            changes=changes_markdown(paired, columns) if not changes.empty else "",
+            changes_footnote=footnote,
             changes_chart=changes_chart(changes, out / "changes.png").name if not changes.empty else "",
             confusion=_confusion(_folder(settings.evaluations), test_set, in_domain, out, settings.row_keys),
             quality=_quality(_folder(settings.quality), out),
@@ -269,9 +303,11 @@ def run_report(settings: ReportSettings, *, force: bool = False, experiment: str
         summary = {
             "comparisons": {name: _json_table(table) for name, table in comparisons},
             "changes": changes.round(4).to_dict(orient="index"),
+            # Per change and column: mean, std, n (seeds), p (paired t-test), marked.
+            "paired_changes": json.loads(paired.round(4).to_json(orient="records")),
             "skipped": skipped,
         }
         atomic_write_text(out / REPORT_JSON, json.dumps(summary, indent=2) + "\n")
     if settings.results_page is not None:
-        write_results_page(settings.results_page, experiment, comparisons, changes, settings)
+        write_results_page(settings.results_page, experiment, comparisons, paired, settings)
     return ReportResult(Path(settings.output), changes)

@@ -78,6 +78,9 @@ class IngestSettings(Strict):
     output: Path | None = None  # null: data/<experiment>/ingested
     workers: Annotated[int, Field(ge=0)] = 0  # 0 = every CPU core
     drop_train_test_duplicates: bool = True
+    # The validation split every row selects on, drawn from the training images (stratified,
+    # seeded, exact copies kept together) when the source has no val split; 0: none.
+    val_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.1
     image_format: Literal["png", "jpg"] = "png"
     jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95
     fer2013: Fer2013Settings = Fer2013Settings()
@@ -142,6 +145,11 @@ class MekSettings(Strict):
     smoothing: Fraction = 0.3  # eps of the re-balanced smooth labels
     attention_weight: Annotated[float, Field(ge=0.0)] = 0.1  # weight of L_rac
     class_weights: list[Annotated[float, Field(gt=0.0)]] | None = None  # pins w_c (7 values)
+    # The official code scales every rate by batch/512 (code/train_exp.py: lr, warmup_lr and
+    # min_lr times total_batch_size / 512): null keeps train.lr, train.warmup_lr and
+    # train.min_lr as given; 512 multiplies them by train.batch_size / 512 (MEK runs only).
+    lr_scale_batch: Positive | None = None
+    warmup_steps: Annotated[int, Field(ge=0)] | None = None  # null: train.warmup_steps
 
     @field_validator("class_weights")
     @classmethod
@@ -181,11 +189,13 @@ class TrainSettings(Strict):
     # Decode the training images once and augment whole batches (auto: when they fit in 1 GiB).
     in_memory: Literal["auto", "always", "never"] = "auto"
     device: Device = "auto"
+    # torch's CPU threads: part of the result on a CPU, which splits float sums by thread
+    # (docs/testing.md#reproducibility); 0: torch's choice (OMP_NUM_THREADS, else every core).
+    cpu_threads: Annotated[int, Field(ge=0)] = 2
     channels_last: bool = True
     log_every: Positive = 100
     checkpoint_every: Positive = 2_000
     eval_every: Positive = 2_000
-    val_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.1  # when the data has no val split
     select_metric: Literal["mean_accuracy", "accuracy"] = "mean_accuracy"
     mek: MekSettings = MekSettings()
 
@@ -202,6 +212,7 @@ class EvaluateSettings(Strict):
     batch_size: Positive = 128
     workers: Annotated[int, Field(ge=0)] = 2
     device: Device = "auto"
+    cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads
     tta_flip: bool = True  # average the predictions of the image and its mirror
 
 
@@ -218,6 +229,7 @@ class PriorSettings(Strict):
     kl_weight: Annotated[float, Field(ge=0.0)] = 1e-6
     workers: Annotated[int, Field(ge=0)] = 1
     device: Device = "auto"
+    cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads
 
 
 class GenerateSettings(Strict):
@@ -243,6 +255,7 @@ class GenerateSettings(Strict):
     eps: Annotated[float, Field(gt=0.0)] = 0.1  # L-inf radius around the denoised latent
     prompt_variants: bool = True  # GIF-style domain and adjective variants of the class prompt
     device: Device = "auto"
+    cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads
     half: bool = True  # on CUDA: fp16 UNet and text encoder, bf16 autocast VAE decode
 
     @field_validator("classes")
@@ -278,20 +291,28 @@ class VerifySettings(Strict):
     data: Path | None = None  # the merged synthetic dataset; null: generate.output/dataset
     reference: Path | None = None  # the original data (test split, real features); null: guarded
     output: Path | None = None  # null: data/<experiment>/verified
-    # Grid rows on the original data (their models), or fersynth model folders.
-    voters: list[str] = ["original_sl", "original_sl_balanced", "original_mek"]
+    # experiment.voters, grid rows on the original data (their models) or fersynth model folders;
+    # null: every experiment voter. The generation guide may vote only with allow_guide_voter.
+    voters: list[str] | None = None
+    allow_guide_voter: bool = False
     mode: Literal["intended", "relabel"] = "intended"  # relabel: label = the voters' majority
     min_votes: Positive = 2  # m of N voters must predict the label
     min_probability: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # tau: mean probability of it
+    # A class is verifiable when at least min_votes voters recall this much of it on the real
+    # validation split (chance is 1/7); its images are rejected as unrecognised otherwise.
+    min_recall: Fraction = 0.3
     tta_flip: bool = True
     batch_size: Positive = 128
     device: Device = "auto"
+    cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads
     workers: Annotated[int, Field(ge=0)] = 1  # data-loading processes
     fidelity_images_per_class: Positive = 500  # real and synthetic images sampled per class
     kid_subset_size: Positive = 50
 
 
-AugmentVariant = Literal["original", "synthetic", "expanded", "balanced", "rho"]
+AugmentVariant = Literal[
+    "original", "synthetic", "synthetic_matched", "expanded", "expanded_balanced", "balanced", "rho"
+]
 
 
 class AugmentSettings(Strict):
@@ -340,7 +361,8 @@ class GridRow(Strict):
 
 
 class GridSettings(Strict):
-    """The experiment grid. Rows on the original data are also the voters and the guide."""
+    """The experiment grid, each row trained once per seed. A row on the original data guides
+    generation (generate.guide_model); the voters are models of their own (experiment.voters)."""
 
     original: dict[RowKey, GridRow] = {
         "original_sl": GridRow(method="sl"),
@@ -349,14 +371,23 @@ class GridSettings(Strict):
     }
     synthetic: dict[RowKey, GridRow] = {
         "expanded_sl": GridRow(method="sl", variant="rho", beats=["original_sl", "original_sl_balanced"]),
-        "synthetic_mek": GridRow(
-            method="mek", variant="synthetic", beats=["original_mek", "original_sl_balanced"]
+        "synthetic_mek": GridRow(  # the thesis' Synthetic set: Syn-FER-Expand
+            method="mek", variant="synthetic_matched", beats=["original_mek", "original_sl_balanced"]
         ),
         "expanded_mek": GridRow(method="mek", variant="rho", beats=["original_mek", "original_sl_balanced"]),
     }
 
+    # Training seeds: every row trains once per seed, and the tables show the mean and the spread
+    # over them (differences count only beyond it). null: the experiment's one `seed`.
+    seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] | None = None
+
     @model_validator(mode="after")
     def _consistent(self) -> GridSettings:
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds = {self.seeds}: give one or more different seeds")
+        for key in (*self.original, *self.synthetic):
+            if key == VOTERS_FOLDER:
+                raise ValueError(f"{key!r} is the voters' folder; name the row otherwise")
         both = set(self.original) & set(self.synthetic)
         if both:
             raise ValueError(f"row names used twice: {sorted(both)}")
@@ -402,6 +433,22 @@ def row_label(key: str, row: GridRow | None = None) -> str:
     return "_".join([head.capitalize(), *parts])
 
 
+VOTERS_FOLDER = "voters"  # runs/<experiment>/models/original/voters/<voter>
+
+
+class VoterSpec(Strict):
+    """A model trained on the original data only to vote on synthetic images (thesis 3.3.2).
+
+    Voters are not the guide that steered generation, differ from each other (seed and/or
+    backbone), and use the class-balanced sampler by default, so that they recognise the minor
+    classes they vote on."""
+
+    method: Literal["sl", "mek"] = "sl"
+    sampler: Literal["plain", "balanced"] = "balanced"
+    arch: str | None = None  # a timm model name; null: train.arch
+    seed: Annotated[int, Field(ge=0, lt=2**32)]
+
+
 class CrossTestSet(Strict):
     """A cross-dataset test set, ingested from its own source into data/<experiment>/test_sets."""
 
@@ -417,16 +464,36 @@ class ExperimentSettings(Strict):
     in_domain: SplitName = "in_domain"  # the name of the data's own test split as a test set
     cross_sets: dict[SplitName, CrossTestSet] = {}  # other datasets' test sets, by name
     grid: GridSettings = GridSettings()
+    # Models trained only to vote (verify.voters names them): three class-balanced SL models
+    # that differ by seed.
+    voters: dict[RowKey, VoterSpec] = {
+        "voter_1": VoterSpec(seed=1),
+        "voter_2": VoterSpec(seed=2),
+        "voter_3": VoterSpec(seed=3),
+    }
 
     @model_validator(mode="after")
     def _names(self) -> ExperimentSettings:
         if self.in_domain in self.cross_sets:
             raise ValueError(f"cross_sets: {self.in_domain!r} is the in-domain test set's name")
+        rows = set(self.grid.rows())
+        for key in self.voters:
+            if key in rows:
+                raise ValueError(f"voters.{key}: also a row of the grid; give the voter its own name")
+        specs = [(v.method, v.sampler, v.arch, v.seed) for v in self.voters.values()]
+        if len(set(specs)) != len(specs):
+            raise ValueError(
+                "voters: two voters are the same model (method, sampler, arch, seed); make them differ"
+            )
         return self
 
     def test_sets(self) -> list[str]:
         """Every test set's name, the in-domain one first."""
         return [self.in_domain, *self.cross_sets]
+
+    def seeds(self, seed: int) -> list[int]:
+        """The training seeds of every grid row (`grid.seeds`, else the experiment's `seed`)."""
+        return list(self.grid.seeds) if self.grid.seeds else [seed]
 
 
 # Folders under data/<experiment>/ that stages write: a demo set cannot take these names.
@@ -451,6 +518,9 @@ class Layout:
         # Models of rows on the original data sit apart: verify and generate depend on them,
         # and the rows on synthetic data depend on verify.
         return self.runs / "models" / ("original" if on_original else "synthetic") / key
+
+    def voter(self, key: str) -> Path:
+        return self.runs / "models" / "original" / VOTERS_FOLDER / key
 
     def evaluation(self, key: str) -> Path:
         return self.runs / "eval" / key
@@ -522,17 +592,29 @@ class Settings(Strict):
     def _fill_layout(self) -> Settings:
         """Every path left null becomes the experiment's own folder (see `Layout`)."""
         grid = self.experiment.grid
+        if self.verify.voters is None:
+            object.__setattr__(self.verify, "voters", list(self.experiment.voters))
         models = [("verify.voters", key) for key in self.verify.voters]
         if self.generate.guide == "fer":
             models.append(("generate.guide_model", self.generate.guide_model))
         for where, key in models:
             if key in grid.synthetic:
                 raise ValueError(f"{where}: {key!r} trains on synthetic data; use a row on the original data")
-            if key not in grid.original and "/" not in key and not Path(key).suffix:
-                rows = ", ".join(grid.original)
+            known = (*grid.original, *self.experiment.voters)
+            if key not in known and "/" not in key and not Path(key).suffix:
                 raise ValueError(
-                    f"{where}: {key!r} is no row of experiment.grid.original ({rows}) nor a path"
+                    f"{where}: {key!r} is no row of experiment.grid.original nor of experiment.voters "
+                    f"({', '.join(known)}) nor a path"
                 )
+        guide = self.generate.guide_model if self.generate.guide == "fer" else None
+        if guide is not None and not self.verify.allow_guide_voter:
+            for key in self.verify.voters:
+                if self.model_folder(key) == self.model_folder(guide):
+                    raise ValueError(
+                        f"verify.voters: {key!r} is also the generation guide (generate.guide_model), so the "
+                        "vote is not independent of it; pick other voters (experiment.voters) or set "
+                        "verify.allow_guide_voter: true"
+                    )
         for name, values in self.demo.sets.items():
             if name in RESERVED_FOLDERS:
                 raise ValueError(
@@ -570,7 +652,7 @@ class Settings(Strict):
                 {
                     "model": self.model_folder(first),
                     "data": [at.test_set(n) for n in self.experiment.test_sets()],
-                    "output": at.evaluation(first),
+                    "output": at.evaluation(first) / seed_folder(self.seeds[0]),
                 },
             ),
             (self.prior, {"data": at.data / "guarded", "output": at.runs / "prior"}),
@@ -623,20 +705,42 @@ class Settings(Strict):
     def layout(self) -> Layout:
         return Layout(self.experiment.name)
 
-    def model_folder(self, key_or_path: str) -> Path:
-        """A grid row's model folder (a row key), or the path itself (any fersynth model)."""
+    @property
+    def seeds(self) -> list[int]:
+        """The training seeds of every grid row (experiment.grid.seeds, else `seed`)."""
+        return self.experiment.seeds(self.seed)
+
+    def row_folder(self, key: str) -> Path:
+        """A grid row's folder: one model folder per seed inside (`seed_folder`)."""
+        return self.layout.model(key, on_original=key in self.experiment.grid.original)
+
+    def model_folder(self, key_or_path: str, seed: int | None = None) -> Path:
+        """A model folder: a grid row's (its first seed's unless `seed` is given), a voter's
+        (experiment.voters), or the path itself (any fersynth model)."""
         grid = self.experiment.grid
-        if key_or_path in grid.original:
-            return self.layout.model(key_or_path, on_original=True)
-        if key_or_path in grid.synthetic:
-            return self.layout.model(key_or_path, on_original=False)
+        if key_or_path in grid.original or key_or_path in grid.synthetic:
+            return self.row_folder(key_or_path) / seed_folder(self.seeds[0] if seed is None else seed)
+        if key_or_path in self.experiment.voters:
+            return self.layout.voter(key_or_path)
         return Path(key_or_path)
+
+    def evaluation_folder(self, key: str, seed: int | None = None) -> Path:
+        """A grid row's results for one seed (its first unless `seed` is given)."""
+        return self.layout.evaluation(key) / seed_folder(self.seeds[0] if seed is None else seed)
 
     def row(self, key: str) -> GridRow:
         rows = self.experiment.grid.rows()
         if key not in rows:
             raise FersynthError(f"experiment.grid: no row {key!r} (rows: {', '.join(rows)})")
         return rows[key]
+
+
+SEED_PREFIX = "seed_"
+
+
+def seed_folder(seed: int) -> str:
+    """The sub-folder of a grid row's models and results for one training seed."""
+    return f"{SEED_PREFIX}{seed}"
 
 
 def _format_errors(source: str, error: ValidationError) -> str:

@@ -12,14 +12,25 @@ from typing import Any
 from fersynth import tracking
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
-from fersynth.settings import Settings, row_label
+from fersynth.settings import Settings, row_label, seed_folder
 
 NOT_TRACKED = {"registered": False, "reason": "MLFLOW_TRACKING_URI is not set"}
 
 
 def row_settings(settings: Settings, row: str, data: Path | str | None = None, output=None) -> Settings:
-    """`settings` with a grid row's training settings: its method and sampler, its data (the
-    augmented variant for a row on synthetic data, unless `data` is given) and its folder."""
+    """`settings` with a grid row's (or a voter's, experiment.voters) training settings: its
+    method and sampler, its data (the augmented variant for a row on synthetic data, unless
+    `data` is given) and its folder (a row's holds one model folder per seed)."""
+    voter = settings.experiment.voters.get(row)
+    if voter is not None:
+        update = {
+            "method": voter.method,
+            "balanced_sampler": voter.sampler == "balanced",
+            "arch": voter.arch or settings.train.arch,
+            "data": Path(data) if data is not None else settings.train.data,
+            "output": Path(output) if output is not None else settings.model_folder(row),
+        }
+        return settings.model_copy(update={"train": settings.train.model_copy(update=update)})
     spec = settings.row(row)
     on_synthetic = row in settings.experiment.grid.synthetic
     default_data = settings.layout.augmented(str(spec.variant)) if on_synthetic else settings.train.data
@@ -28,10 +39,22 @@ def row_settings(settings: Settings, row: str, data: Path | str | None = None, o
             "method": spec.method,
             "balanced_sampler": spec.sampler == "balanced",
             "data": Path(data) if data is not None else default_data,
-            "output": Path(output) if output is not None else settings.model_folder(row),
+            "output": Path(output) if output is not None else settings.row_folder(row),
         }
     )
     return settings.model_copy(update={"train": train})
+
+
+def run_seeds(settings: Settings, row: str | None) -> list[tuple[int, Path]]:
+    """(seed, model folder) of each training run a `train` call makes: a grid row trains once
+    per seed (experiment.grid.seeds) into `<train.output>/seed_<seed>`; a voter once, with its
+    own seed; anything else once, with `seed`, into train.output."""
+    output = Path(settings.train.output)
+    if row is not None and row in settings.experiment.voters:
+        return [(settings.experiment.voters[row].seed, output)]
+    if row is not None:
+        return [(seed, output / seed_folder(seed)) for seed in settings.seeds]
+    return [(settings.seed, output)]
 
 
 def train(
@@ -43,23 +66,29 @@ def train(
     progress=True,
     skip_if_empty=False,
 ):
-    """Train `settings.train` (a grid row's settings when `row` is given: see `row_settings`);
-    a row on synthetic data with no training images is recorded as skipped, not failed.
-    Returns (TrainResult, MLflow run id or None)."""
+    """Train `settings.train` (a grid row's or a voter's settings when `row` is given: see
+    `row_settings`), once per seed of `run_seeds`; a row on synthetic data with no training
+    images is recorded as skipped, not failed. Returns [(TrainResult, MLflow run id or None)],
+    one per seed."""
     from fersynth.train.loop import run_train
 
     on_synthetic = row is not None and row in settings.experiment.grid.synthetic
-    result = run_train(
-        settings.train,
-        seed=settings.seed,
-        resume=resume,
-        force=force,
-        progress=progress,
-        skip_if_empty=skip_if_empty or on_synthetic,
-    )
-    if result.skipped:
-        return result, None
-    return result, tracking.track_training(result, settings, row=row)
+    outcomes = []
+    for seed, folder in run_seeds(settings, row):
+        seeded = settings.model_copy(
+            update={"seed": seed, "train": settings.train.model_copy(update={"output": folder})}
+        )
+        result = run_train(
+            seeded.train,
+            seed=seed,
+            resume=resume,
+            force=force,
+            progress=progress,
+            skip_if_empty=skip_if_empty or on_synthetic,
+        )
+        run_id = None if result.skipped else tracking.track_training(result, seeded, row=row, seed=seed)
+        outcomes.append((result, run_id))
+    return outcomes
 
 
 def evaluate(settings: Settings, *, progress: bool = True) -> list:
@@ -71,6 +100,24 @@ def evaluate(settings: Settings, *, progress: bool = True) -> list:
     for result in results:
         tracking.track_evaluation(Path(settings.evaluate.model), result)
     return results
+
+
+def evaluate_row(
+    settings: Settings, row: str, models: Path | None = None, output: Path | None = None, *, progress=True
+) -> list[tuple[int, list]]:
+    """Evaluate every seed's model of a grid row: `models/seed_<s>` (default: the row's folder)
+    into `output/seed_<s>` (default: runs/<experiment>/eval/<row>). [(seed, results)]."""
+    settings.row(row)  # a clear error for an unknown row
+    models = Path(models) if models is not None else settings.row_folder(row)
+    output = Path(output) if output is not None else settings.layout.evaluation(row)
+    outcomes = []
+    for seed in settings.seeds:
+        evaluate_settings = settings.evaluate.model_copy(
+            update={"model": models / seed_folder(seed), "output": output / seed_folder(seed)}
+        )
+        results = evaluate(settings.model_copy(update={"evaluate": evaluate_settings}), progress=progress)
+        outcomes.append((seed, results))
+    return outcomes
 
 
 def register(

@@ -191,6 +191,8 @@ def log_training(
     profile = (settings.get("experiment") or {}).get("name")
     with mlflow.start_run(run_name=run_name, tags={**lineage_tags(profile), **(tags or {})}) as run:
         mlflow.log_params(_flatten({k: settings[k] for k in ("seed", "train") if k in settings}))
+        # The rates the run really used (MEK may scale train.lr by batch/512): effective.lr, ...
+        mlflow.log_params(_flatten({"effective": summary.get("effective_lr") or {}}))
         mlflow.log_dict(settings, "settings.json")  # every resolved setting of the run
         best = summary.get("best_metrics") or {}
         metrics = {"val_accuracy": best.get("accuracy"), "val_mean_accuracy": best.get("mean_accuracy")}
@@ -239,7 +241,7 @@ def log_evaluation(model_folder: Path, test_set: str, metrics: dict[str, Any], f
             mlflow.log_artifact(str(path), artifact_path=f"evaluation/{prefix}")
 
 
-def track_training(result, settings, row: str | None = None) -> str | None:
+def track_training(result, settings, row: str | None = None, seed: int | None = None) -> str | None:
     """Log a finished `run_train` (its `TrainResult`, the resolved `Settings`) when tracking is
     on, named and tagged by its grid row; the MLflow run id, or None with tracking off or a
     skipped run."""
@@ -250,9 +252,15 @@ def track_training(result, settings, row: str | None = None) -> str | None:
     summary = json.loads((result.output / "train_summary.json").read_text())
     tags = {}
     name = result.output.name
-    if row is not None:
+    if row is not None and row in settings.experiment.voters:
+        name, tags = row, {"voter": row}
+    elif row is not None:
         name = row_label(row, settings.experiment.grid.rows().get(row))
         tags = {"grid_row": row, "grid_label": name}
+    if seed is not None:
+        tags["seed"] = str(seed)
+        if row is not None and len(settings.seeds) > 1 and row not in settings.experiment.voters:
+            name = f"{name} seed {seed}"
     return log_training(
         result.output,
         name,
@@ -317,35 +325,57 @@ def log_pipeline_failure(record: dict[str, Any]) -> str:
         return run.info.run_id
 
 
+def _seed_folders(folder: Path) -> list[Path]:
+    """A grid row's model folder per seed (`seed_<s>/`), or the folder itself (one model)."""
+    from fersynth.settings import SEED_PREFIX
+
+    seeds = sorted(Path(folder).glob(f"{SEED_PREFIX}*/"), key=lambda p: (len(p.name), p.name))
+    return seeds or [Path(folder)]
+
+
 def register(model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME) -> dict[str, Any]:
     """Register the best of the runs by `metric` (e.g. `test.mean_accuracy`); move the alias
-    `champion` to it only when it beats the current champion's value of that metric."""
+    `champion` to it only when it beats the current champion's value of that metric.
+
+    A grid row trained with several seeds (`seed_<s>/` folders) is ranked by its mean over the
+    seeds, and the seed model with the best validation mean accuracy stands for it (choosing
+    the seed by the test metric would select on the test set)."""
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
     scored = []
-    for label, folder in model_folders.items():
-        reason = skipped_reason(folder)
-        if reason is not None:
-            log.info("register: %s passed over (skipped: %s)", label, reason)
+    for label, row_folder in model_folders.items():
+        reason = skipped_reason(row_folder)
+        folders = _seed_folders(row_folder)
+        if reason is not None or any(skipped_reason(f) is not None for f in folders):
+            log.info("register: %s passed over (skipped: %s)", label, reason or skipped_reason(folders[0]))
             continue
-        run_id = run_id_of(folder)
-        if run_id is None:
-            raise FersynthError(f"{folder}: no MLflow run here (train it with MLFLOW_TRACKING_URI set)")
-        value = client.get_run(run_id).data.metrics.get(metric)
-        if value is None:
-            raise FersynthError(f"{folder}: MLflow run {run_id} has no metric {metric!r} (evaluate it first)")
-        model_uri = _run_record(folder).get("model_uri") or f"runs:/{run_id}/model"
-        scored.append((value, label, run_id, model_uri))
+        runs = []
+        for folder in folders:
+            run_id = run_id_of(folder)
+            if run_id is None:
+                raise FersynthError(f"{folder}: no MLflow run here (train it with MLFLOW_TRACKING_URI set)")
+            metrics = client.get_run(run_id).data.metrics
+            value = metrics.get(metric)
+            if value is None:
+                raise FersynthError(
+                    f"{folder}: MLflow run {run_id} has no metric {metric!r} (evaluate it first)"
+                )
+            model_uri = _run_record(folder).get("model_uri") or f"runs:/{run_id}/model"
+            runs.append((metrics.get("val_mean_accuracy", float("-inf")), value, run_id, model_uri))
+        mean = float(np.mean([value for _, value, _, _ in runs]))
+        _, _, run_id, model_uri = max(runs, key=lambda r: r[0])  # the best on validation
+        scored.append((mean, label, run_id, model_uri, len(runs)))
     if not scored:
         raise FersynthError("register: every row of the grid was skipped; nothing to register")
-    value, label, run_id, model_uri = max(scored)
+    value, label, run_id, model_uri, seeds = max(scored)
     champion_value = None
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:
         current = None
     if current is not None:
-        champion_value = client.get_run(current.run_id).data.metrics.get(metric)
+        tagged = (current.tags or {}).get(metric)  # the row's mean over seeds, when it was registered
+        champion_value = float(tagged) if tagged else client.get_run(current.run_id).data.metrics.get(metric)
         if champion_value is None:
             # Runs logged under another key (another test-set name) are not comparable.
             raise FersynthError(
@@ -355,6 +385,7 @@ def register(model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME
     version = mlflow.register_model(model_uri, name)
     client.set_model_version_tag(name, version.version, metric, str(value))
     client.set_model_version_tag(name, version.version, "grid_row", label)
+    client.set_model_version_tag(name, version.version, "seeds", str(seeds))
     promoted = current is None or value > champion_value
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
@@ -364,6 +395,7 @@ def register(model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME
         "run": label,
         "metric": metric,
         "value": value,
+        "seeds": seeds,
         "previous_champion_value": champion_value,
         "promoted": promoted,
     }

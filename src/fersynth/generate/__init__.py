@@ -30,7 +30,8 @@ from fersynth.errors import FersynthError
 from fersynth.evaluate import pick_device
 from fersynth.figures import contact_sheet, save_png
 from fersynth.files import atomic_write_text, staged_folder
-from fersynth.generate.backends import Batch, GifPrior, GifSD, make_prompts, resize_seed
+from fersynth.generate.backends import Batch, GifPrior, GifSD, make_prompts, resize_seed, to_seed_size
+from fersynth.parallel import pins_torch_threads
 from fersynth.settings import GenerateSettings, resolved_dict
 
 RECORDS = "records"
@@ -118,6 +119,7 @@ class ShardResult:
     written: int
 
 
+@pins_torch_threads
 def run_generate(
     settings: GenerateSettings,
     *,
@@ -173,7 +175,8 @@ def run_generate(
     rows = list(todo.itertuples(index=False))
     for start in range(0, len(rows), settings.seeds_per_batch):
         chunk = rows[start : start + settings.seeds_per_batch]
-        seeds_pixels = [resize_seed(load_image(dataset.image_path(r.path)), size) for r in chunk]
+        stored = [load_image(dataset.image_path(r.path)) for r in chunk]  # the seeds as stored
+        seeds_pixels = [resize_seed(pixels, size) for pixels in stored]
         index = [i for i in range(len(chunk)) for _ in range(settings.k)]
         out_seeds = [output_seed(seed, chunk[i].id, k) for i in range(len(chunk)) for k in range(settings.k)]
         batch = Batch(
@@ -184,6 +187,11 @@ def run_generate(
             prompts=make_prompts([chunk[i].label for i in index], out_seeds, settings.prompt_variants),
         )
         images, scores = backend.generate(batch)
+        # Every backend's outputs are written at their seed's stored size (see to_seed_size).
+        images = [
+            to_seed_size(image, stored[i].shape[1], stored[i].shape[0])
+            for image, i in zip(images, index, strict=True)
+        ]
         for i, row in enumerate(chunk):
             records = []
             for k in range(settings.k):

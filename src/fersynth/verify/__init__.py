@@ -17,15 +17,30 @@ import pandas as pd
 from tqdm import tqdm
 
 from fersynth.classes import CLASSES
-from fersynth.dataset import TRAIN_SPLIT, Dataset, is_evaluation_split, read_manifest, write_manifest
+from fersynth.dataset import (
+    TRAIN_SPLIT,
+    VAL_SPLIT,
+    Dataset,
+    is_evaluation_split,
+    read_manifest,
+    write_manifest,
+)
 from fersynth.errors import FersynthError
 from fersynth.evaluate import pick_device
 from fersynth.files import link_or_copy, staged_folder
-from fersynth.settings import GuardSettings, VerifySettings, save_resolved
+from fersynth.parallel import pins_torch_threads
+from fersynth.settings import SEED_PREFIX, GuardSettings, VerifySettings, save_resolved
 from fersynth.train.models import load_model
 from fersynth.verify.fidelity import extract_features, fidelity_table
 from fersynth.verify.leakage import LEAK_COLUMNS, TestImages, find_leaks, hash_images
-from fersynth.verify.voting import decide, label_indices, majority, voter_probabilities
+from fersynth.verify.voting import (
+    decide,
+    label_indices,
+    majority,
+    recognised_classes,
+    voter_probabilities,
+    voter_recall,
+)
 
 
 @dataclass
@@ -45,6 +60,10 @@ class VerifyResult:
     fidelity: pd.DataFrame
     voters: list[str]
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    # Each voter's recall per class on the real validation split (%): voters x classes; empty
+    # when the reference data has no val split.
+    recall: pd.DataFrame = field(default_factory=pd.DataFrame)
+    recognised: dict[str, bool] = field(default_factory=dict)
 
 
 def test_images(datasets: list[Dataset], *, workers: int, progress: bool) -> list[TestImages]:
@@ -108,6 +127,14 @@ def _sample(frame: pd.DataFrame, per_class: int, seed: int) -> dict[str, pd.Data
     }
 
 
+def _voter_name(uri: str) -> str:
+    """A voter's short name for tables: its folder (`.../voters/voter_1` -> voter_1)."""
+    path = Path(uri)
+    path = path.parent if path.suffix else path
+    return f"{path.parent.name}/{path.name}" if path.name.startswith(SEED_PREFIX) else path.name
+
+
+@pins_torch_threads
 def run_verify(
     settings: VerifySettings,
     guard: GuardSettings,
@@ -139,8 +166,25 @@ def run_verify(
     frame = frame.drop(index=leaks.index)
     frame = frame.drop(index=hashes.index[(hashes["error"] != "") & hashes.index.isin(frame.index)])
 
-    # 2. The vote.
+    # 2. What the voters recognise: each one's recall per class on the real validation split.
     device = pick_device(settings.device)
+    validation = reference.split(VAL_SPLIT)
+    recall = np.full((len(settings.voters), len(CLASSES)), np.nan)
+    if not validation.empty:
+        on_val = voter_probabilities(
+            settings.voters,
+            reference.root,
+            validation,
+            device=device,
+            batch_size=settings.batch_size,
+            workers=settings.workers,
+            tta_flip=settings.tta_flip,
+            progress=progress,
+        )
+        recall = voter_recall(on_val, label_indices(validation["label"]))
+    recognised = recognised_classes(recall, settings.min_votes, settings.min_recall)
+
+    # 3. The vote.
     probabilities = voter_probabilities(
         settings.voters,
         synthetic.root,
@@ -160,12 +204,13 @@ def run_verify(
         label_indices(frame["label"]),
         min_votes=settings.min_votes,
         min_probability=settings.min_probability,
+        recognised=recognised,
     )
     for column in votes.columns:
         frame[column] = votes[column].to_numpy()
     frame["v_accepted"] = np.where(frame["v_accepted"], "true", "false")
 
-    # 3. Fidelity and diversity of the accepted images against the real training images.
+    # 4. Fidelity and diversity of the accepted images against the real training images.
     first = load_model(settings.voters[0], device)
     per_class = settings.fidelity_images_per_class
     real_rows = _sample(reference.split(TRAIN_SPLIT), per_class, seed)
@@ -187,8 +232,19 @@ def run_verify(
         kid_subset_size=settings.kid_subset_size,
         seed=seed,
     )
+    names = [_voter_name(v) for v in settings.voters]
+    if len(set(names)) < len(names):  # e.g. KFP artifact folders, all called `model`
+        names = [f"voter {i} ({name})" for i, name in enumerate(names, start=1)]
+    recall_table = pd.DataFrame(100 * recall, index=names, columns=list(CLASSES)).rename_axis("voter")
     result = VerifyResult(
-        Path(settings.output), frame, leaks.reset_index(drop=True), table, list(settings.voters), unreadable
+        Path(settings.output),
+        frame,
+        leaks.reset_index(drop=True),
+        table,
+        list(settings.voters),
+        unreadable,
+        recall=recall_table if not validation.empty else pd.DataFrame(),
+        recognised=dict(zip(CLASSES, (bool(v) for v in recognised), strict=True)),
     )
     with staged_folder(settings.output, force=force) as staging:
         _write_dataset(staging, synthetic, frame, progress)

@@ -183,6 +183,50 @@ def rejection_counts(frame: pd.DataFrame) -> dict[str, int]:
     return {code: counts[code] for code in REJECTION_CODES}
 
 
+def rejection_table(frame: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    """Per class: images verified, accepted, and rejected under each reason (an image rejected
+    for several reasons counts under each), from the structured `v_rejected_by` codes."""
+    rows = {}
+    for name in CLASSES:
+        group = frame[frame["label"] == name]
+        codes = Counter(c for value in group["v_rejected_by"] for c in value.split(CODE_SEPARATOR) if c)
+        rows[name] = {
+            "verified": len(group),
+            "accepted": int((group["v_accepted"] == "true").sum()),
+            **{labels[code]: codes[code] for code in REJECTION_CODES},
+        }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "class"
+    return table
+
+
+def class_verdicts(
+    frame: pd.DataFrame, recall: pd.DataFrame, recognised: dict[str, bool], settings
+) -> dict[str, str]:
+    """Per class with generated images but none accepted: why, in one sentence (the voters'
+    validation recall when they do not recognise it, else the images' own votes)."""
+    verdicts = {}
+    for name in CLASSES:
+        group = frame[frame["label"] == name]
+        if group.empty or (group["v_accepted"] == "true").any():
+            continue
+        if not recognised.get(name, True):
+            values = (
+                ", ".join(f"{v} {recall.at[v, name]:.0f}%" for v in recall.index) if not recall.empty else ""
+            )
+            verdicts[name] = (
+                f"the voters do not recognise {name} on validation (recall {values}; "
+                f"{settings.min_votes} voters need {settings.min_recall:.0%})"
+            )
+        else:
+            agree = pd.to_numeric(group["v_agree"]).mean()
+            verdicts[name] = (
+                f"the voters recognise {name}, but on average only {agree:.1f} of them agree with "
+                f"these images (need {settings.min_votes}): the images do not show it"
+            )
+    return verdicts
+
+
 def write_verify_report(
     folder: Path, result: VerifyResult, settings: VerifySettings, max_distance: int
 ) -> None:
@@ -197,7 +241,11 @@ def write_verify_report(
     _examples(folder, frame, folder / EXAMPLES_PNG)
     accepted = int((frame["v_accepted"] == "true").sum())
     rejected_by = rejection_counts(frame)
-    labels = rejection_labels(len(result.voters), settings.min_votes, settings.min_probability)
+    labels = rejection_labels(
+        len(result.voters), settings.min_votes, settings.min_probability, settings.min_recall
+    )
+    reasons_by_class = rejection_table(frame, labels)
+    verdicts = class_verdicts(frame, result.recall, result.recognised, settings)
     summary = {
         "data": str(settings.data),
         "voters": result.voters,
@@ -214,6 +262,15 @@ def write_verify_report(
             labels[code]: n for code, n in sorted(rejected_by.items(), key=lambda item: -item[1]) if n
         },
         "per_class": json.loads(table.to_json(orient="index")),
+        "rejected_by_class": json.loads(reasons_by_class.to_json(orient="index")),
+        "min_recall": settings.min_recall,
+        # Each voter's recall per class on the real validation split (%), and which classes
+        # enough voters recognise to be verified.
+        "voter_recall": json.loads(result.recall.round(2).to_json(orient="index"))
+        if not result.recall.empty
+        else {},
+        "recognised": result.recognised,
+        "no_accepted_because": verdicts,
         "unreadable": [{"path": p, "reason": r} for p, r in result.unreadable],
     }
     atomic_write_text(folder / VERIFY_JSON, json.dumps(summary, indent=2) + "\n")
@@ -228,6 +285,10 @@ def write_verify_report(
             verify_class_table(table), {"accepted %": ".1f", **dict.fromkeys(decimals, ".2f")}
         ),
         rejection_reasons=summary["rejection_reasons"],
+        rejection_table=markdown.table(reasons_by_class),
+        recall_table=markdown.table(result.recall, default=".0f") if not result.recall.empty else "",
+        recognised=result.recognised,
+        verdicts=verdicts,
         classes_png=VERIFY_PNG,
         examples_png=EXAMPLES_PNG,
         unreadable=result.unreadable,

@@ -6,6 +6,11 @@ horizontal-flip test-time augmentation. In `intended` mode an image is accepted 
 is at least `min_probability`. In `relabel` mode (images with no intended label, such as new
 identities from prompts) the label becomes the voters' majority and the same two thresholds
 apply to it.
+
+A vote means something only for a class its voters recognise: each voter's recall of each class
+on the real validation split is measured first, and a class that fewer than `min_votes` voters
+recall at least `min_recall` of cannot be verified; its images are rejected with that reason
+(code `unrecognised`), so a report never blames the images for blind voters.
 """
 
 from __future__ import annotations
@@ -25,16 +30,40 @@ VOTE_COLUMNS = ["v_votes", "v_agree", "v_mean_prob", "v_accepted", "v_reason", "
 # `v_reason` says the same for a person; counts are taken from the codes, never from it.
 TOO_FEW_VOTES = "votes"  # fewer than min_votes voters predict the label
 LOW_PROBABILITY = "probability"  # the voters' mean probability of the label is below min_probability
-REJECTION_CODES = (TOO_FEW_VOTES, LOW_PROBABILITY)
+UNRECOGNISED = "unrecognised"  # too few voters recognise the class on validation (min_recall)
+REJECTION_CODES = (TOO_FEW_VOTES, LOW_PROBABILITY, UNRECOGNISED)
 CODE_SEPARATOR = "|"
 
 
-def rejection_labels(voters: int, min_votes: int, min_probability: float) -> dict[str, str]:
+def rejection_labels(
+    voters: int, min_votes: int, min_probability: float, min_recall: float = 0.0
+) -> dict[str, str]:
     """Each rejection code as a person reads it, for counts in reports."""
     return {
         TOO_FEW_VOTES: f"too few of {voters} voters agree (need {min_votes})",
         LOW_PROBABILITY: f"mean probability < {min_probability:.2f}",
+        UNRECOGNISED: f"fewer than {min_votes} voters recall {min_recall:.0%} of the class on validation",
     }
+
+
+def voter_recall(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each voter's recall of each class: V x classes, NaN for a class without images.
+
+    `probabilities`: V x N x classes on labelled (validation) images; `labels`: N class indices."""
+    votes = probabilities.argmax(axis=2)
+    recall = np.full((probabilities.shape[0], len(CLASSES)), np.nan)
+    for k in range(len(CLASSES)):
+        rows = labels == k
+        if rows.any():
+            recall[:, k] = (votes[:, rows] == k).mean(axis=1)
+    return recall
+
+
+def recognised_classes(recall: np.ndarray, min_votes: int, min_recall: float) -> np.ndarray:
+    """Per class: whether at least `min_votes` voters recall at least `min_recall` of it (a
+    class without validation images counts as recognised: nothing says otherwise)."""
+    seen = np.isnan(recall).all(axis=0)
+    return seen | ((np.nan_to_num(recall, nan=0.0) >= min_recall).sum(axis=0) >= min_votes)
 
 
 def voter_probabilities(
@@ -90,6 +119,7 @@ def decide(
     *,
     min_votes: int,
     min_probability: float,
+    recognised: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Per image: each voter's vote, how many agree with `labels` (class indices), their mean
     probability of it, accepted or not, and why not: as a sentence (`v_reason`) and as codes
@@ -101,21 +131,27 @@ def decide(
     voters = probabilities.shape[0]
     too_few = agree < min_votes
     low = mean_probability < min_probability
+    blind = ~recognised[labels] if recognised is not None else np.zeros(n, dtype=bool)
     codes, reasons = [], []
-    for count, probability, few, weak in zip(agree, mean_probability, too_few, low, strict=True):
+    for label, count, probability, few, weak, unseen in zip(
+        labels, agree, mean_probability, too_few, low, blind, strict=True
+    ):
         problems = []
         if few:
             problems.append(f"{count} of {voters} voters agree (need {min_votes})")
         if weak:
             problems.append(f"mean probability {probability:.2f} < {min_probability:.2f}")
+        if unseen:
+            problems.append(f"the voters do not recognise {CLASSES[label]} on validation")
         reasons.append("; ".join(problems))
-        codes.append(CODE_SEPARATOR.join(c for c, on in zip(REJECTION_CODES, (few, weak), strict=True) if on))
+        flags = (few, weak, unseen)
+        codes.append(CODE_SEPARATOR.join(c for c, on in zip(REJECTION_CODES, flags, strict=True) if on))
     return pd.DataFrame(
         {
             "v_votes": [",".join(CLASSES[k] for k in votes[:, i]) for i in range(n)],
             "v_agree": agree.astype(int),
             "v_mean_prob": np.round(mean_probability, 4),
-            "v_accepted": ~(too_few | low),
+            "v_accepted": ~(too_few | low | blind),
             "v_reason": reasons,
             "v_rejected_by": codes,
         },
