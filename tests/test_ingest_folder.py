@@ -69,8 +69,6 @@ def test_ingest_draws_one_validation_split_from_training(tmp_path):
     images/val/, counted in the report; a second ingest with the same seed draws the same."""
     from helpers import make_demo_dataset
 
-    from fersynth.dataset import read_manifest
-
     first = read_manifest(make_demo_dataset(tmp_path / "a", train_size=140, test_size=21)).manifest
     again = read_manifest(make_demo_dataset(tmp_path / "b", train_size=140, test_size=21)).manifest
     val = first[first["split"] == "val"]
