@@ -134,7 +134,7 @@ def evaluate(
 
     from fersynth.classes import CLASSES
     from fersynth.pipeline_steps import evaluate as step
-    from fersynth.pipeline_steps import mark_grid_row, seed_folders, settings_from, test_set_folders
+    from fersynth.pipeline_steps import first_seed, mark_grid_row, settings_from, test_set_folders
 
     name = json.loads(row)["label"]
     os.environ["KFP_RUN_ID"] = pipeline_run
@@ -152,7 +152,7 @@ def evaluate(
             if value is not None:
                 metrics.log_metric(f"{prefix}.accuracy.{cls}", value)
     if outcomes:  # a row with seeds: the first seed's, as its metrics above
-        first_folder = seed_folders(results.path)[0]
+        first_folder = first_seed(resolved, results.path)
         first = json.loads((first_folder / in_domain_name / "metrics.json").read_text())
         confusion.log_confusion_matrix(list(CLASSES), first["confusion"])
 

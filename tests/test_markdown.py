@@ -123,7 +123,7 @@ def test_changes_are_signed_with_two_decimals_their_spread_and_marks():
     assert rows == [
         ["change", "fear", "Mean"],
         ["a - b (raf)", "+15.00 ± 1.50 *", "+3.86 ± 4.00"],
-        ["c - d (raf)", "-1.00", "-"],
+        ["c - d (raf)", "-1.00 (n=1)", "-"],  # fewer seeds in common than the other change
     ]
 
 

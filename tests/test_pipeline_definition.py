@@ -33,8 +33,12 @@ def test_every_parameter_dvc_tracks_is_in_every_profile(profile):
 def test_the_voters_and_the_guide_are_inside_what_verify_and_generate_wait_for(profile):
     settings = load_settings(profile)
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    originals = str(settings.layout.runs / "models" / "original")
+    originals = settings.layout.runs / "models" / "original"
     for stage in ("verify", "generate"):
         assert "runs/${experiment.name}/models/original" in stages[stage]["deps"]
-    for model in [*settings.verify.voters, settings.generate.guide_model]:
-        assert Path(model).is_relative_to(originals)  # a row's seed model or a voter
+    # The voters live apart, so generation (which needs only the guide) never waits for them.
+    assert "runs/${experiment.name}/voters" in stages["verify"]["deps"]
+    assert "runs/${experiment.name}/voters" not in stages["generate"]["deps"]
+    assert Path(settings.generate.guide_model).is_relative_to(originals)
+    for voter in settings.verify.voters:
+        assert Path(voter).is_relative_to(originals) or Path(voter).is_relative_to(settings.layout.voters())

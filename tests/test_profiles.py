@@ -50,7 +50,7 @@ def expected_plan(settings) -> dict[str, list[str]]:
     plan.update({f"cross_test_set@{n}": [str(at.test_set(n))] for n in experiment.cross_sets})
     plan["quality"], plan["guard"] = [str(at.data / "quality")], [str(at.data / "guarded")]
     plan.update({f"train_original@{k}": [str(settings.row_folder(k))] for k in grid.original})
-    plan.update({f"train_voter@{k}": [str(at.voter(k))] for k in experiment.voters})
+    plan["train_voters"] = [str(at.voters())]
     plan["train_prior"], plan["generate"] = [str(settings.prior.output)], [str(settings.generate.output)]
     plan["verify"], plan["augment"] = [str(settings.verify.output)], [str(at.data / "augmented")]
     plan.update({f"train_synthetic@{k}": [str(settings.row_folder(k))] for k in grid.synthetic})

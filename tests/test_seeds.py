@@ -19,8 +19,9 @@ from fersynth.compare import (
     to_markdown,
     write_comparison,
 )
+from fersynth.errors import FersynthError
 from fersynth.settings import load_settings
-from helpers import make_demo_dataset
+from helpers import make_demo_dataset, markdown_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,6 +85,34 @@ def test_a_change_is_marked_only_beyond_the_seed_spread(three_rows):
     assert fear["n"] == 3 and fear["p"] < 0.05 and bool(fear["marked"])
     assert total["mean"] == pytest.approx((3 - 3 + 2) / 3)  # +3, -3, +2 points: noise
     assert total["p"] > 0.05 and not bool(total["marked"])
+
+
+def test_the_report_table_marks_what_is_beyond_the_spread(three_rows, tmp_path):
+    from fersynth.report import changes_markdown
+
+    write_comparison(comparison_table(three_rows), tmp_path / "test")  # every cell filled
+    _, table = read_comparison(tmp_path / "test")
+    paired = paired_changes(table, [("Better", "Base")], "test")
+    cells = dict(
+        zip(table.columns, markdown_rows(changes_markdown(paired, list(table.columns)))[1][1:], strict=True)
+    )
+    assert cells["fear"] == "+30.33 ± 1.15 *" and cells["Total"] == "+0.67 ± 3.21"
+
+
+def test_rows_without_a_seed_in_common_are_compared_unpaired(tmp_path):
+    a = seeded_results(tmp_path / "a", {1: 0.6, 2: 0.6}, {1: 0.5, 2: 0.5})
+    b = seeded_results(tmp_path / "b", {3: 0.5, 4: 0.5}, {3: 0.5, 4: 0.5})
+    table = comparison_table([load_result("A", a, "test"), load_result("B", b, "test")])
+    changes = paired_changes(table, [("A", "B")], "test").set_index("column")
+    assert changes.at["Total", "mean"] == pytest.approx(10) and changes.at["Total", "n"] == 0
+    assert not changes["marked"].any()
+
+
+def test_stale_seed_folders_do_not_count(tmp_path):
+    folder = seeded_results(tmp_path / "row", {1: 0.5, 2: 0.7, 9: 0.1}, {1: 0.5, 2: 0.7, 9: 0.1})
+    assert sorted(load_result("R", folder, "test", seeds=[1, 2]).by_seed) == ["1", "2"]
+    with pytest.raises(FersynthError, match="no results for seed 3"):
+        load_result("R", folder, "test", seeds=[1, 3])
 
 
 def test_one_seed_marks_nothing(tmp_path):

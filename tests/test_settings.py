@@ -28,7 +28,7 @@ def test_unset_paths_follow_the_experiment_layout():
     assert settings.ingest.output == Path("data/other/ingested")
     assert settings.guard.output == Path("data/other/guarded")
     assert settings.train.data == Path("data/other/guarded")
-    assert settings.verify.voters == [f"runs/other/models/original/voters/voter_{k}" for k in (1, 2, 3)]
+    assert settings.verify.voters == [f"runs/other/voters/voter_{k}" for k in (1, 2, 3)]
     assert settings.generate.guide_model == "runs/other/models/original/original_sl/seed_2048"
     assert settings.evaluate.output == Path("runs/other/eval/original_sl/seed_2048")
     assert settings.augment.output == Path("data/other/augmented/rho")
@@ -60,11 +60,16 @@ def test_the_grid_names_what_each_row_beats_and_its_variants():
         ("verify.voters=[expanded_sl]", "trains on synthetic data"),
         ("experiment.cross_sets={in_domain: {source: rafdb, input: x}}", "in-domain"),
         ("verify.voters=[voter_1, orignal_mek]", "'orignal_mek' is no row of experiment.grid.original"),
-        ("verify.voters=[original_sl, voter_1]", "'original_sl' is also the generation guide"),
+        ("verify.voters=[original_sl, voter_1]", "'original_sl' is the guide's model"),
         ("experiment.voters.original_sl={seed: 9}", "voters.original_sl: also a row of the grid"),
         ("experiment.voters.voter_4={seed: 1}", "two voters are the same model"),
         ("experiment.grid.seeds=[1, 1]", "give one or more different seeds"),
-        ("experiment.grid.original.voters={method: sl}", "'voters' is the voters' folder"),
+        ("generate.guide_model=voter_1", "'voter_1' is a voter"),
+        (
+            "experiment.voters.voter_1={seed: 2048, sampler: plain}",
+            "trains as the guide row 'original_sl' does",
+        ),
+        ("verify.voters=[runs/demo/models/original/original_sl/seed_2049/model.pt]", "is the guide's model"),
         ("generate.guide_model=orignal_sl", "generate.guide_model: 'orignal_sl' is no row"),
         ("demo.sets.ingested={}", "demo.sets.ingested: data/<experiment>/ingested is a stage's output"),
         ("demo.sets.raw={sed: 3}", "demo.sets.raw: unknown key 'sed'"),

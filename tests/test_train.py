@@ -103,6 +103,22 @@ def test_validation_split_is_stratified_seeded_and_keeps_copies_together(demo_da
     assert draw_validation(synthetic, 0.1, seed=1).empty  # synthetic rows never validate
 
 
+def test_validation_never_empties_a_class_nor_splits_copies():
+    from fersynth.splits import draw_validation
+
+    rows = [dict(id=f"d{i}", label="disgust", pixel_hash="same") for i in range(5)]  # one image, 5 rows
+    rows += [dict(id=f"h{i}", label="happy", pixel_hash="g8" if i < 8 else f"x{i}") for i in range(10)]
+    rows += [dict(id="f0", label="fear", pixel_hash="c"), dict(id="f1", label="fear", pixel_hash="f1")]
+    rows += [dict(id="s0", label="surprise", pixel_hash="c")]  # a copy of f0 under another label
+    frame = pd.DataFrame(rows).assign(split="train", origin="real")
+    for seed in range(5):
+        val = set(frame.loc[draw_validation(frame, 0.1, seed), "id"])
+        assert not val & {f"d{i}" for i in range(5)}  # all copies of one image: stays in training
+        assert not val & {f"h{i}" for i in range(8)}  # a group larger than the class' share
+        assert len(val & {"h8", "h9"}) == 1 and "f1" in val
+        assert not val & {"f0", "s0"}  # copies under two labels stay in training
+
+
 def test_training_refuses_a_synthetic_validation_image(demo_dataset):
     from fersynth.dataset import read_manifest
 

@@ -10,7 +10,7 @@ import click
 
 from fersynth import __version__, tracking
 from fersynth.errors import FersynthError
-from fersynth.settings import DEFAULT_PARAMS, Settings, load_settings, resolved_dict
+from fersynth.settings import DEFAULT_PARAMS, SEED_PREFIX, Settings, load_settings, resolved_dict
 
 
 class _Context:
@@ -277,6 +277,12 @@ def quality_command(obj: _Context, data, output, sr_model, workers, force: bool,
     help="A row of experiment.grid (once per seed of experiment.grid.seeds) or a voter of "
     "experiment.voters: its method, sampler, data and folder.",
 )
+@click.option(
+    "--voters",
+    "all_voters",
+    is_flag=True,
+    help="Every voter of experiment.voters, each into runs/<experiment>/voters/.",
+)
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset folder [train.data].")
 @click.option("--output", type=click.Path(path_type=Path), help="Run folder [train.output].")
 @click.option("--arch", help="timm model name [train.arch].")
@@ -296,6 +302,7 @@ def quality_command(obj: _Context, data, output, sr_model, workers, force: bool,
 def train_command(
     obj: _Context,
     row,
+    all_voters: bool,
     data,
     output,
     arch,
@@ -315,6 +322,18 @@ def train_command(
     """
     from fersynth import stages
 
+    if all_voters:
+        if row is not None or output is not None or method is not None:
+            raise FersynthError(
+                "--voters trains every experiment voter into its own folder: drop --row/--output/--method"
+            )
+        base = obj.settings()
+        base.layout.voters().mkdir(parents=True, exist_ok=True)  # the stage's output, even with no voter
+        for key in base.experiment.voters:
+            settings = stages.row_settings(obj.settings(_option_overrides(**{"train.data": data})), key)
+            for result, _ in stages.train(settings, key, resume=resume, force=force, progress=not quiet):
+                click.echo(f"voter {key}: trained {result.steps} steps -> {result.output}")
+        return
     settings = obj.settings(
         _option_overrides(
             **{
@@ -400,7 +419,10 @@ def evaluate_command(obj: _Context, row, model, data, split, output, no_tta, qui
         return
     if model is not None and output is None and not obj.overridden("evaluate.output"):
         # Another model's results never replace a grid row's: they go beside them, by its name.
-        by_row = _option_overrides(**{"evaluate.output": base.layout.evaluation(f"model_{Path(model).stem}")})
+        given = Path(model).parent if Path(model).suffix else Path(model)
+        # A row's seed model (.../original_sl/seed_2048) is named by its row and seed.
+        name = f"{given.parent.name}_{given.name}" if given.name.startswith(SEED_PREFIX) else given.name
+        by_row = _option_overrides(**{"evaluate.output": base.layout.evaluation(f"model_{name}")})
     settings = obj.settings(
         by_row
         + _option_overrides(
@@ -698,17 +720,23 @@ def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path
         else list(grid_folders(settings, settings.layout.evaluation).items())
     )
     if runs:  # a comparison of the user's own: the in-domain set when the results have it
-        test_sets = [test_set or settings.experiment.in_domain]
-        if test_set is None and not (Path(named[0][1]) / settings.experiment.in_domain).is_dir():
+        in_domain = settings.experiment.in_domain
+        test_sets = [test_set or in_domain]
+        first = Path(named[0][1])
+        has_in_domain = (first / in_domain).is_dir() or any(first.glob(f"{SEED_PREFIX}*/{in_domain}"))
+        if test_set is None and not has_in_domain:
             test_sets = [None]  # the first test set in the results folders
     else:
         test_sets = [test_set] if test_set else settings.experiment.test_sets()
     if output is not None and len(test_sets) > 1:
         raise FersynthError(f"--output holds one table: add --test-set (one of {', '.join(test_sets)})")
     for name in test_sets:
-        results = [load_result(label, folder, name) for label, folder in named]
+        # The grid's rows: exactly its seeds, so a stale seed folder never counts.
+        seeds = None if runs else settings.seeds
+        results = [load_result(label, folder, name, seeds) for label, folder in named]
         table = comparison_table(results)
-        shown = name or results[0].metrics.get("test_set", "test")
+        ran = [r for r in results if r.metrics is not None]
+        shown = name or (ran[0].metrics.get("test_set", "test") if ran else "test")
         title = f"Accuracy (%) on {shown}"
         # The grid's tables are DVC's output; other comparisons go to runs/compare/<test set>.
         default = settings.layout.comparison(shown) if not runs else Path("runs") / "compare" / shown

@@ -30,6 +30,7 @@ SKIPPED = "skipped"  # table.attrs key: {row: reason}
 SPREAD = "spread"  # table.attrs key: {row: {column: standard deviation over seeds}}
 PER_SEED = "per_seed"  # table.attrs key: long table run, seed, column, value
 ALPHA = 0.05  # a paired difference is marked when its two-sided p-value is below this
+MIN_SEEDS = 3  # ... and the two rows share at least this many seeds
 # What `fersynth evaluate` writes per test set; defined here so that reading results (compare,
 # report) does not import torch (7 s on two cores).
 METRICS_JSON = "metrics.json"
@@ -61,28 +62,34 @@ def _load_one(name: str, folder: Path, test_set: str | None) -> dict | None | st
     return json.loads((folder / chosen / METRICS_JSON).read_text())
 
 
-def load_result(name: str, folder: Path, test_set: str | None) -> RunResult:
+def load_result(name: str, folder: Path, test_set: str | None, seeds: list[int] | None = None) -> RunResult:
     """Metrics of one run: `folder` is an evaluate output (one sub-folder per test set), a
     test-set folder holding metrics.json, or a grid row's results with one `seed_<s>` folder
-    per training seed."""
+    per training seed: those of `seeds` (the grid's, in order; a missing one is an error), or
+    every one found, in seed order, when `seeds` is None."""
     folder = Path(folder)
-    seeds = sorted(
-        (p for p in folder.glob(f"{SEED_PREFIX}*") if p.is_dir()),
-        key=lambda p: (
-            int(p.name.removeprefix(SEED_PREFIX)) if p.name.removeprefix(SEED_PREFIX).isdigit() else -1
-        ),
-    )
-    if not seeds:
+    found = {p.name.removeprefix(SEED_PREFIX): p for p in folder.glob(f"{SEED_PREFIX}*") if p.is_dir()}
+    if not found:
         loaded = _load_one(name, folder, test_set)
         if isinstance(loaded, str):
             return RunResult(name, None, skipped=loaded)
         return RunResult(name, loaded)
+    if seeds is None:
+        chosen = sorted(found, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    else:
+        chosen = [str(seed) for seed in seeds]
+        missing = [seed for seed in chosen if seed not in found]
+        if missing:
+            raise FersynthError(
+                f"{folder}: no results for seed {', '.join(missing)} of experiment.grid.seeds "
+                f"(has {', '.join(sorted(found))}); run `fersynth evaluate --row` for it"
+            )
     by_seed = {}
-    for seed_dir in seeds:
-        loaded = _load_one(name, seed_dir, test_set)
+    for seed in chosen:
+        loaded = _load_one(name, found[seed], test_set)
         if isinstance(loaded, str):  # the row's data was empty: every seed is skipped alike
             return RunResult(name, None, skipped=loaded)
-        by_seed[seed_dir.name.removeprefix(SEED_PREFIX)] = loaded
+        by_seed[seed] = loaded
     return RunResult(name, next(iter(by_seed.values())), by_seed=by_seed)
 
 
@@ -136,16 +143,18 @@ def seeds_of(table: pd.DataFrame) -> list[str]:
     per_seed = table.attrs.get(PER_SEED)
     if per_seed is None or per_seed.empty:
         return []
-    return sorted({str(s) for s in per_seed["seed"] if str(s) != ""}, key=lambda s: (len(s), s))
+    return list(dict.fromkeys(str(s) for s in per_seed["seed"] if str(s) != ""))  # first seen first
 
 
 def paired_changes(table: pd.DataFrame, pairs: list[tuple[str, str]], test_set: str) -> pd.DataFrame:
     """Each (row, baseline) pair's change in accuracy points, per column, paired over seeds.
 
     Long table: change ("<row> - <baseline> (<test set>)"), column, mean (of the per-seed
-    differences), std (their standard deviation, ddof 1), n (seeds both rows have), p (paired
-    two-sided t-test, scipy.stats.ttest_rel; NaN with fewer than two seeds or no variation) and
-    marked (p < ALPHA: the difference is beyond the seed spread)."""
+    differences), std (their standard deviation, ddof 1), n (seeds both rows have; 0 when they
+    share none: the difference of the two means, unpaired), p (paired two-sided t-test,
+    scipy.stats.ttest_rel; NaN with fewer than two seeds or a zero difference on every seed, 0
+    for the same non-zero difference on every seed) and marked (p < ALPHA over at least
+    MIN_SEEDS shared seeds: the difference is beyond the seed spread)."""
     from scipy.stats import ttest_rel
 
     per_seed = table.attrs.get(PER_SEED)
@@ -163,6 +172,11 @@ def paired_changes(table: pd.DataFrame, pairs: list[tuple[str, str]], test_set: 
                     "seed"
                 )["value"]
                 both = a.index.intersection(b.index)
+                if both.empty and len(a) and len(b):  # no seed in common: unpaired, never marked
+                    a, b = np.array([a.astype(float).mean()]), np.array([b.astype(float).mean()])
+                    if not (np.isnan(a[0]) or np.isnan(b[0])):
+                        records.append(_change(label, column, a - b, 0, float("nan")))
+                    continue
                 a, b = a.loc[both].astype(float), b.loc[both].astype(float)
                 keep = a.notna() & b.notna()
                 a, b = a[keep].to_numpy(), b[keep].to_numpy()
@@ -179,29 +193,34 @@ def paired_changes(table: pd.DataFrame, pairs: list[tuple[str, str]], test_set: 
                 p = float(ttest_rel(a, b).pvalue)
             elif len(a) >= 2 and difference[0] != 0:
                 p = 0.0  # the same non-zero difference on every seed
-            records.append(
-                {
-                    "change": label,
-                    "column": column,
-                    "mean": float(difference.mean()),
-                    "std": float(difference.std(ddof=1)) if len(a) > 1 else float("nan"),
-                    "n": len(a),
-                    "p": p,
-                    "marked": bool(not math.isnan(p) and p < ALPHA),
-                }
-            )
+            records.append(_change(label, column, difference, len(a), p))
     return pd.DataFrame(records, columns=["change", "column", "mean", "std", "n", "p", "marked"])
+
+
+def _change(label: str, column: str, difference: np.ndarray, n: int, p: float) -> dict:
+    return {
+        "change": label,
+        "column": column,
+        "mean": float(difference.mean()),
+        "std": float(difference.std(ddof=1)) if len(difference) > 1 else float("nan"),
+        "n": n,
+        "p": p,
+        "marked": bool(n >= MIN_SEEDS and not math.isnan(p) and p < ALPHA),
+    }
 
 
 def spread_footnote(seeds: list[str]) -> str:
     """What the ± and the marks mean, for the tables' footnotes."""
     if len(seeds) < 2:
         return "One training seed: no spread is known, so no difference is marked."
-    return (
+    text = (
         f"Mean ± standard deviation over {len(seeds)} training seeds ({', '.join(seeds)}). A change is "
         "marked * only when it is beyond the seed spread: paired t-test over the seeds, two-sided, "
-        f"p < {ALPHA}."
+        f"p < {ALPHA}, with at least {MIN_SEEDS} seeds; (n=k): only k seeds in common."
     )
+    if len(seeds) < MIN_SEEDS:
+        text += f" With {len(seeds)} seeds nothing is marked yet."
+    return text
 
 
 def to_markdown(table: pd.DataFrame, title: str = "") -> str:

@@ -23,7 +23,6 @@ from fersynth import tracking
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
 from fersynth.settings import (
-    SEED_PREFIX,
     Settings,
     load_settings,
     save_resolved,
@@ -165,13 +164,6 @@ def train(data: str, output: str, row: str, overrides: Iterable[str] | str | Pat
     }
 
 
-def seed_folders(folder: str | Path) -> list[Path]:
-    """A grid row's artifact: its `seed_<s>` folders (models or results), in seed order; a
-    voter's or a plain model's: the folder itself."""
-    seeds = sorted(Path(folder).glob(f"{SEED_PREFIX}*/"), key=lambda p: (len(p.name), p.name))
-    return seeds or [Path(folder)]
-
-
 def first_seed(settings: Settings, folder: str | Path) -> Path:
     """The model (or results) of a row's first seed, as `Settings.model_folder(row)` names it."""
     candidate = Path(folder) / seed_folder(settings.seeds[0])
@@ -188,7 +180,12 @@ def evaluate(
     outcomes = []
     try:
         data = [str(named / name) for name in test_sets]
-        seeds = [p for p in seed_folders(model) if p != Path(model)]
+        resolved = settings_from(overrides)
+        # A row's artifact: every seed's model, in the grid's order (the first one's results
+        # are the step's metrics); a voter's or a plain model: the folder itself.
+        seeds = [
+            Path(model) / seed_folder(s) for s in resolved.seeds if (Path(model) / seed_folder(s)).is_dir()
+        ]
         for folder in seeds or [Path(model)]:
             target = Path(output) / folder.name if seeds else Path(output)  # seed_<s>, as the model
             settings = settings_from(

@@ -22,7 +22,7 @@ from fersynth.compare import SKIPPED, paired_changes, read_comparison, seeds_of,
 from fersynth.errors import FersynthError
 from fersynth.figures import save_figure
 from fersynth.files import atomic_write_text, staged_folder
-from fersynth.settings import ReportSettings
+from fersynth.settings import SEED_PREFIX, ReportSettings
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
@@ -113,6 +113,8 @@ def changes_markdown(paired: pd.DataFrame, columns: list[str]) -> str:
     means = wide_changes(paired, columns)
     spread = wide_changes(paired, columns, "std")
     marked = wide_changes(paired, columns, "marked")
+    counts = wide_changes(paired, columns, "n")
+    most = int(paired["n"].max()) if not paired.empty else 0
     cells = means.astype(object).copy()
     for change in means.index:
         for column in columns:
@@ -124,8 +126,14 @@ def changes_markdown(paired: pd.DataFrame, columns: list[str]) -> str:
             deviation = spread.at[change, column]
             if not pd.isna(deviation):
                 text += f" ± {deviation:.2f}"
-            if marked.at[change, column] is True:
+            flag = marked.at[change, column]
+            if pd.notna(flag) and bool(flag):
                 text += " *"
+            count = counts.at[change, column]
+            if pd.notna(count) and int(count) == 0:
+                text += " (unpaired)"  # the two rows share no seed
+            elif pd.notna(count) and int(count) < most:  # fewer seeds in common than the table has
+                text += f" (n={int(count)})"
             cells.at[change, column] = text
     return markdown.table(cells.rename_axis("change"), preformatted=True)
 
@@ -213,8 +221,9 @@ def _confusion(
         source = None
         if evaluations is not None:
             # A row with seeds: the first seed's matrix (the others are in MLflow).
-            seeds = sorted((evaluations / key).glob("seed_*/"), key=lambda p: (len(p.name), p.name))
-            source = (seeds[0] if seeds else evaluations / key) / test_set / "confusion.png"
+            first = seeds_of(table)[:1]
+            folder = evaluations / key / f"{SEED_PREFIX}{first[0]}" if first else evaluations / key
+            source = folder / test_set / "confusion.png"
         picture = source and _copy(source, out, f"confusion_{key}.png")
         rows.append({"run": run, "picture": picture or None, "skipped": skipped.get(run)})
     return rows

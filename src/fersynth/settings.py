@@ -385,9 +385,8 @@ class GridSettings(Strict):
     def _consistent(self) -> GridSettings:
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ValueError(f"seeds = {self.seeds}: give one or more different seeds")
-        for key in (*self.original, *self.synthetic):
-            if key == VOTERS_FOLDER:
-                raise ValueError(f"{key!r} is the voters' folder; name the row otherwise")
+        if self.seeds is not None:  # in order: the first seed (the guide's model) is the smallest
+            object.__setattr__(self, "seeds", sorted(self.seeds))
         both = set(self.original) & set(self.synthetic)
         if both:
             raise ValueError(f"row names used twice: {sorted(both)}")
@@ -433,9 +432,6 @@ def row_label(key: str, row: GridRow | None = None) -> str:
     return "_".join([head.capitalize(), *parts])
 
 
-VOTERS_FOLDER = "voters"  # runs/<experiment>/models/original/voters/<voter>
-
-
 class VoterSpec(Strict):
     """A model trained on the original data only to vote on synthetic images (thesis 3.3.2).
 
@@ -477,8 +473,9 @@ class ExperimentSettings(Strict):
         if self.in_domain in self.cross_sets:
             raise ValueError(f"cross_sets: {self.in_domain!r} is the in-domain test set's name")
         rows = set(self.grid.rows())
+        labels = {row_label(key, row) for key, row in self.grid.rows().items()}
         for key in self.voters:
-            if key in rows:
+            if key in rows or key in labels:
                 raise ValueError(f"voters.{key}: also a row of the grid; give the voter its own name")
         specs = [(v.method, v.sampler, v.arch, v.seed) for v in self.voters.values()]
         if len(set(specs)) != len(specs):
@@ -519,8 +516,12 @@ class Layout:
         # and the rows on synthetic data depend on verify.
         return self.runs / "models" / ("original" if on_original else "synthetic") / key
 
+    def voters(self) -> Path:
+        # Apart from the rows' models: generation depends on those (the guide), not on voters.
+        return self.runs / "voters"
+
     def voter(self, key: str) -> Path:
-        return self.runs / "models" / "original" / VOTERS_FOLDER / key
+        return self.voters() / key
 
     def evaluation(self, key: str) -> Path:
         return self.runs / "eval" / key
@@ -607,13 +608,19 @@ class Settings(Strict):
                     f"({', '.join(known)}) nor a path"
                 )
         guide = self.generate.guide_model if self.generate.guide == "fer" else None
+        if guide is not None and guide in self.experiment.voters:
+            raise ValueError(
+                f"generate.guide_model: {guide!r} is a voter (experiment.voters); guide with a row of "
+                "experiment.grid.original"
+            )
         if guide is not None and not self.verify.allow_guide_voter:
             for key in self.verify.voters:
-                if self.model_folder(key) == self.model_folder(guide):
+                same = self._same_model_as_guide(key, guide)
+                if same:
                     raise ValueError(
-                        f"verify.voters: {key!r} is also the generation guide (generate.guide_model), so the "
-                        "vote is not independent of it; pick other voters (experiment.voters) or set "
-                        "verify.allow_guide_voter: true"
+                        f"verify.voters: {key!r} {same}, so the vote is not independent of the "
+                        "generation guide (generate.guide_model); pick other voters "
+                        "(experiment.voters) or set verify.allow_guide_voter: true"
                     )
         for name, values in self.demo.sets.items():
             if name in RESERVED_FOLDERS:
@@ -704,6 +711,38 @@ class Settings(Strict):
     @property
     def layout(self) -> Layout:
         return Layout(self.experiment.name)
+
+    def _same_model_as_guide(self, voter: str, guide: str) -> str | None:
+        """Why `voter` is (a copy of) the guide's model, or None: the same row or folder (any
+        seed, a path to it, its model file), or a voter trained by the guide row's recipe at one
+        of the grid's seeds (a bit-identical model)."""
+
+        def folder(key: str) -> Path:
+            grid = self.experiment.grid
+            if key in grid.original or key in grid.synthetic:
+                return self.row_folder(key).resolve()
+            path = self.model_folder(key)
+            return (path.parent if path.suffix else path).resolve()
+
+        guide_folder = folder(guide)
+        voter_folder = folder(voter)
+        if voter_folder == guide_folder or voter_folder.is_relative_to(guide_folder):
+            return "is the guide's model"
+        row = self.experiment.grid.original.get(guide)
+        spec = self.experiment.voters.get(voter)
+        recipe = (row.method, row.sampler, self.train.arch) if row is not None else None
+        if (
+            spec is not None
+            and spec.seed in self.seeds
+            and recipe
+            == (
+                spec.method,
+                spec.sampler,
+                spec.arch or self.train.arch,
+            )
+        ):
+            return f"trains as the guide row {guide!r} does, at its seed {spec.seed}"
+        return None
 
     @property
     def seeds(self) -> list[int]:

@@ -135,7 +135,10 @@ def register(
         outcome = dict(NOT_TRACKED)
     else:
         metric = metric or tracking.ranking_metric(settings)
-        outcome = {"registered": True, **tracking.register(folders, metric, name or tracking.MODEL_NAME)}
+        outcome = {
+            "registered": True,
+            **tracking.register(folders, metric, name or tracking.MODEL_NAME, seeds=settings.seeds),
+        }
     if output is not None:
         atomic_write_text(Path(output), json.dumps(outcome, indent=2) + "\n")
     return outcome

@@ -325,15 +325,20 @@ def log_pipeline_failure(record: dict[str, Any]) -> str:
         return run.info.run_id
 
 
-def _seed_folders(folder: Path) -> list[Path]:
-    """A grid row's model folder per seed (`seed_<s>/`), or the folder itself (one model)."""
-    from fersynth.settings import SEED_PREFIX
+def _seed_folders(folder: Path, seeds: list[int] | None = None) -> list[Path]:
+    """A grid row's model folder per seed (`seed_<s>/`: those of `seeds` when given, so a
+    stale folder never counts), or the folder itself (one model)."""
+    from fersynth.settings import SEED_PREFIX, seed_folder
 
-    seeds = sorted(Path(folder).glob(f"{SEED_PREFIX}*/"), key=lambda p: (len(p.name), p.name))
-    return seeds or [Path(folder)]
+    found = sorted(Path(folder).glob(f"{SEED_PREFIX}*/"), key=lambda p: (len(p.name), p.name))
+    if found and seeds is not None:
+        return [Path(folder) / seed_folder(seed) for seed in seeds]
+    return found or [Path(folder)]
 
 
-def register(model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME) -> dict[str, Any]:
+def register(
+    model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME, seeds: list[int] | None = None
+) -> dict[str, Any]:
     """Register the best of the runs by `metric` (e.g. `test.mean_accuracy`); move the alias
     `champion` to it only when it beats the current champion's value of that metric.
 
@@ -345,12 +350,16 @@ def register(model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME
     scored = []
     for label, row_folder in model_folders.items():
         reason = skipped_reason(row_folder)
-        folders = _seed_folders(row_folder)
+        folders = _seed_folders(row_folder, seeds)
         if reason is not None or any(skipped_reason(f) is not None for f in folders):
             log.info("register: %s passed over (skipped: %s)", label, reason or skipped_reason(folders[0]))
             continue
         runs = []
         for folder in folders:
+            if not folder.is_dir():
+                raise FersynthError(
+                    f"{folder}: no model for this seed of experiment.grid.seeds (train it first)"
+                )
             run_id = run_id_of(folder)
             if run_id is None:
                 raise FersynthError(f"{folder}: no MLflow run here (train it with MLFLOW_TRACKING_URI set)")
