@@ -326,7 +326,10 @@ def test_quality_guard_verify_and_augment_pages_have_every_section(tmp_path):
     page = (tmp_path / "verify_report.md").read_text()
     assert "# Synthetic expression check: s" in page and "**7 of 14** synthetic images accepted" in page
     assert "Voters (3, flip TTA on): `a`, `b`, `c`." in page and "## Test leakage" in page
-    assert "too few of 3 voters agree (need 2) (7), mean probability < 0.50 (7)." in page
+    assert (
+        "too few of 3 voters agree (need 2) (7), "
+        "mean probability below its class' threshold (at most 0.50) (7)." in page
+    )
     assert ["fear", "2", "1", "50.0", "1.00", "2.00", "0.50", "0.40"] in markdown_rows(page)
     summary = json.loads((tmp_path / "verify_report.json").read_text())
     assert summary["rejected_by"] == {"votes": 7, "probability": 7, "unrecognised": 0}

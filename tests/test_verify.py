@@ -19,7 +19,13 @@ from fersynth.settings import GuardSettings, VerifySettings
 from fersynth.train.loop import run_train
 from fersynth.verify import run_guard, run_verify
 from fersynth.verify.leakage import nearest, perceptual_hash
-from fersynth.verify.voting import decide, majority, recognised_classes, voter_recall
+from fersynth.verify.voting import (
+    calibrated_thresholds,
+    decide,
+    majority,
+    recognised_classes,
+    voter_recall,
+)
 
 FEAR, HAPPY, SAD = CLASSES.index("fear"), CLASSES.index("happy"), CLASSES.index("sad")
 
@@ -80,6 +86,30 @@ def test_a_class_too_few_voters_recall_on_validation_is_not_verified():
     assert votes["v_accepted"].tolist() == [True, False, False, False]
     assert votes["v_rejected_by"].tolist() == ["", "votes|unrecognised", "unrecognised", "unrecognised"]
     assert "do not recognise fear on validation" in votes["v_reason"].iloc[1]
+
+
+def test_probability_thresholds_are_calibrated_per_class_on_validation():
+    # 2 voters, 4 validation images of fear (index 1) voted right at 0.3-0.6, one of surprise.
+    labels = np.array([1, 1, 1, 1, 0])
+    probabilities = np.full((2, 5, 7), 0.05)
+    for i, p in enumerate((0.3, 0.4, 0.5, 0.6)):
+        probabilities[:, i, 1] = p
+    probabilities[:, 4, 0] = 0.9
+    tau = calibrated_thresholds(probabilities, labels, min_votes=2, min_probability=0.5, quantile=0.0)
+    assert tau[1] == pytest.approx(0.3)  # as unsure as the voters are on real fear images
+    assert tau[0] == 0.5 and tau[2] == 0.5  # too few images: the setting stands
+    loose = calibrated_thresholds(probabilities, labels, min_votes=2, min_probability=0.2, quantile=0.0)
+    assert loose[1] == pytest.approx(0.2)  # never raised above min_probability
+    fixed = calibrated_thresholds(probabilities, labels, min_votes=2, min_probability=0.5, quantile=None)
+    assert (fixed == 0.5).all()
+    # decide() reads each image's threshold at its label.
+    votes = decide(
+        probabilities[:, :4],
+        np.array([1, 1, 1, 1]),
+        min_votes=2,
+        min_probability=np.where(tau > 0.35, 0.45, tau),
+    )
+    assert votes["v_accepted"].tolist() == [True, True, True, True]
 
 
 def test_majority_breaks_ties_by_mean_probability():

@@ -301,6 +301,9 @@ class VerifySettings(Strict):
     # A class is verifiable when at least min_votes voters recall this much of it on the real
     # validation split (chance is 1/7); its images are rejected as unrecognised otherwise.
     min_recall: Fraction = 0.3
+    # Per class, tau is lowered to this quantile of the voters' mean probability on the real
+    # validation images of the class that they vote right (never raised); null: tau for all.
+    probability_quantile: Fraction | None = 0.1
     tta_flip: bool = True
     batch_size: Positive = 128
     device: Device = "auto"

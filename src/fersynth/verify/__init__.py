@@ -34,6 +34,7 @@ from fersynth.train.models import load_model
 from fersynth.verify.fidelity import extract_features, fidelity_table
 from fersynth.verify.leakage import LEAK_COLUMNS, TestImages, find_leaks, hash_images
 from fersynth.verify.voting import (
+    calibrated_thresholds,
     decide,
     label_indices,
     majority,
@@ -64,6 +65,7 @@ class VerifyResult:
     # when the reference data has no val split.
     recall: pd.DataFrame = field(default_factory=pd.DataFrame)
     recognised: dict[str, bool] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)  # tau per class (calibrated)
 
 
 def test_images(datasets: list[Dataset], *, workers: int, progress: bool) -> list[TestImages]:
@@ -170,6 +172,7 @@ def run_verify(
     device = pick_device(settings.device)
     validation = reference.split(VAL_SPLIT)
     recall = np.full((len(settings.voters), len(CLASSES)), np.nan)
+    thresholds = np.full(len(CLASSES), settings.min_probability)
     if not validation.empty:
         on_val = voter_probabilities(
             settings.voters,
@@ -181,7 +184,15 @@ def run_verify(
             tta_flip=settings.tta_flip,
             progress=progress,
         )
-        recall = voter_recall(on_val, label_indices(validation["label"]))
+        val_labels = label_indices(validation["label"])
+        recall = voter_recall(on_val, val_labels)
+        thresholds = calibrated_thresholds(
+            on_val,
+            val_labels,
+            min_votes=settings.min_votes,
+            min_probability=settings.min_probability,
+            quantile=settings.probability_quantile,
+        )
     recognised = recognised_classes(recall, settings.min_votes, settings.min_recall)
 
     # 3. The vote.
@@ -203,7 +214,7 @@ def run_verify(
         probabilities,
         label_indices(frame["label"]),
         min_votes=settings.min_votes,
-        min_probability=settings.min_probability,
+        min_probability=thresholds,
         recognised=recognised,
     )
     for column in votes.columns:
@@ -245,6 +256,7 @@ def run_verify(
         unreadable,
         recall=recall_table if not validation.empty else pd.DataFrame(),
         recognised=dict(zip(CLASSES, (bool(v) for v in recognised), strict=True)),
+        thresholds=dict(zip(CLASSES, (round(float(v), 4) for v in thresholds), strict=True)),
     )
     with staged_folder(settings.output, force=force) as staging:
         _write_dataset(staging, synthetic, frame, progress)

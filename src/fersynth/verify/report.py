@@ -270,6 +270,7 @@ def write_verify_report(
         if not result.recall.empty
         else {},
         "recognised": result.recognised,
+        "probability_thresholds": result.thresholds,  # tau per class, calibrated on validation
         "no_accepted_because": verdicts,
         "unreadable": [{"path": p, "reason": r} for p, r in result.unreadable],
     }
@@ -288,6 +289,7 @@ def write_verify_report(
         rejection_table=markdown.table(reasons_by_class),
         recall_table=markdown.table(result.recall, default=".0f") if not result.recall.empty else "",
         recognised=result.recognised,
+        thresholds=result.thresholds,
         verdicts=verdicts,
         classes_png=VERIFY_PNG,
         examples_png=EXAMPLES_PNG,

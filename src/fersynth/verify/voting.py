@@ -41,7 +41,7 @@ def rejection_labels(
     """Each rejection code as a person reads it, for counts in reports."""
     return {
         TOO_FEW_VOTES: f"too few of {voters} voters agree (need {min_votes})",
-        LOW_PROBABILITY: f"mean probability < {min_probability:.2f}",
+        LOW_PROBABILITY: f"mean probability below its class' threshold (at most {min_probability:.2f})",
         UNRECOGNISED: f"fewer than {min_votes} voters recall {min_recall:.0%} of the class on validation",
     }
 
@@ -57,6 +57,36 @@ def voter_recall(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
         if rows.any():
             recall[:, k] = (votes[:, rows] == k).mean(axis=1)
     return recall
+
+
+def calibrated_thresholds(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    *,
+    min_votes: int,
+    min_probability: float,
+    quantile: float | None,
+    min_images: int = 3,
+) -> np.ndarray:
+    """The mean-probability threshold tau of each class (classes), calibrated on labelled real
+    (validation) images: `min_probability`, lowered for a class to the `quantile` of the voters'
+    mean probability of it over the class' validation images that at least `min_votes` voters
+    get right, so that a synthetic image needs no more confidence than the voters show on real
+    images of its class. A class with fewer than `min_images` such images, or `quantile` None,
+    keeps `min_probability`.
+
+    `probabilities`: V x N x classes; `labels`: N class indices."""
+    thresholds = np.full(len(CLASSES), float(min_probability))
+    if quantile is None or probabilities.shape[1] == 0:
+        return thresholds
+    n = probabilities.shape[1]
+    mean = probabilities.mean(axis=0)[np.arange(n), labels]
+    agree = (probabilities.argmax(axis=2) == labels[None, :]).sum(axis=0)
+    for k in range(len(CLASSES)):
+        rows = (labels == k) & (agree >= min_votes)
+        if rows.sum() >= min_images:
+            thresholds[k] = min(min_probability, float(np.quantile(mean[rows], quantile)))
+    return thresholds
 
 
 def recognised_classes(recall: np.ndarray, min_votes: int, min_recall: float) -> np.ndarray:
@@ -118,7 +148,7 @@ def decide(
     labels: np.ndarray,
     *,
     min_votes: int,
-    min_probability: float,
+    min_probability: float | np.ndarray,
     recognised: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Per image: each voter's vote, how many agree with `labels` (class indices), their mean
@@ -130,17 +160,23 @@ def decide(
     mean_probability = probabilities.mean(axis=0)[np.arange(n), labels] if n else np.zeros(0)
     voters = probabilities.shape[0]
     too_few = agree < min_votes
-    low = mean_probability < min_probability
+    # One threshold for all, or one per class (calibrated_thresholds), read at each image's label.
+    tau = (
+        np.broadcast_to(np.asarray(min_probability, dtype=float), (len(CLASSES),))[labels]
+        if n
+        else np.zeros(0)
+    )
+    low = mean_probability < tau
     blind = ~recognised[labels] if recognised is not None else np.zeros(n, dtype=bool)
     codes, reasons = [], []
-    for label, count, probability, few, weak, unseen in zip(
-        labels, agree, mean_probability, too_few, low, blind, strict=True
+    for label, count, probability, threshold, few, weak, unseen in zip(
+        labels, agree, mean_probability, tau, too_few, low, blind, strict=True
     ):
         problems = []
         if few:
             problems.append(f"{count} of {voters} voters agree (need {min_votes})")
         if weak:
-            problems.append(f"mean probability {probability:.2f} < {min_probability:.2f}")
+            problems.append(f"mean probability {probability:.2f} < {threshold:.2f}")
         if unseen:
             problems.append(f"the voters do not recognise {CLASSES[label]} on validation")
         reasons.append("; ".join(problems))
