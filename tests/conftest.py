@@ -62,8 +62,13 @@ def fer2013_dataset(fer2013_csv, tmp_path_factory) -> Path:
     from fersynth.settings import IngestSettings
 
     output = tmp_path_factory.mktemp("fer2013") / "dataset"
+    # Every Training row stays in `train` (no validation draw): the tests count Training rows.
     settings = IngestSettings(
-        source="fer2013", input=fer2013_csv, output=output, drop_train_test_duplicates=False
+        source="fer2013",
+        input=fer2013_csv,
+        output=output,
+        drop_train_test_duplicates=False,
+        val_fraction=0.0,
     )
     run_ingest(settings, progress=False)
     return output
