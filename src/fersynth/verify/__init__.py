@@ -9,6 +9,7 @@ Both write a new dataset folder (images hard-linked); the input is never modifie
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,17 +174,17 @@ def run_verify(
     validation = reference.split(VAL_SPLIT)
     recall = np.full((len(settings.voters), len(CLASSES)), np.nan)
     thresholds = np.full(len(CLASSES), settings.min_probability)
+    vote = functools.partial(
+        voter_probabilities,
+        settings.voters,
+        device=device,
+        batch_size=settings.batch_size,
+        workers=settings.workers,
+        tta_flip=settings.tta_flip,
+        progress=progress,
+    )
     if not validation.empty:
-        on_val = voter_probabilities(
-            settings.voters,
-            reference.root,
-            validation,
-            device=device,
-            batch_size=settings.batch_size,
-            workers=settings.workers,
-            tta_flip=settings.tta_flip,
-            progress=progress,
-        )
+        on_val = vote(reference.root, validation)
         val_labels = label_indices(validation["label"])
         recall = voter_recall(on_val, val_labels)
         thresholds = calibrated_thresholds(
@@ -196,16 +197,7 @@ def run_verify(
     recognised = recognised_classes(recall, settings.min_votes, settings.min_recall)
 
     # 3. The vote.
-    probabilities = voter_probabilities(
-        settings.voters,
-        synthetic.root,
-        frame,
-        device=device,
-        batch_size=settings.batch_size,
-        workers=settings.workers,
-        tta_flip=settings.tta_flip,
-        progress=progress,
-    )
+    probabilities = vote(synthetic.root, frame)
     frame = frame.reset_index(drop=True)
     if settings.mode == "relabel":
         frame["v_intended"] = frame["label"]
