@@ -18,9 +18,12 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP) ## create .venv with the pinned dependencies (done by every target)
 
-# The experiment: params.yaml is a link to the active profile (profiles/*.yaml). `make run` runs
-# the demo; `make run PARAMS=profiles/fer2013.yaml` points the link at another profile first.
+# The experiment: params.yaml is a link to the active profile (profiles/*.yaml); dvc.lock is the
+# active profile's lock, and every other profile's lock waits in profiles/<name>.lock, so each
+# profile keeps the record of its own last run. `make run` runs the demo;
+# `make run PARAMS=profiles/fer2013.yaml` switches link and locks first.
 PARAMS ?= profiles/demo.yaml
+LOCK = $(PARAMS:.yaml=.lock)
 EXPERIMENT = $$($(BIN)/fersynth params experiment.name)
 
 # make run tracks into a local MLflow store under runs/mlflow (ignored by git); set
@@ -30,15 +33,20 @@ MLFLOW_TRACKING_URI ?= sqlite:///$(MLFLOW_LOCAL)/mlflow.db
 FERSYNTH_ARTIFACT_LOCATION ?= $(MLFLOW_LOCAL)/artifacts
 MLFLOW_UI_PORT ?= 5000
 
-profile: $(STAMP) ## point params.yaml at PARAMS (default profiles/demo.yaml) and check it
+profile: $(STAMP) ## make PARAMS (default profiles/demo.yaml) the active profile: params.yaml and dvc.lock
 	@case "$(PARAMS)" in profiles/*/*|*..*) echo "make: PARAMS=$(PARAMS): must be profiles/<name>.yaml"; exit 2;; \
 	  profiles/*.yaml) ;; *) echo "make: PARAMS=$(PARAMS): must be profiles/<name>.yaml"; exit 2;; esac
 	@test -f "$(PARAMS)" || { echo "make: PARAMS=$(PARAMS): no such profile (see profiles/)"; exit 2; }
 	@if [ -e params.yaml ] && [ ! -L params.yaml ]; then \
 	  echo "make: params.yaml is a file, not a link to a profile: move your edits into profiles/ first"; exit 2; fi
 	@$(BIN)/fersynth --params "$(PARAMS)" params experiment.name >/dev/null
-	@test "$$(readlink params.yaml)" = "$(PARAMS)" || ln -sfn "$(PARAMS)" params.yaml
-	@echo "profile: $(PARAMS) (params.yaml -> $(PARAMS))"
+	@current="$$(readlink params.yaml || true)"; \
+	if [ "$$current" != "$(PARAMS)" ]; then \
+	  if [ -n "$$current" ] && [ -f dvc.lock ]; then mv dvc.lock "$${current%.yaml}.lock"; fi; \
+	  if [ -f "$(LOCK)" ]; then mv "$(LOCK)" dvc.lock; fi; \
+	  ln -sfn "$(PARAMS)" params.yaml; \
+	  echo "profile: $(PARAMS) (params.yaml -> $(PARAMS); dvc.lock is its lock, $${current:-the previous profile}'s waits in profiles/)"; \
+	else echo "profile: $(PARAMS) (params.yaml -> $(PARAMS))"; fi
 
 run: profile ## the main job on a profile (PARAMS=profiles/<name>.yaml, default the demo): `dvc repro`, MLflow in runs/mlflow, the results page
 	@mkdir -p $(MLFLOW_LOCAL)

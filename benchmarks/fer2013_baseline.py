@@ -22,7 +22,7 @@ import torch
 from fersynth.evaluate import run_evaluate
 from fersynth.ingest import run_ingest
 from fersynth.settings import EvaluateSettings, IngestSettings, TrainSettings
-from fersynth.train.loop import run_train
+from fersynth.train.loop import run_train, validation_curve
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "datasets" / "fer2013" / "fer2013.csv.gz"
@@ -44,20 +44,6 @@ RECIPE = dict(
     checkpoint_every=500,
 )
 STEPS = {"sl": 1400, "mek": 750}  # about 25 minutes each on two cores (MEK: two views a step)
-
-
-def _val_curve(log: Path, batch_size: int) -> list[dict[str, float]]:
-    """Validation accuracy against images seen, from the training log."""
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    return [
-        {
-            "images_seen": row["step"] * batch_size,
-            "val_accuracy": round(row["val_accuracy"] * 100, 2),
-            "val_mean_accuracy": round(row["val_mean_accuracy"] * 100, 2),
-        }
-        for row in rows
-        if "val_accuracy" in row
-    ]
 
 
 def main() -> int:
@@ -106,7 +92,7 @@ def main() -> int:
             "mean_accuracy": round(m["mean_accuracy"] * 100, 2),
             "per_class_accuracy": {k: round(v * 100, 2) for k, v in m["per_class_accuracy"].items()},
             "best_step": trained.best_step,
-            "val_curve": _val_curve(settings.output / "train_log.jsonl", settings.batch_size),
+            "val_curve": validation_curve(settings.output, settings.batch_size),
             "recipe": RECIPE,
             "train_images": sum(m["train_counts"].values()),
             "machine": f"{platform.machine()}, {train_threads} torch threads",

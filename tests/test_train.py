@@ -296,3 +296,49 @@ def test_pretrained_backbone_and_model_file_from_s3(s3_env, tmp_path, monkeypatc
     )
     with pytest.raises(FersynthError, match="s3://weights/absent.pth: download from http://127.0.0.1"):
         create_model(spec, pretrained="s3://weights/absent.pth")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet10t"])
+def test_one_channel_model_takes_grey_rgb_tensors_on_every_path(arch):
+    """in_chans=1: one-channel stem; 3-channel tensors (evaluate, predict, the guide, the vote)
+    are averaged to one channel by the stem's pre-hook, through forward and forward_features."""
+    spec = ModelSpec(arch=arch, image_size=32, resize=37, mean=(0.5,) * 3, std=(0.5,) * 3, in_chans=1)
+    torch.manual_seed(4)
+    model = create_model(spec).eval()
+    first_conv = model.get_submodule(model.pretrained_cfg["first_conv"])
+    assert first_conv.weight.shape[1] == 1
+    rgb = torch.randn(2, 3, 32, 32)
+    one = rgb.mean(dim=1, keepdim=True)
+    with torch.no_grad():
+        assert torch.allclose(model(rgb), model(one), atol=1e-5)
+        features = model.forward_features(rgb)
+        assert torch.allclose(model.forward_head(features), model(one), atol=1e-5)
+        assert not torch.allclose(model(rgb), model(rgb[:, :1].repeat(1, 3, 1, 1)), atol=1e-3)
+
+
+def test_one_channel_refused_where_the_first_layer_does_not_take_the_image():
+    # TResNet's first convolution comes after a space-to-depth step (16 channels for one).
+    spec = ModelSpec(arch="tresnet_m", image_size=32, resize=37, mean=(0.5,) * 3, std=(0.5,) * 3, in_chans=1)
+    with pytest.raises(FersynthError, match="in_chans=1 needs a first convolution"):
+        create_model(spec)
+
+
+def test_one_channel_model_pickles_with_its_hook(tmp_path):
+    import pickle
+
+    spec = ModelSpec(arch="resnet10t", image_size=32, resize=37, mean=(0.5,) * 3, std=(0.5,) * 3, in_chans=1)
+    model = create_model(spec).eval()
+    copy = pickle.loads(pickle.dumps(model))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(copy(x), model(x.mean(dim=1, keepdim=True)), atol=1e-5)
+
+
+def test_one_channel_run_saves_and_reloads_a_grey_model(demo_dataset, tmp_path):
+    result = run_train(tiny(demo_dataset, tmp_path / "grey", in_chans=1), progress=False)
+    assert result.steps == 6
+    loaded = load_model(tmp_path / "grey")
+    assert loaded.spec.in_chans == 1 and loaded.model.conv1.weight.shape[1] == 1
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():  # the reloaded model carries the hook again: 3-channel input works
+        assert torch.allclose(loaded.model(x), loaded.model(x.mean(dim=1, keepdim=True)), atol=1e-5)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 import click
 
-from fersynth import __version__, tracking
+from fersynth import __version__, stage_times, tracking
 from fersynth.errors import FersynthError
 from fersynth.settings import DEFAULT_PARAMS, SEED_PREFIX, Settings, load_settings, resolved_dict
 
@@ -17,6 +20,7 @@ class _Context:
     def __init__(self, params: Path | None, overrides: tuple[str, ...]) -> None:
         self.params = params
         self.overrides = list(overrides)
+        self.started = time.perf_counter()  # for the stage's time (fersynth.stage_times)
 
     def settings(self, extra: list[str] | None = None) -> Settings:
         path = self.params
@@ -66,6 +70,22 @@ def cli(ctx: click.Context, params: Path | None, overrides: tuple[str, ...]) -> 
     resolved values.
     """
     ctx.obj = _Context(params, overrides)
+
+
+@cli.result_callback()
+@click.pass_context
+def _record_stage_time(ctx: click.Context, *_: object, **__: object) -> None:
+    """A command that DVC ran as a stage (DVC_STAGE set) and that finished appends its wall time
+    to runs/<experiment>/stage_times.jsonl (the results page shows them); a time that cannot be
+    written never fails the stage."""
+    stage = os.environ.get(stage_times.DVC_STAGE)
+    if not stage or ctx.invoked_subcommand is None:
+        return
+    try:
+        runs = ctx.obj.settings().layout.runs
+        stage_times.record(runs, stage, ctx.invoked_subcommand, time.perf_counter() - ctx.obj.started)
+    except (OSError, FersynthError) as exc:
+        logging.getLogger(__name__).warning("stage time not recorded: %s", exc)
 
 
 @cli.command("params")
@@ -764,7 +784,7 @@ def report_command(obj: _Context, output: Path | None, force: bool) -> None:
 @cli.command("register")
 @click.argument("runs", nargs=-1, metavar="[NAME=MODEL_FOLDER...]")
 @click.option("--metric", help="MLflow metric to rank by [default: <in-domain test set>.mean_accuracy].")
-@click.option("--name", default=None, help="Registered model name [fersynth-fer].")
+@click.option("--name", default=None, help="Registered model name [fersynth-<experiment>].")
 @click.option(
     "--output",
     type=click.Path(path_type=Path),

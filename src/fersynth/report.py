@@ -253,12 +253,55 @@ def acceptance_table(verify_folder: Path | None) -> pd.DataFrame | None:
     return table
 
 
+def rejection_table(verify_folder: Path | None) -> tuple[pd.DataFrame | None, dict[str, str]]:
+    """Per class, how many synthetic images each rule of the vote rejected (an image can fail
+    several), and for each class without an accepted image, why (from verify_report.json)."""
+    report = _read_json(verify_folder / "verify_report.json") if verify_folder else None
+    if report is None or not report.get("rejected_by_class"):
+        return None, {}
+    table = pd.DataFrame.from_dict(report["rejected_by_class"], orient="index")
+    table = table.drop(columns=[c for c in ("verified", "accepted") if c in table.columns])
+    table = table.loc[:, (table != 0).any(axis=0)] if not table.empty else table
+    table.index.name = "class"
+    return table, dict(report.get("no_accepted_because") or {})
+
+
+def confusion_tables(evaluations: Path | None, test_set: str, table: pd.DataFrame, row_keys) -> list[dict]:
+    """Each row's confusion matrix on `test_set` as % of each true class (the first seed's, as
+    in the report's pictures), or None where the row has no results."""
+    if evaluations is None:
+        return []
+    first = seeds_of(table)[:1]
+    out = []
+    for run in table.index:
+        key = (row_keys or {}).get(run, run.lower())
+        folder = evaluations / key / f"{SEED_PREFIX}{first[0]}" if first else evaluations / key
+        source = folder / test_set / "confusion_normalised.csv"
+        matrix = None
+        if source.is_file():
+            matrix = pd.read_csv(source, index_col=0) * 100
+            matrix.index.name = "true \\ predicted"
+        out.append(
+            {
+                "run": run,
+                "seed": first[0] if first else None,
+                "markdown": markdown.table(matrix, default=".1f") if matrix is not None else "",
+            }
+        )
+    return out
+
+
 def write_results_page(
     path: Path, experiment: str, comparisons, paired: pd.DataFrame, settings: ReportSettings
 ) -> Path:
     """The results page a run writes for the repository (docs/results/<experiment>.md): the
-    comparison tables, what the synthetic data bought, and the acceptance per class."""
+    comparison tables, what the synthetic data bought, the confusion matrices, the acceptance
+    per class with the vote's reasons, and each stage's wall time."""
+    from fersynth.stage_times import times_markdown
+
     acceptance = acceptance_table(_folder(settings.verify))
+    rejections, none_accepted = rejection_table(_folder(settings.verify))
+    test_set, in_domain = comparisons[0]
     text = markdown.render(
         RESULTS_TEMPLATE,
         experiment=experiment,
@@ -273,6 +316,11 @@ def write_results_page(
         changes=changes_markdown(paired, list(comparisons[0][1].columns)) if not paired.empty else "",
         changes_footnote=spread_footnote(seeds_of(comparisons[0][1])),
         acceptance=markdown.table(acceptance, {"acceptance %": ".1f"}) if acceptance is not None else "",
+        rejections=markdown.table(rejections) if rejections is not None and not rejections.empty else "",
+        none_accepted=none_accepted,
+        confusion_test_set=test_set,
+        confusion=confusion_tables(_folder(settings.evaluations), test_set, in_domain, settings.row_keys),
+        stage_times=times_markdown(settings.stage_times) if settings.stage_times is not None else "",
     )
     atomic_write_text(Path(path), text)
     return Path(path)

@@ -169,6 +169,9 @@ class TrainSettings(Strict):
     image_size: Annotated[int, Field(ge=16, le=1024)] = 224
     resize: Annotated[int, Field(ge=16, le=2048)] | None = None  # default image_size * 256/224
     window_size: Positive | None = None  # Swin: 4 at 128 px keeps MEK's maps flip-aligned
+    # 1: the model's first layer takes one grey channel (grey data such as FER2013: same
+    # accuracy, a third of the stem's work and of the in-memory images); 3: RGB.
+    in_chans: Literal[1, 3] = 3
     method: Literal["sl", "mek"] = "sl"
     steps: Positive = 100_000
     batch_size: Positive = 32
@@ -343,6 +346,8 @@ class ReportSettings(Strict):
     changes: list[tuple[str, str]] | None = None
     # The results page for the repository (tables only); null: docs/results/<experiment>.md.
     results_page: Path | None = None
+    # The folder holding stage_times.jsonl (fersynth.stage_times); null: runs/<experiment>.
+    stage_times: Path | None = None
     # Table label -> row key (the folder of its results); null: the grid's rows.
     row_keys: dict[str, str] | None = None
 
@@ -680,6 +685,7 @@ class Settings(Strict):
                     "augment": at.augmented(variants[0] if variants else "rho"),
                     "generated": at.data / "generated" / "dataset",
                     "results_page": Path("docs") / "results" / f"{self.experiment.name}.md",
+                    "stage_times": at.runs,
                     "row_keys": {row_label(key, row): key for key, row in grid.rows().items()},
                     "changes": [
                         (row_label(key, row), row_label(base, grid.rows()[base]))

@@ -135,10 +135,8 @@ def register(
         outcome = dict(NOT_TRACKED)
     else:
         metric = metric or tracking.ranking_metric(settings)
-        outcome = {
-            "registered": True,
-            **tracking.register(folders, metric, name or tracking.MODEL_NAME, seeds=settings.seeds),
-        }
+        name = name or tracking.model_name(settings.experiment.name)
+        outcome = {"registered": True, **tracking.register(folders, metric, name, seeds=settings.seeds)}
     if output is not None:
         atomic_write_text(Path(output), json.dumps(outcome, indent=2) + "\n")
     return outcome

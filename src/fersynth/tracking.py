@@ -27,7 +27,13 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow_run.json"
 CHAMPION = "champion"
-MODEL_NAME = "fersynth-fer"
+MODEL_PREFIX = "fersynth-"  # one registered model per profile: fersynth-<experiment>
+
+
+def model_name(experiment: str) -> str:
+    """The registered model of a profile's grid (`fersynth-demo`, `fersynth-fer2013`): its
+    champion is compared only with models tested on the same data."""
+    return f"{MODEL_PREFIX}{experiment}"
 
 
 def tracking_uri() -> str | None:
@@ -337,7 +343,7 @@ def _seed_folders(folder: Path, seeds: list[int] | None = None) -> list[Path]:
 
 
 def register(
-    model_folders: dict[str, Path], metric: str, name: str = MODEL_NAME, seeds: list[int] | None = None
+    model_folders: dict[str, Path], metric: str, name: str, seeds: list[int] | None = None
 ) -> dict[str, Any]:
     """Register the best of the runs by `metric` (e.g. `test.mean_accuracy`); move the alias
     `champion` to it only when it beats the current champion's value of that metric.

@@ -73,6 +73,21 @@ class TrainResult:
     skipped: str | None = None  # why nothing was trained (`skip_if_empty`); None when it trained
 
 
+def validation_curve(output: Path, batch_size: int) -> list[dict[str, float]]:
+    """A run's validation accuracy against images seen, from its `train_log.jsonl` (accuracy in
+    %): [{"images_seen", "val_accuracy", "val_mean_accuracy"}], one per `eval_every`."""
+    rows = [json.loads(line) for line in (Path(output) / LOG_FILE).read_text().splitlines() if line]
+    return [
+        {
+            "images_seen": row["step"] * batch_size,
+            "val_accuracy": round(row["val_accuracy"] * 100, 2),
+            "val_mean_accuracy": round(row["val_mean_accuracy"] * 100, 2),
+        }
+        for row in rows
+        if "val_accuracy" in row
+    ]
+
+
 def split_validation(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, val): the dataset's own splits. The validation split is drawn once, upstream, by
     `fersynth ingest` (fersynth.splits), so every row selects on the same real images; no row
@@ -194,6 +209,7 @@ def run_train(
         mean=settings.mean,
         std=settings.std,
         window_size=settings.window_size,
+        in_chans=settings.in_chans,
         train_counts=dict(zip(CLASSES, counts, strict=True)),
     )
     torch.manual_seed(seed)

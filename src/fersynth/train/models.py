@@ -38,6 +38,7 @@ class ModelSpec:
     std: tuple[float, float, float]
     window_size: int | None = None
     classes: tuple[str, ...] = CLASSES
+    in_chans: int = 3  # 1: grey input (see `grey_stem`); model files before it hold RGB models
     train_counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -47,7 +48,7 @@ def default_resize(image_size: int) -> int:
 
 
 def _timm_kwargs(spec: ModelSpec) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"num_classes": len(spec.classes)}
+    kwargs: dict[str, Any] = {"num_classes": len(spec.classes), "in_chans": spec.in_chans}
     if spec.window_size is not None:
         kwargs["window_size"] = spec.window_size
     return kwargs
@@ -69,9 +70,44 @@ def create_model(spec: ModelSpec, pretrained: str | None = None) -> nn.Module:
     else:
         log.info("no pretrained weights given: %s starts from random initialisation", spec.arch)
     try:
-        return timm.create_model(spec.arch, img_size=spec.image_size, **kwargs)
+        model = timm.create_model(spec.arch, img_size=spec.image_size, **kwargs)
     except TypeError:  # CNNs take any input size and have no img_size argument
-        return timm.create_model(spec.arch, **kwargs)
+        model = timm.create_model(spec.arch, **kwargs)
+    if spec.in_chans == 1:
+        grey_stem(model)
+    return model
+
+
+def grey_to_one_channel(x: torch.Tensor) -> torch.Tensor:
+    """B x 3 x H x W normalised RGB -> B x 1 x H x W: the mean of the three normalised channels
+    (for a grey image, R = G = B = g, an affine map of g: `g * mean(1/std) - mean(mean/std)`)."""
+    return x.mean(dim=1, keepdim=True)
+
+
+def _to_one_channel(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a one-channel stem: 3-channel input -> its channel mean."""
+    if args[0].shape[1] == 3:
+        return (grey_to_one_channel(args[0]), *args[1:])
+    return None
+
+
+def grey_stem(model: nn.Module) -> nn.Module:
+    """Let a one-channel model take the 3-channel tensors every input path makes (evaluate,
+    predict, the GIF guide, the vote): a pre-hook on its first convolution (timm's
+    `pretrained_cfg["first_conv"]`) averages them to one channel; one-channel input passes
+    unchanged. The hook covers `forward` and `forward_features` alike; weights are untouched.
+
+    Raises FersynthError when timm names no first convolution, or the layer it names does not
+    take the image (a space-to-depth stem): such a model cannot use in_chans=1."""
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    stem = model.get_submodule(name) if name else None
+    if getattr(stem, "in_channels", None) != 1:
+        raise FersynthError(
+            f"{type(model).__name__}: train.in_chans=1 needs a first convolution that takes the "
+            "image (timm's pretrained_cfg first_conv); use in_chans: 3 for this architecture"
+        )
+    stem.register_forward_pre_hook(_to_one_channel)
+    return model
 
 
 def feature_map(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
