@@ -205,6 +205,14 @@ def _augment(folder: Path | None) -> dict:
     return stage
 
 
+def _row_results(evaluations: Path, table: pd.DataFrame, run: str, row_keys: dict[str, str] | None) -> Path:
+    """The folder of a table row's results: a row with seeds, its first seed's (the others are
+    in MLflow). `row_keys`: table label -> the row key its results are filed under."""
+    key = (row_keys or {}).get(run, run.lower())
+    first = seeds_of(table)[:1]
+    return evaluations / key / f"{SEED_PREFIX}{first[0]}" if first else evaluations / key
+
+
 def _confusion(
     evaluations: Path | None,
     test_set: str,
@@ -220,10 +228,7 @@ def _confusion(
         key = (row_keys or {}).get(run, run.lower())
         source = None
         if evaluations is not None:
-            # A row with seeds: the first seed's matrix (the others are in MLflow).
-            first = seeds_of(table)[:1]
-            folder = evaluations / key / f"{SEED_PREFIX}{first[0]}" if first else evaluations / key
-            source = folder / test_set / "confusion.png"
+            source = _row_results(evaluations, table, run, row_keys) / test_set / "confusion.png"
         picture = source and _copy(source, out, f"confusion_{key}.png")
         rows.append({"run": run, "picture": picture or None, "skipped": skipped.get(run)})
     return rows
@@ -274,9 +279,7 @@ def confusion_tables(evaluations: Path | None, test_set: str, table: pd.DataFram
     first = seeds_of(table)[:1]
     out = []
     for run in table.index:
-        key = (row_keys or {}).get(run, run.lower())
-        folder = evaluations / key / f"{SEED_PREFIX}{first[0]}" if first else evaluations / key
-        source = folder / test_set / "confusion_normalised.csv"
+        source = _row_results(evaluations, table, run, row_keys) / test_set / "confusion_normalised.csv"
         matrix = None
         if source.is_file():
             matrix = pd.read_csv(source, index_col=0) * 100
@@ -313,8 +316,8 @@ def write_results_page(
             }
             for i, (name, t) in enumerate(comparisons)
         ],
-        changes=changes_markdown(paired, list(comparisons[0][1].columns)) if not paired.empty else "",
-        changes_footnote=spread_footnote(seeds_of(comparisons[0][1])),
+        changes=changes_markdown(paired, list(in_domain.columns)) if not paired.empty else "",
+        changes_footnote=spread_footnote(seeds_of(in_domain)),
         acceptance=markdown.table(acceptance, {"acceptance %": ".1f"}) if acceptance is not None else "",
         rejections=markdown.table(rejections) if rejections is not None and not rejections.empty else "",
         none_accepted=none_accepted,

@@ -169,8 +169,8 @@ class TrainSettings(Strict):
     image_size: Annotated[int, Field(ge=16, le=1024)] = 224
     resize: Annotated[int, Field(ge=16, le=2048)] | None = None  # default image_size * 256/224
     window_size: Positive | None = None  # Swin: 4 at 128 px keeps MEK's maps flip-aligned
-    # 1: the model's first layer takes one grey channel (grey data such as FER2013: same
-    # accuracy, a third of the stem's work and of the in-memory images); 3: RGB.
+    # 1: the model's first layer takes one grey channel (grey data such as FER2013: a third of
+    # the stem's work); 3: RGB.
     in_chans: Literal[1, 3] = 3
     method: Literal["sl", "mek"] = "sl"
     steps: Positive = 100_000
