@@ -216,3 +216,23 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600):
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def write_png_header(path: Path, width: int, height: int) -> Path:
+    """A 68-byte PNG whose header claims width x height pixels (a decompression bomb's shape:
+    the decoder would allocate width * height bytes before finding the data missing)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+        + chunk(b"IEND", b"")
+    )
+    return path

@@ -21,6 +21,8 @@ def test_source_specific_numbers():
 def test_folder_aliases():
     assert classes.folder_class("Happiness") == "happy"
     assert classes.folder_class("anger") == "angry"
-    assert classes.folder_class("4") == "happy"  # RAF-DB numbering
+    assert classes.folder_class("4") is None  # numbers are never guessed: a class map names them
+    assert classes.CLASS_MAP_PRESETS["rafdb"]["4"] == "happy"
+    assert classes.CLASS_MAP_PRESETS["affectnet-alphabetical"]["1"] == classes.EXCLUDE  # contempt
     assert classes.folder_class("contempt") is None
     assert classes.class_index("neutral") == 6

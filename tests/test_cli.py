@@ -29,7 +29,7 @@ def test_user_mistakes_are_one_line_errors_without_traceback(tmp_path):
         ),
         (
             ["ingest", "--source", "fer2013", "--input", str(bad), "--output", str(tmp_path / "o")],
-            "missing columns emotion, pixels, Usage",
+            "missing columns emotion, pixels",
         ),
     ]
     for args, expected in cases:

@@ -17,7 +17,7 @@ from fersynth.evaluate import compute_metrics, run_evaluate
 from fersynth.predict import Predictor, crop_face, predict
 from fersynth.settings import EvaluateSettings
 from fersynth.train.loop import run_train
-from helpers import make_demo_dataset, tiny_train_settings
+from helpers import make_demo_dataset, tiny_train_settings, write_png_header
 
 
 def test_metrics_against_a_hand_computed_confusion_matrix():
@@ -136,12 +136,16 @@ def test_predict_folder_reports_unreadable_images_and_writes_json(trained, tmp_p
     for i, path in enumerate(sorted((trained / "ds" / "images" / "test").iterdir())[:3]):
         (folder / f"{i}.jpg").write_bytes(path.read_bytes())
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    write_png_header(folder / "bomb.png", 100_000, 100_000)  # a decompression bomb's header
     output = tmp_path / "predictions.json"
     assert main(["predict", str(folder), "--model", str(trained / "model"), "--output", str(output)]) == 0
     rows = json.loads(output.read_text())
-    assert len(rows) == 4
+    assert len(rows) == 5
     broken = [r for r in rows if r["path"].endswith("broken.png")][0]
     assert broken["error"] and broken["predicted"] == ""
+    bomb = [r for r in rows if r["path"].endswith("bomb.png")][0]
+    assert bomb["error"].startswith("100000 x 100000 = 10,000,000,000 pixels, over max_image_pixels")
+    assert sum(r["predicted"] in CLASSES for r in rows) == 3
     assert all(r["predicted"] in CLASSES for r in rows if not r["error"])
 
 

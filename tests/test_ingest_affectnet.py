@@ -89,19 +89,24 @@ def test_affectnet_crops_maps_excludes_and_balances(tmp_path):
 
     rejected = pd.read_csv(tmp_path / "out" / "ingest_rejected.csv", keep_default_na=False)
     reasons = dict(zip(rejected["source_id"], rejected["reason"], strict=True))
-    assert reasons["training.csv row 3"] == "excluded class contempt (expression 7)"
-    assert reasons["training.csv row 4"] == "excluded class none (expression 8)"
+    assert reasons["training.csv row 3 (1/b.jpg)"] == "excluded class contempt (expression 7)"
+    assert reasons["training.csv row 4 (1/c.jpg)"] == "excluded class none (expression 8)"
     assert "outside the 120x120 image" in reasons["Manually_Annotated_Images/2/e.jpg"]
     assert reasons["Manually_Annotated_Images/2/missing.jpg"] == "file not found"
-    assert "leaves the image folder" in reasons["training.csv row 8"]
-    assert "not a number" in reasons["training.csv row 9"]
-    assert reasons["validation.csv row 9"] == "excluded class non-face (expression 10)"
+    assert "leaves the image folder" in reasons["training.csv row 8 (../escape.jpg)"]
+    assert "not a number" in reasons["training.csv row 9 (2/f.jpg)"]
+    assert reasons["validation.csv row 9 (v4/0.jpg)"] == "excluded class non-face (expression 10)"
     assert sum("balanced test subset" in r for r in reasons.values()) == 2
     kinds = dict(zip(rejected["source_id"], rejected["kind"], strict=True))
-    assert kinds["training.csv row 3"] == kinds["validation.csv row 9"] == "excluded_class"
+    assert (
+        kinds["training.csv row 3 (1/b.jpg)"] == kinds["validation.csv row 9 (v4/0.jpg)"] == "excluded_class"
+    )
     assert kinds["Manually_Annotated_Images/2/e.jpg"] == "bad_face_box"
     assert kinds["Manually_Annotated_Images/2/missing.jpg"] == "missing_file"
-    assert kinds["training.csv row 8"] == "unsafe_path" and kinds["training.csv row 9"] == "malformed_row"
+    assert (
+        kinds["training.csv row 8 (../escape.jpg)"] == "unsafe_path"
+        and kinds["training.csv row 9 (2/f.jpg)"] == "malformed_row"
+    )
     assert report.rejected_by_kind["excluded_class"] == 3  # contempt, none, non-face
     assert report.rejected_by_kind["not_sampled"] == 2
     assert sum(report.rejected_by_kind.values()) == report.rejected == len(rejected)

@@ -77,11 +77,11 @@ def test_ferplus_joins_votes_with_pixels(tmp_path):
     assert rows.loc["ferplus_00005", "split"] == "private_test"
     rejected = pd.read_csv(out / "ingest_rejected.csv", keep_default_na=False)
     reasons = dict(zip(rejected["source_id"], rejected["reason"], strict=True))
-    assert reasons["fer2013new.csv row 3"] == "FER+ majority rule: no majority / unknown"
+    assert reasons["fer2013new.csv row 3 (fer0000001.png)"] == "FER+ majority rule: no majority / unknown"
     assert reasons["fer2013new.csv row 4"] == "no image name: FER+ removed this image"
-    assert "contempt" in reasons["fer2013new.csv row 5"]
-    assert reasons["fer2013new.csv row 6"] == "FER+ majority rule: not a face"
-    kinds = dict(zip(rejected["source_id"], rejected["kind"], strict=True))
+    assert "contempt" in reasons["fer2013new.csv row 5 (fer0000003.png)"]
+    assert reasons["fer2013new.csv row 6 (fer0000004.png)"] == "FER+ majority rule: not a face"
+    kinds = dict(zip(rejected["source_id"].str.split(" [(]").str[0], rejected["kind"], strict=True))
     assert [kinds[f"fer2013new.csv row {n}"] for n in (3, 4, 5, 6)] == [
         "no_majority",
         "removed_by_source",

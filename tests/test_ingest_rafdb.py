@@ -57,18 +57,18 @@ def test_rafdb_every_input_is_written_or_reported(rafdb, tmp_path):
 
     rejected = pd.read_csv(out / "ingest_rejected.csv", keep_default_na=False)
     reasons = dict(zip(rejected["source_id"], rejected["reason"], strict=True))
-    assert "unknown label '9'" in reasons["EmoLabel/list_patition_label.txt line 10"]
-    assert "expected 'NAME LABEL'" in reasons["EmoLabel/list_patition_label.txt line 11"]
+    assert "unknown label '9'" in reasons["EmoLabel/list_patition_label.txt line 10 (train_00007.jpg)"]
+    assert "expected 'NAME LABEL'" in reasons["EmoLabel/list_patition_label.txt line 11 (train_00008.jpg)"]
     assert "truncated" in reasons["Image/aligned/train_00009_aligned.jpg"]
     assert "empty file" in reasons["Image/aligned/train_00010_aligned.jpg"]
     assert reasons["Image/aligned/train_00011_aligned.jpg"] == "file not found"
-    assert "is a path" in reasons["EmoLabel/list_patition_label.txt line 16"]
-    assert "neither train_ nor test_" in reasons["EmoLabel/list_patition_label.txt line 17"]
+    assert "is a path" in reasons["EmoLabel/list_patition_label.txt line 16 (../../etc/passwd)"]
+    assert "neither train_ nor test_" in reasons["EmoLabel/list_patition_label.txt line 17 (val_00001.jpg)"]
     kinds = dict(zip(rejected["source_id"], rejected["kind"], strict=True))
-    assert kinds["EmoLabel/list_patition_label.txt line 10"] == "unknown_label"
-    assert kinds["EmoLabel/list_patition_label.txt line 11"] == "malformed_row"
+    assert kinds["EmoLabel/list_patition_label.txt line 10 (train_00007.jpg)"] == "unknown_label"
+    assert kinds["EmoLabel/list_patition_label.txt line 11 (train_00008.jpg)"] == "malformed_row"
     assert kinds["Image/aligned/train_00011_aligned.jpg"] == "missing_file"
-    assert kinds["EmoLabel/list_patition_label.txt line 17"] == "unknown_split"
+    assert kinds["EmoLabel/list_patition_label.txt line 17 (val_00001.jpg)"] == "unknown_split"
 
 
 def test_rafdb_manifest_labels_splits_and_files(rafdb, tmp_path):

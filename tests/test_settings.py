@@ -83,7 +83,8 @@ def test_an_inconsistent_experiment_is_one_clear_error(override, message):
     with pytest.raises(FersynthError) as info:
         load_settings(REPO / "profiles" / "demo.yaml", [override])
     assert message in str(info.value)
-    assert len(str(info.value)) < 300  # one line that names the key, not a dump of the section
+    # One line that names the key (and the override it came from), not a dump of the section.
+    assert len(str(info.value)) < 300 + len(override)
 
 
 def test_an_empty_mapping_override_empties_it_and_a_number_is_text_where_text_is_expected():
@@ -148,3 +149,74 @@ def test_save_resolved_writes_every_default(tmp_path):
     assert saved["ingest"]["workers"] == 2
     assert saved["ingest"]["affectnet"]["test_per_class"] == 500
     assert saved["ingest"]["fer2013"]["split_map"]["PublicTest"] == "test"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("train:\n  batch_size: true\n", "train.batch_size = True: expected an integer, not true/false"),
+        ("train:\n  lr: false\n", "train.lr = False: expected a number, not true/false"),
+        ("seed: true\n", "seed = True: expected an integer, not true/false"),
+        ("train:\n  in_chans: true\n", "train.in_chans = True: expected an integer"),  # Literal[1, 3]
+        ("train:\n  grad_clip: true\n", "train.grad_clip = True: expected a number"),  # optional
+        (
+            "train:\n  mek:\n    lr_scale_batch: true\n",
+            "train.mek.lr_scale_batch = True: expected an integer",
+        ),
+        ("train:\n  mean: [0.5, true, 0.4]\n", "train.mean: [1] = True: expected a number"),  # a tuple
+        ("quality:\n  weights: {sharpness: true}\n", "quality.weights: sharpness = True: expected a number"),
+        (
+            "experiment:\n  grid:\n    seeds: [1, false]\n",
+            "experiment.grid.seeds: [1] = False: expected an integer",
+        ),
+        ("demo:\n  sets:\n    raw: {seed: true}\n", "demo.sets.raw: seed = True: expected an integer"),
+    ],
+    ids=lambda value: value.partition(" ")[0] if " = " in value else "params",
+)
+def test_a_boolean_is_refused_where_a_number_is_expected(tmp_path, yaml_text, expected):
+    # Lax validation would read true as 1: `batch_size: true` would train at batch size 1.
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(FersynthError) as info:
+        load_settings(path)
+    assert str(info.value).startswith(f"{path}: {expected}")
+
+
+def test_a_boolean_is_still_a_boolean_where_one_is_expected(tmp_path):
+    settings = load_settings(write(tmp_path, "train:\n  hflip: false\ndemo:\n  sets:\n    raw: {}\n"))
+    assert settings.train.hflip is False
+    assert load_settings(None, ["evaluate.tta_flip=false"]).evaluate.tta_flip is False
+
+
+def test_an_error_in_an_override_names_the_override_and_one_in_the_file_the_file(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 0\n  lr: 0.001\n")
+    with pytest.raises(FersynthError) as info:
+        load_settings(path, ["train.batch_size=abc", "demo.seed=3"])
+    problems = str(info.value).split("; ")
+    assert problems[0] == f"{path}: train.steps = 0: Input should be greater than or equal to 1"
+    assert problems[1].startswith("override train.batch_size=abc: train.batch_size = 'abc': Input should be")
+    assert len(problems) == 2
+    # A section set by an override (a parent of the key), and a check of the section above it.
+    with pytest.raises(FersynthError, match=r"^override train=\{batch_size: 0\}: train.batch_size = 0"):
+        load_settings(write(tmp_path, "train:\n  lr: 0.001\n"), ["train={batch_size: 0}"])
+    with pytest.raises(
+        FersynthError, match=r"^override experiment.grid.seeds=\[1, 1\]: experiment.grid: seeds"
+    ):
+        load_settings(None, ["experiment.grid.seeds=[1, 1]"])
+    with pytest.raises(FersynthError, match=r"^override ingest.wrkers=2: unknown key 'ingest.wrkers'$"):
+        load_settings(None, ["ingest.wrkers=2"])
+    with pytest.raises(
+        FersynthError, match=r"^override verify.voters=\[orignal_mek\]: verify.voters: 'orignal_mek'"
+    ):
+        load_settings(None, ["verify.voters=[orignal_mek]"])
+
+
+def test_the_command_line_names_a_bad_override(tmp_path, capsys):
+    from fersynth.cli import main
+
+    path = write(tmp_path, "train:\n  lr: 0.001\n")
+    assert main(["--params", str(path), "-S", "train.batch_size=true", "params"]) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        "fersynth: error: override train.batch_size=true: train.batch_size = True: "
+        "expected an integer, not true/false\n"
+    )

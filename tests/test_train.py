@@ -342,3 +342,27 @@ def test_one_channel_run_saves_and_reloads_a_grey_model(demo_dataset, tmp_path):
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():  # the reloaded model carries the hook again: 3-channel input works
         assert torch.allclose(loaded.model(x), loaded.model(x.mean(dim=1, keepdim=True)), atol=1e-5)
+
+
+def test_a_resumed_run_logs_each_step_once(demo_dataset, tmp_path):
+    """A run killed after its checkpoint at step 3 but after logging steps 4 and 5 (and half a
+    line of step 6) logs steps 1..6 once each when resumed."""
+    output = tmp_path / "run"
+    settings = dict(log_every=1, eval_every=3, checkpoint_every=3)
+    run_train(tiny(demo_dataset, output, steps=3, **settings), progress=False)
+    assert torch.load(output / CHECKPOINT, weights_only=True)["step"] == 3
+    with (output / "train_log.jsonl").open("a") as log_file:
+        log_file.write('{"step": 4, "loss": 99.0, "lr": 0.001}\n{"step": 5, "loss": 99.0, "lr": 0.001}\n')
+        log_file.write('{"step": 6, "lo')  # killed mid-write
+    with (output / "train_speed.jsonl").open("a") as speed_file:
+        speed_file.write('{"step": 4, "images_per_s": 1.0}\n{"step": 5, "images_per_s": 1.0}\n')
+
+    run_train(tiny(demo_dataset, output, steps=6, **settings), resume=True, progress=False)
+
+    records = [json.loads(x) for x in (output / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "val_accuracy" in r] == [3, 6]
+    assert all(r["loss"] != 99.0 for r in records if "loss" in r)  # the killed run's lines are gone
+    speeds = [json.loads(x) for x in (output / "train_speed.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in speeds] == [1, 2, 3, 4, 5, 6]
+    assert all(r["images_per_s"] != 1.0 for r in speeds)

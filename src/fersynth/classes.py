@@ -72,7 +72,27 @@ FOLDER_ALIASES: dict[str, str] = {
     "sadness": "sad",
     "anger": "angry",
     "neutrality": "neutral",
-    **{str(i): name for i, name in RAFDB_LABELS.items()},
+}
+# Numbered class folders are never guessed (an AffectNet re-pack's folder 1 is happy in the
+# original numbering and contempt in the alphabetical one): `ingest.folder.class_map` names
+# them, directly or by one of these presets. EXCLUDE marks a class outside the 7-class task.
+EXCLUDE = "exclude"
+_ALPHABETICAL_8 = ("angry", EXCLUDE, "disgust", "fear", "happy", "neutral", "sad", "surprise")
+CLASS_MAP_PRESETS: dict[str, dict[str, str]] = {
+    # RAF-DB basic, labels 1..7.
+    "rafdb": {str(i): name for i, name in RAFDB_LABELS.items()},
+    # FER2013's emotion codes 0..6.
+    "fer2013": {str(i): name for i, name in FER2013_LABELS.items()},
+    # AffectNet's own expression codes 0..10 (7 contempt, 8..10 none/uncertain/non-face).
+    "affectnet": {
+        **{str(i): name for i, name in AFFECTNET_LABELS.items()},
+        **{str(i): EXCLUDE for i in AFFECTNET_EXCLUDED},
+    },
+    # AffectNet-8 re-packs numbered in alphabetical class order (an ImageFolder's indices):
+    # 0 anger, 1 contempt, 2 disgust, 3 fear, 4 happy, 5 neutral, 6 sad, 7 surprise.
+    "affectnet-alphabetical": {str(i): name for i, name in enumerate(_ALPHABETICAL_8)},
+    # 7-class re-packs in alphabetical order (FER2013 and RAF-DB folder exports, ImageFolder).
+    "alphabetical": {str(i): name for i, name in enumerate(sorted(CLASSES))},
 }
 
 

@@ -168,6 +168,23 @@ def demo_data_command(obj: _Context, set_name, output, seed, train_size, test_si
     default=None,
     help="Keep training images that duplicate a test image (default: drop them).",
 )
+@click.option(
+    "--class-map",
+    help="What numbered class folders mean, for --source folder: a preset (affectnet, "
+    "affectnet-alphabetical, rafdb, fer2013, alphabetical) or pairs such as "
+    "0=neutral,1=happy,7=exclude [ingest.folder.class_map].",
+)
+@click.option(
+    "--label-base",
+    type=click.IntRange(0, 1),
+    help="RAF-DB label numbering: 1 (RAF-DB's 1..7) or 0 (a re-numbered 0..6 file) "
+    "[ingest.rafdb.label_base].",
+)
+@click.option(
+    "--split",
+    "split_name",
+    help="The split of every row of a FER2013 CSV without a Usage column, e.g. train [ingest.fer2013.split].",
+)
 @click.option("--workers", type=int, help="Worker processes, 0 = all cores [ingest.workers].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -179,6 +196,9 @@ def ingest_command(
     output,
     ferplus_labels,
     keep_test_duplicates,
+    class_map,
+    label_base,
+    split_name,
     workers,
     force: bool,
     quiet: bool,
@@ -200,6 +220,9 @@ def ingest_command(
                 "ingest.output": output,
                 "ingest.ferplus.labels_csv": ferplus_labels,
                 "ingest.drop_train_test_duplicates": drop,
+                "ingest.folder.class_map": class_map,
+                "ingest.rafdb.label_base": label_base,
+                "ingest.fer2013.split": split_name,
                 "ingest.workers": workers,
             }
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -20,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fersynth.classes import CLASSES
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text, link_or_copy, staged_folder
+from fersynth.image_limit import max_image_pixels, set_max_image_pixels
 
 MANIFEST_NAME = "manifest.csv"
 ORIGINS = ("real", "enhanced", "synthetic")
@@ -87,16 +89,27 @@ class ImageDecodeError(ValueError):
 def decode_image(data: bytes) -> np.ndarray:
     """Decode image bytes to uint8 pixels: H x W for grey, H x W x 3 (RGB) for colour.
 
-    Handles what real datasets contain: EXIF rotation, palette and alpha images (alpha is
-    dropped), CMYK JPEGs, 16-bit PNGs (scaled to 8 bit, not clipped). Empty, truncated and
-    non-image inputs raise ImageDecodeError with the reason.
+    Handles what real datasets contain: EXIF rotation, palette and alpha images (transparent
+    pixels composited onto TRANSPARENT_BACKGROUND), CMYK JPEGs, 16-bit PNGs (scaled to 8 bit,
+    not clipped). Empty, truncated, non-image and too large inputs (more pixels than
+    fersynth.image_limit allows) raise ImageDecodeError with the reason.
     """
+    return decode_image_info(data)[0]
+
+
+def decode_image_info(data: bytes) -> tuple[np.ndarray, bool]:
+    """`decode_image`, and whether transparent pixels were composited onto the background."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)", "empty_file")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()  # a truncated file raises here (LOAD_TRUNCATED_IMAGES stays off)
-            image = ImageOps.exif_transpose(opened)
+        with warnings.catch_warnings():
+            # Pillow warns above its limit and raises above twice it: both mean too large.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as opened:
+                opened.load()  # a truncated file raises here (LOAD_TRUNCATED_IMAGES stays off)
+                image = ImageOps.exif_transpose(opened)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageDecodeError(_too_large_reason(data), "too_large") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not a readable image format", "not_an_image") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -108,12 +121,66 @@ def decode_image(data: bytes) -> np.ndarray:
         wide = np.asarray(image, dtype=np.int64)
         # 16-bit data spans 0..65535; 32-bit ints from other decoders are scaled by their max.
         top = 65535 if mode.startswith("I;16") or wide.max() > 255 else 255
-        return np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8), False
     if mode == "F":
-        return np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
-    if mode in ("L", "1", "LA") or (mode == "P" and _palette_is_grey(image)):
-        return np.asarray(image.convert("L"), dtype=np.uint8)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8), False
+    grey = mode in ("L", "1", "LA", "La") or (mode in ("P", "PA") and _palette_is_grey(image))
+    composited = _has_transparency(image)
+    if composited:
+        image = _composite(image)
+    return np.asarray(image.convert("L" if grey else "RGB"), dtype=np.uint8), composited
+
+
+# What shows through transparent pixels: white, as a page or viewer without a checkerboard shows
+# them. Without compositing, RGBA -> RGB exposes whatever colour the transparent pixels hold.
+TRANSPARENT_BACKGROUND = (255, 255, 255)
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    """True when some pixel is not fully opaque (alpha channel or palette/colour-key transparency)."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        alpha = image.getchannel("A")
+    elif "transparency" in image.info and image.mode in ("P", "L", "RGB", "1"):
+        alpha = image.convert("RGBA").getchannel("A")
+    else:
+        return False
+    return alpha.getextrema()[0] < 255
+
+
+def _composite(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (*TRANSPARENT_BACKGROUND, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _too_large_reason(data: bytes) -> str:
+    """'W x H = N pixels, over max_image_pixels L', from the header alone."""
+    limit = max_image_pixels()
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # read the header of an image already known to be too large
+        with Image.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+    except Exception:  # noqa: BLE001 - the size is a detail of the message only
+        return f"more pixels than max_image_pixels = {limit:,} (a decompression bomb or a huge scan)"
+    finally:
+        set_max_image_pixels(limit)
+    return (
+        f"{width} x {height} = {width * height:,} pixels, over max_image_pixels = {limit:,} "
+        "(a decompression bomb or a huge scan)"
+    )
+
+
+def check_pixel_limit(data: bytes) -> None:
+    """Raise ImageDecodeError (kind too_large) when the image's header claims more pixels than
+    the limit; other defects are left to the decoder. For decoders other than Pillow's."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.open(io.BytesIO(data)).close()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageDecodeError(_too_large_reason(data), "too_large") from None
+    except Exception:  # noqa: BLE001 - not an image Pillow knows: the decoder will say why
+        return
 
 
 def _palette_is_grey(image: Image.Image) -> bool:

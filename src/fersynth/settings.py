@@ -8,14 +8,17 @@ resolved settings next to their output with `save_resolved`.
 from __future__ import annotations
 
 import json
+import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
+from fersynth.image_limit import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -28,6 +31,71 @@ class Strict(BaseModel):
 
     # A number given for a text setting is that text (`-S kfp.data_rev=12345678`, a commit).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: Any) -> Any:
+        # Lax mode reads true as 1 (`batch_size: true` would train at batch 1): a boolean is a
+        # number only where the setting takes booleans too.
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        misfit = _bool_misfit(field.annotation, value) if field is not None else None
+        if misfit is not None:
+            place, found, expected = misfit
+            where = f"{place} = {found!r}: " if place else ""
+            raise ValueError(f"{where}expected {expected}, not true/false")
+        return value
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types a value of `annotation` may take: Annotated and unions unwrapped."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return [member for arg in get_args(annotation) for member in _members(arg)]
+    return [annotation]
+
+
+def _number_kind(annotation: Any) -> str | None:
+    """What a number of `annotation` is ("an integer", "a number") when it reads true/false as
+    one (int, float, a Literal of numbers) and admits no boolean itself; else None."""
+    kinds: list[type] = []
+    for member in _members(annotation):
+        if member is bool or member is Any or member is object:
+            return None
+        if get_origin(member) is Literal:
+            values = get_args(member)
+            if any(isinstance(v, bool) for v in values):
+                return None
+            kinds += [type(v) for v in values if isinstance(v, int | float)]
+        elif member in (int, float):
+            kinds.append(member)
+    if float in kinds:
+        return "a number"
+    return "an integer" if int in kinds else None
+
+
+def _bool_misfit(annotation: Any, value: Any) -> tuple[str, bool, str] | None:
+    """(where inside `value`, the boolean, what was expected) for a true/false that `annotation`
+    would read as a number, at any depth of lists, tuples and mappings; None when there is none."""
+    if isinstance(value, bool):
+        kind = _number_kind(annotation)
+        return None if kind is None else ("", value, kind)
+    for member in _members(annotation):
+        origin, args = get_origin(member), get_args(member)
+        if isinstance(value, dict) and origin is dict and len(args) == 2:
+            items = [(f".{key}", args[1], item) for key, item in value.items()]
+        elif isinstance(value, list | tuple) and origin in (list, tuple) and args:
+            fixed = origin is tuple and Ellipsis not in args and len(args) == len(value)
+            kinds = args if fixed else [args[0]] * len(value)
+            items = [(f"[{i}]", kind, item) for i, (kind, item) in enumerate(zip(kinds, value, strict=True))]
+        else:
+            continue
+        for place, kind, item in items:
+            found = _bool_misfit(kind, item)
+            if found is not None:
+                return (place + found[0]).removeprefix("."), found[1], found[2]
+    return None
 
 
 class DemoSettings(Strict):
@@ -53,6 +121,60 @@ class Fer2013Settings(Strict):
         "PublicTest": "test",
         "PrivateTest": "private_test",
     }
+    # The split of every row of a file without a Usage column (the challenge's train.csv);
+    # null: the file's Usage column decides, through split_map.
+    split: SplitName | None = None
+
+
+class RafdbSettings(Strict):
+    # 1: RAF-DB's own labels 1..7; 0: a re-numbered file with labels 0..6 (same class order).
+    # A file that looks 0-based while this says 1 is an error, never shifted silently.
+    label_base: Literal[0, 1] = 1
+    # Image/aligned/<name>_aligned.jpg, or Image/original/<name> (auto: aligned when present).
+    images: Literal["auto", "aligned", "original"] = "auto"
+
+
+class FolderSettings(Strict):
+    # What numbered class folders mean: a preset (fersynth.classes.CLASS_MAP_PRESETS: rafdb,
+    # fer2013, affectnet, affectnet-alphabetical, alphabetical), or folder=class pairs, e.g.
+    # {0: neutral, 1: happy, 7: exclude} or "0=neutral,1=happy,7=exclude". Numbers are never
+    # guessed: a numbered class folder without a map is an error.
+    class_map: str | dict[str, str] | None = None
+
+    @field_validator("class_map", mode="before")
+    @classmethod
+    def _class_map(cls, value: Any) -> str | dict[str, str] | None:
+        from fersynth.classes import CLASS_MAP_PRESETS, EXCLUDE, folder_class
+
+        if value is None or (isinstance(value, str) and "=" not in value):
+            if value is not None and value not in CLASS_MAP_PRESETS:
+                raise ValueError(
+                    f"not a preset ({', '.join(CLASS_MAP_PRESETS)}) nor FOLDER=CLASS pairs "
+                    "such as 0=neutral,1=happy"
+                )
+            return value
+        if isinstance(value, str):
+            pairs = [part.partition("=") for part in value.split(",") if part.strip()]
+            if any(not sep or not key.strip() for key, sep, _ in pairs):
+                raise ValueError("expected FOLDER=CLASS pairs separated by commas, e.g. 0=neutral,1=happy")
+            value = {key.strip(): name.strip() for key, _, name in pairs}
+        if not isinstance(value, dict) or not value:
+            raise ValueError("expected a preset name or a non-empty mapping of folder to class")
+        mapping = {}
+        for key, name in value.items():
+            canonical = EXCLUDE if str(name).strip().lower() == EXCLUDE else folder_class(str(name))
+            if canonical is None:
+                raise ValueError(f"folder {key}: {name!r} is not a class (or {EXCLUDE})")
+            mapping[str(key).strip()] = canonical
+        return mapping
+
+    def mapping(self) -> dict[str, str] | None:
+        """Folder name -> canonical class or EXCLUDE; None when no map is given."""
+        from fersynth.classes import CLASS_MAP_PRESETS
+
+        if isinstance(self.class_map, str):
+            return CLASS_MAP_PRESETS[self.class_map]
+        return self.class_map
 
 
 class FerPlusSettings(Strict):
@@ -86,6 +208,8 @@ class IngestSettings(Strict):
     fer2013: Fer2013Settings = Fer2013Settings()
     ferplus: FerPlusSettings = FerPlusSettings()
     affectnet: AffectNetSettings = AffectNetSettings()
+    rafdb: RafdbSettings = RafdbSettings()
+    folder: FolderSettings = FolderSettings()
 
 
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")]
@@ -576,6 +700,10 @@ class KfpSettings(Strict):
 
 class Settings(Strict):
     seed: int = 2048
+    # Images with more pixels are refused wherever they are decoded (ingest rejects and names
+    # them; predict reports them; train stops on them): decompression bombs and scans far
+    # larger than a face needs. Default: Pillow's own limit, 89,478,485 pixels (about 9459^2).
+    max_image_pixels: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_IMAGE_PIXELS
     experiment: ExperimentSettings = ExperimentSettings()
     demo: DemoSettings = DemoSettings()
     ingest: IngestSettings = IngestSettings()
@@ -791,20 +919,38 @@ def seed_folder(seed: int) -> str:
     return f"{SEED_PREFIX}{seed}"
 
 
-def _format_errors(source: str, error: ValidationError) -> str:
+def _format_errors(source: str, error: ValidationError, overrides: list[str] | None = None) -> str:
+    """One `<where>: <key> = <value>: <problem>` per error; <where> is the -S override that set
+    the key (or a section above or inside it), else `source`."""
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
+        message = str(item["msg"]).removeprefix("Value error, ")
+        # A check of the whole settings names its key in the message (`verify.voters: ...`).
+        named = re.match(r"([A-Za-z_][\w-]*(?:\.[\w-]+)*): ", message)
+        where = _override_of(key or (named.group(1) if named else ""), overrides) or source
         if item["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key {key!r}")
+            lines.append(f"{where}: unknown key {key!r}")
         else:
-            message = str(item["msg"]).removeprefix("Value error, ")
             value = item.get("input")
             if isinstance(value, dict | list) or not key:  # a whole section: the message names the key
-                lines.append(f"{source}: {key + ': ' if key else ''}{message}")
+                lines.append(f"{where}: {key + ': ' if key else ''}{message}")
             else:
-                lines.append(f"{source}: {key} = {value!r}: {message}")
+                lines.append(f"{where}: {key} = {value!r}: {message}")
     return "; ".join(lines)
+
+
+def _override_of(key: str, overrides: list[str] | None) -> str | None:
+    """`override K=V` for the overrides that set `key`, a section above it or a key inside it
+    (the value the error is about came from them, not from the file); None when none did."""
+    if not key:
+        return None
+    hits = []
+    for pair in overrides or []:
+        given = pair.partition("=")[0].strip()
+        if given == key or key.startswith(f"{given}.") or given.startswith(f"{key}."):
+            hits.append(pair.strip())
+    return f"override {', '.join(hits)}" if hits else None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -866,13 +1012,16 @@ def settings_from_mapping(
     raw: dict[str, Any], overrides: list[str] | None = None, source: str = "defaults"
 ) -> Settings:
     """Validate a parameter mapping (a profile already read, e.g. the one a compiled pipeline
-    carries) plus KEY=VALUE overrides; errors name `source`."""
+    carries) plus KEY=VALUE overrides; errors name `source`. The process decodes images under
+    the settings' `max_image_pixels` from now on (fersynth.image_limit)."""
     if overrides:
         raw = _merge(raw, parse_overrides(overrides))
     try:
-        return Settings.model_validate(raw)
+        settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        raise FersynthError(_format_errors(source, exc)) from None
+        raise FersynthError(_format_errors(source, exc, overrides)) from None
+    set_max_image_pixels(settings.max_image_pixels)
+    return settings
 
 
 def resolved_dict(settings: BaseModel | dict[str, Any]) -> dict[str, Any]:

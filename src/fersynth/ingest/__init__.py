@@ -20,7 +20,7 @@ from fersynth.dataset import COLUMNS, VAL_SPLIT, write_manifest
 from fersynth.errors import FersynthError
 from fersynth.files import staged_folder
 from fersynth.ingest import affectnet, fer2013, ferplus, folder, rafdb
-from fersynth.ingest.items import Candidate, Rejection
+from fersynth.ingest.items import Candidate, Note, Rejection
 from fersynth.ingest.report import (
     IngestReport,
     build_report,
@@ -29,30 +29,28 @@ from fersynth.ingest.report import (
     split_order,
     write_report,
 )
-from fersynth.ingest.writer import IMAGES_DIR, WriteOptions, import_one
+from fersynth.ingest.writer import COMPOSITED, IMAGES_DIR, WriteOptions, import_one
 from fersynth.parallel import imap
 from fersynth.settings import IngestSettings, save_resolved
 from fersynth.splits import draw_validation, has_validation
 
 
-def _reader(settings: IngestSettings, seed: int) -> tuple[Iterator[Candidate | Rejection], int]:
+def _reader(settings: IngestSettings, seed: int) -> tuple[Iterator[Candidate | Rejection | Note], int]:
     source, path = settings.source, Path(settings.input)
     if not path.exists():
         raise FersynthError(f"{path}: input not found (ingest.input, source {source})")
     if source == "rafdb":
-        return rafdb.read(path), rafdb.count(path)
+        return rafdb.read(path, settings.rafdb), rafdb.count(path)
     if source == "fer2013":
-        return fer2013.read(path, settings.fer2013.split_map), fer2013.count(path)
+        return fer2013.read(path, settings.fer2013), fer2013.count(path)
     if source == "ferplus":
         labels = settings.ferplus.labels_csv
         if labels is None:
             raise FersynthError("ingest.ferplus.labels_csv: set it to Microsoft's fer2013new.csv")
-        return ferplus.read(path, labels, settings.fer2013.split_map), fer2013.count(
-            labels, ferplus.LABEL_COLUMNS
-        )
+        return ferplus.read(path, labels, settings.fer2013), fer2013.count(labels)
     if source == "affectnet":
         return affectnet.read(path, settings.affectnet, seed), affectnet.count(path, settings.affectnet)
-    return folder.read(path), folder.count(path)
+    return folder.read(path, settings.folder), folder.count(path)
 
 
 class _Tally:
@@ -61,9 +59,13 @@ class _Tally:
     def __init__(self) -> None:
         self.read: Counter[tuple[str, str]] = Counter()
         self.ids: Counter[str] = Counter()
+        self.notes: list[str] = []
 
-    def __call__(self, items: Iterator[Candidate | Rejection]) -> Iterator[Candidate | Rejection]:
+    def __call__(self, items: Iterator[Candidate | Rejection | Note]) -> Iterator[Candidate | Rejection]:
         for item in items:
+            if isinstance(item, Note):  # about the input as a whole: for the report
+                self.notes.append(item.text)
+                continue
             if isinstance(item, Candidate):
                 self.read[(item.split, item.label)] += 1
                 self.ids[item.id] += 1
@@ -97,6 +99,19 @@ def _validation_split(
     return kept, len(drawn)
 
 
+def _nothing_imported(settings: IngestSettings, rejections: list[Rejection], removed: int = 0) -> str:
+    """The stage's one line when no image is left: how many inputs, and why, by kind."""
+    where = f"{settings.input}: no image could be imported"
+    if not rejections and not removed:
+        return f"{where} (no input rows or image files found for source {settings.source})"
+    kinds = Counter(r.kind for r in rejections).most_common()
+    first = {r.kind: f"{r.source_id}: {r.reason}" for r in reversed(rejections)}
+    parts = [f"{n} {kind} (e.g. {first[kind]})" for kind, n in kinds[:3]]
+    if removed:
+        parts.append(f"{removed} removed as copies of test images")
+    return f"{where}: {'; '.join(parts)}"
+
+
 def run_ingest(
     settings: IngestSettings,
     *,
@@ -113,10 +128,17 @@ def run_ingest(
     with staged_folder(output, force=force) as staging:
         options = WriteOptions(staging, settings.source, settings.image_format, settings.jpeg_quality)
         results = imap(import_one, tally(items), settings.workers, chunksize=64, options=options)
+        composited = 0
         for result in tqdm(
             results, total=total, desc=f"ingest {settings.source}", unit="img", disable=not progress
         ):
-            (rejections if isinstance(result, Rejection) else rows).append(result)
+            if isinstance(result, Rejection):
+                rejections.append(result)
+            else:
+                composited += result.pop(COMPOSITED)
+                rows.append(result)
+        if not rows:
+            raise FersynthError(_nothing_imported(settings, rejections))
 
         frame = pd.DataFrame(rows, columns=list(COLUMNS))
         findings = find_duplicates(frame)
@@ -127,10 +149,7 @@ def run_ingest(
             (staging / relative).unlink()
 
         if kept.empty:
-            raise FersynthError(
-                f"{settings.input}: no image could be imported ({len(rejections)} rejected; "
-                f"first reason: {rejections[0].reason if rejections else 'no input rows'})"
-            )
+            raise FersynthError(_nothing_imported(settings, rejections, len(removed)))
         report = build_report(
             source=settings.source,
             input_path=Path(settings.input),
@@ -141,6 +160,8 @@ def run_ingest(
             rejections=rejections,
             findings=findings,
             dropped_test_duplicates=remove,
+            notes=tally.notes,
+            composited=composited,
         )
         kept, report.val_drawn = _validation_split(staging, kept, settings.val_fraction, seed)
         report.written_counts = split_class_counts(kept)

@@ -3,7 +3,8 @@
 
 Training rows become the train split. The test split is the balanced subset the papers use:
 `test_per_class` images per class from the validation file, drawn with a seeded shuffle.
-Contempt (7) and none / uncertain / non-face (8-10) are excluded and counted.
+Contempt (7) and none / uncertain / non-face (8-10) are excluded and counted. Without the
+validation file the training file alone is ingested (no test split), and the report says so.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import numpy as np
 
 from fersynth.classes import AFFECTNET_EXCLUDED, AFFECTNET_LABELS, CLASSES
 from fersynth.errors import FersynthError
-from fersynth.ingest import fer2013
-from fersynth.ingest.items import Candidate, Rejection, safe_name
+from fersynth.ingest.csv_rows import CsvFile, CsvRow
+from fersynth.ingest.items import Candidate, Note, Rejection, safe_name
 from fersynth.settings import AffectNetSettings
 
 COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression")
@@ -29,27 +30,23 @@ def _csv(root: Path, name: str) -> Path:
     return path
 
 
+def _test_csv(root: Path, settings: AffectNetSettings) -> Path | None:
+    """The validation file, or None when it is absent (the training file alone is ingested)."""
+    path = Path(root) / settings.test_csv
+    return path if path.is_file() else None
+
+
 def count(root: Path, settings: AffectNetSettings) -> int:
-    return sum(
-        len(chunk)
-        for name in (settings.train_csv, settings.test_csv)
-        for chunk in fer2013.read_chunks(_csv(root, name), COLUMNS)
-    )
+    files = [_csv(root, settings.train_csv), _test_csv(root, settings)]
+    return sum(CsvFile(path, ()).count() for path in files if path is not None)
 
 
-def _rows(path: Path) -> Iterator[tuple[int, tuple[str, ...]]]:
-    number = 0
-    for chunk in fer2013.read_chunks(path, COLUMNS):
-        for row in chunk[list(COLUMNS)].itertuples(index=False):
-            number += 1
-            yield number + 1, tuple(row)  # line number in the file (header is line 1)
-
-
-def _parse(
-    root: Path, images_dir: str, csv_name: str, line: int, row: tuple[str, ...], split: str
-) -> Candidate | Rejection:
-    relative, x, y, w, h, expression = row
-    where = f"{csv_name} row {line}"
+def _parse(root: Path, images_dir: str, csv_name: str, row: CsvRow, split: str) -> Candidate | Rejection:
+    where = f"{csv_name} row {row.line}"
+    if row.values is None:
+        return Rejection(where, "malformed_row", row.problem, split)
+    relative, x, y, w, h, expression = (row.values[column] for column in COLUMNS)
+    where = f"{where} ({relative.strip()[:120]})" if relative.strip() else where  # name the image
     try:
         code = int(float(expression))
     except ValueError:
@@ -78,21 +75,35 @@ def _parse(
         source_id=f"{images_dir}/{relative}",
         file=str(Path(root) / images_dir / relative),
         crop=box,  # type: ignore[arg-type]
+        within=str(Path(root) / images_dir),
     )
 
 
-def read(root: Path, settings: AffectNetSettings, seed: int) -> Iterator[Candidate | Rejection]:
+def read(root: Path, settings: AffectNetSettings, seed: int) -> Iterator[Candidate | Rejection | Note]:
+    """The rows as items; CSV files without the columns they need are an error here, at once."""
     root = Path(root)
-    train_csv = _csv(root, settings.train_csv)
-    test_csv = _csv(root, settings.test_csv)
-    for line, row in _rows(train_csv):
-        yield _parse(root, settings.images_dir, settings.train_csv, line, row, "train")
+    train = CsvFile(_csv(root, settings.train_csv), COLUMNS)
+    test_csv = _test_csv(root, settings)
+    test = CsvFile(test_csv, COLUMNS) if test_csv is not None else None
+    return _items(root, settings, seed, train, test)
+
+
+def _items(
+    root: Path, settings: AffectNetSettings, seed: int, train: CsvFile, test: CsvFile | None
+) -> Iterator[Candidate | Rejection | Note]:
+    train_rows = train.rows()
+    if test is None:
+        yield Note(
+            f"no {settings.test_csv}: only {settings.train_csv} was ingested (train split only, "
+            "no test split; validation is drawn from training)"
+        )
+    for row in train_rows:
+        yield _parse(root, settings.images_dir, settings.train_csv, row, "train")
+    if test is None:
+        return
 
     # The validation file is small (about 5.5k rows): parse it whole, then draw the subset.
-    parsed = [
-        _parse(root, settings.images_dir, settings.test_csv, line, row, "test")
-        for line, row in _rows(test_csv)
-    ]
+    parsed = [_parse(root, settings.images_dir, settings.test_csv, row, "test") for row in test.rows()]
     by_class: dict[str, list[int]] = {name: [] for name in CLASSES}
     for index, item in enumerate(parsed):
         if isinstance(item, Candidate):

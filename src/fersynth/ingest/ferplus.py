@@ -14,7 +14,9 @@ from pathlib import Path
 from fersynth.classes import FERPLUS_LABELS, FERPLUS_VOTE_COLUMNS
 from fersynth.errors import FersynthError
 from fersynth.ingest import fer2013
+from fersynth.ingest.csv_rows import CsvFile
 from fersynth.ingest.items import Candidate, Rejection
+from fersynth.settings import Fer2013Settings
 
 LABEL_COLUMNS = ("Usage", "Image name", *FERPLUS_VOTE_COLUMNS)
 
@@ -28,32 +30,41 @@ def majority(votes: list[float]) -> str:
     return "unknown"
 
 
-def read(pixels_csv: Path, labels_csv: Path, split_map: dict[str, str]) -> Iterator[Candidate | Rejection]:
-    labels_name = Path(labels_csv).name
-    pixel_rows = (
-        row
-        for chunk in fer2013.read_chunks(pixels_csv, fer2013.COLUMNS)
-        for row in chunk[["pixels"]].itertuples(index=False)
-    )
-    label_rows = (
-        row
-        for chunk in fer2013.read_chunks(labels_csv, LABEL_COLUMNS)
-        for row in chunk[list(LABEL_COLUMNS)].itertuples(index=False)
-    )
+def read(pixels_csv: Path, labels_csv: Path, settings: Fer2013Settings) -> Iterator[Candidate | Rejection]:
+    """The joined rows as items; files without the columns they need are an error here, at once."""
+    pixels = CsvFile(pixels_csv, ("pixels",))  # the split comes from the labels' Usage
+    return _items(pixels, CsvFile(labels_csv, LABEL_COLUMNS), settings)
+
+
+def _items(pixels: CsvFile, labels: CsvFile, settings: Fer2013Settings) -> Iterator[Candidate | Rejection]:
+    labels_csv, pixels_csv = labels.path, pixels.path
+    labels_name, pixels_name = labels_csv.name, pixels_csv.name
+    pixel_rows, label_rows = pixels.rows(), labels.rows()
     for number, pair in enumerate(itertools.zip_longest(pixel_rows, label_rows)):
         pixel_row, label_row = pair
         if pixel_row is None or label_row is None:
-            longer = labels_csv if pixel_row is None else pixels_csv
+            longer, row = (labels_csv, label_row) if pixel_row is None else (pixels_csv, pixel_row)
             raise FersynthError(
-                f"{longer}: has more rows than its partner (row {number + 2}); FER+ labels "
+                f"{longer}: has more rows than its partner (row {row.line}); FER+ labels "
                 "join FER2013 row by row, so both files must be complete (all three Usages)"
             )
-        where = f"{labels_name} row {number + 2}"
-        usage, image_name, *raw_votes = label_row
-        split = split_map.get(usage.strip())
+        where = f"{labels_name} row {label_row.line}"
+        if label_row.values is None:
+            yield Rejection(where, "malformed_row", label_row.problem)
+            continue
+        if pixel_row.values is None:
+            yield Rejection(
+                where, "malformed_row", f"{pixels_name} row {pixel_row.line}: {pixel_row.problem}"
+            )
+            continue
+        usage, image_name = label_row.values["Usage"], label_row.values["Image name"]
+        if image_name.strip():
+            where = f"{where} ({image_name.strip()[:80]})"  # name the image, not only the row
+        raw_votes = [label_row.values[column] for column in FERPLUS_VOTE_COLUMNS]
+        split = settings.split_map.get(usage.strip())
         if split is None:
             yield Rejection(
-                where, "unknown_split", f"unknown Usage {usage!r} (expected {', '.join(split_map)})"
+                where, "unknown_split", f"unknown Usage {usage!r} (expected {', '.join(settings.split_map)})"
             )
             continue
         if not image_name.strip():
@@ -82,6 +93,6 @@ def read(pixels_csv: Path, labels_csv: Path, split_map: dict[str, str]) -> Itera
             split=split,
             label=label,
             source_id=where,
-            pixels=pixel_row.pixels,
+            pixels=pixel_row.values["pixels"],
             pixel_shape=(fer2013.SIDE, fer2013.SIDE),
         )

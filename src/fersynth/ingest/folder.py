@@ -1,13 +1,19 @@
-"""A plain `split/class/image` folder, e.g. `train/happy/0001.jpg`."""
+"""A plain `split/class/image` folder, e.g. `train/happy/0001.jpg`.
+
+Class folders are named by class (`happy`, `Happiness`, `anger`, ...). Numbered class
+folders (`0..7`, as AffectNet re-packs have them) mean what `ingest.folder.class_map` says
+(a preset or folder=class pairs); without a map they are an error, never a guess.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
-from fersynth.classes import folder_class
+from fersynth.classes import CLASS_MAP_PRESETS, EXCLUDE, folder_class
 from fersynth.errors import FersynthError
 from fersynth.ingest.items import Candidate, Rejection, safe_name
+from fersynth.settings import FolderSettings
 
 SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
 
@@ -25,13 +31,40 @@ def count(root: Path) -> int:
     return len(_files(Path(root)))
 
 
-def read(root: Path) -> Iterator[Candidate | Rejection]:
+def _check_numbered(root: Path, files: list[Path], class_map: dict[str, str] | None) -> None:
+    """Refuse numbered class folders that no class map names: one re-pack's 1 is another's 7."""
+    numbered = sorted(
+        {p.relative_to(root).parts[1] for p in files if len(p.relative_to(root).parts) >= 3}
+        - set(class_map or {}),
+        key=str,
+    )
+    numbered = [name for name in numbered if name.strip().isdigit()]
+    if numbered:
+        raise FersynthError(
+            f"{root}: class folders {', '.join(numbered[:10])} are numbers, and numbers are never "
+            "guessed; name the classes with --class-map (ingest.folder.class_map), e.g. "
+            f"--class-map 0=neutral,1=happy,... or a preset: {', '.join(CLASS_MAP_PRESETS)}"
+        )
+
+
+def read(root: Path, settings: FolderSettings | None = None) -> Iterator[Candidate | Rejection]:
+    """The files as items; a layout that cannot be read (numbered class folders without a map)
+    is an error here, at once."""
     root = Path(root)
     if root.is_file():
         raise FersynthError(f"{root}: expected a split/class/image folder, got a file")
     if not root.is_dir():
         raise FersynthError(f"{root}: folder not found")
-    for path in _files(root):
+    class_map = (settings or FolderSettings()).mapping()
+    files = _files(root)
+    _check_numbered(root, files, class_map)
+    return _items(root, files, class_map)
+
+
+def _items(
+    root: Path, files: list[Path], class_map: dict[str, str] | None
+) -> Iterator[Candidate | Rejection]:
+    for path in files:
         relative = path.relative_to(root)
         where = relative.as_posix()
         if not path.resolve().is_relative_to(root.resolve()):
@@ -46,9 +79,15 @@ def read(root: Path) -> Iterator[Candidate | Rejection]:
                 where, "unknown_split", f"split folder {relative.parts[0]!r} is not a usable name"
             )
             continue
-        label = folder_class(relative.parts[1])
+        folder_name = relative.parts[1]
+        label = (class_map or {}).get(folder_name.strip()) or folder_class(folder_name)
+        if label == EXCLUDE:
+            yield Rejection(
+                where, "excluded_class", f"class folder {folder_name!r} is excluded by the class map", split
+            )
+            continue
         if label is None:
-            yield Rejection(where, "unknown_label", f"unknown class folder {relative.parts[1]!r}", split)
+            yield Rejection(where, "unknown_label", f"unknown class folder {folder_name!r}", split)
             continue
         yield Candidate(
             id=safe_name(where),
@@ -56,4 +95,5 @@ def read(root: Path) -> Iterator[Candidate | Rejection]:
             label=label,
             source_id=where,
             file=str(path),
+            within=str(root),
         )

@@ -24,6 +24,7 @@ class Candidate:
 
     Exactly one of `file` (an image file) and `pixels` (decoded grey values, as FER2013's
     CSV holds them) is set. `crop` is a face box (x, y, width, height) in source pixels.
+    `within` is the input folder that `file`, symbolic links resolved, must stay inside.
     """
 
     id: str
@@ -34,6 +35,7 @@ class Candidate:
     pixels: str | None = None
     pixel_shape: tuple[int, int] | None = None
     crop: tuple[float, float, float, float] | None = None
+    within: str | None = None
 
 
 # Why an input is rejected, as a short stable code (reports count by it), with what each means.
@@ -54,6 +56,7 @@ REJECTION_KINDS: dict[str, str] = {
     "empty_file": "a file of 0 bytes",
     "not_an_image": "a file in no readable image format",
     "corrupt_image": "a corrupt or truncated image",
+    "too_large": "more pixels than max_image_pixels (a decompression bomb or a huge scan)",
     "bad_pixels": "FER2013-style pixel values that are not 0..255 integers of the right count",
     "encode_failed": "the decoded pixels could not be written",
 }
@@ -73,3 +76,11 @@ class Rejection:
     def __post_init__(self) -> None:
         if self.kind not in REJECTION_KINDS:
             raise ValueError(f"rejection kind {self.kind!r} is not one of {', '.join(REJECTION_KINDS)}")
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something about the input as a whole that the user should know (a layout variant read,
+    a column ignored); readers yield it among their items and the report lists it."""
+
+    text: str

@@ -1,19 +1,27 @@
 """RAF-DB basic: `EmoLabel/list_patition_label.txt` and `Image/aligned/<name>_aligned.jpg`.
 
-Each label line is `train_00001.jpg 5` (labels 1..7); the split is the name's prefix.
+Each label line is `train_00001.jpg 5` (labels 1..7); the split is the name's prefix. Label
+files as people have them are read too: a byte-order mark, CRLF or tab separators, blank
+lines, names that already end in `_aligned.jpg`, a third column (ignored, and said), and,
+with `ingest.rafdb.label_base: 0`, labels numbered 0..6. Without `Image/aligned/`, the
+images come from `Image/original/<name>` (`ingest.rafdb.images`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from fersynth.classes import RAFDB_LABELS
 from fersynth.errors import FersynthError
-from fersynth.ingest.items import Candidate, Rejection, safe_name
+from fersynth.ingest.items import Candidate, Note, Rejection, safe_name
+from fersynth.settings import RafdbSettings
 
 LABEL_FILE = Path("EmoLabel/list_patition_label.txt")
 ALIGNED_DIR = Path("Image/aligned")
+ORIGINAL_DIR = Path("Image/original")
+ALIGNED_SUFFIX = "_aligned"
 SPLIT_PREFIXES = {"train": "train", "test": "test"}
 
 
@@ -24,46 +32,104 @@ def label_file(root: Path) -> Path:
     return path
 
 
+def _lines(root: Path) -> list[tuple[int, str]]:
+    """(line number, text) of the label file's non-blank lines; a BOM is not part of a name."""
+    with label_file(root).open(encoding="utf-8-sig", errors="replace", newline=None) as handle:
+        return [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
+
+
 def count(root: Path) -> int:
-    with label_file(root).open(encoding="utf-8", errors="replace") as handle:
-        return sum(1 for line in handle if line.strip())
+    return len(_lines(root))
 
 
-def read(root: Path) -> Iterator[Candidate | Rejection]:
+@dataclass(frozen=True)
+class _Line:
+    where: str
+    name: str
+    raw_label: str
+    extra: int  # columns after the label
+
+
+def _parse(number: int, line: str) -> _Line | Rejection:
+    fields = line.split()  # any run of spaces or tabs; CR is whitespace too
+    where = f"{LABEL_FILE} line {number} ({fields[0][:80]})"  # the image, not only the line
+    if len(fields) < 2:
+        return Rejection(where, "malformed_row", f"expected 'NAME LABEL', got {line.strip()[:60]!r}")
+    return _Line(where, fields[0], fields[1], len(fields) - 2)
+
+
+def _image_dir(root: Path, settings: RafdbSettings) -> Path:
+    if settings.images != "auto":
+        return ALIGNED_DIR if settings.images == "aligned" else ORIGINAL_DIR
+    if (root / ALIGNED_DIR).is_dir() or not (root / ORIGINAL_DIR).is_dir():
+        return ALIGNED_DIR
+    return ORIGINAL_DIR
+
+
+def _check_label_base(lines: list[_Line], base: int) -> None:
+    """Stop on a file whose labels are numbered from the other base: shifting them silently
+    would write every row one class off."""
+    labels = {line.raw_label for line in lines}
+    if base == 1 and "0" in labels and "7" not in labels:
+        raise FersynthError(
+            f"{LABEL_FILE}: labels run 0..6, not RAF-DB's 1..7, so this file looks 0-based; if it is, "
+            "read it with ingest.rafdb.label_base=0 (--label-base 0)"
+        )
+
+
+def read(root: Path, settings: RafdbSettings | None = None) -> Iterator[Candidate | Rejection | Note]:
+    """The label file's items; a file that cannot be read as a whole is an error here, before
+    the first item."""
     root = Path(root)
-    path = label_file(root)
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{LABEL_FILE} line {number}"
-            fields = line.split()
-            if len(fields) != 2:
-                yield Rejection(where, "malformed_row", f"expected 'NAME LABEL', got {line.strip()[:60]!r}")
-                continue
-            name, raw_label = fields
-            if "/" in name or "\\" in name:
-                yield Rejection(
-                    where, "unsafe_path", f"name {name!r} is a path; RAF-DB names are plain file names"
-                )
-                continue
-            split = SPLIT_PREFIXES.get(name.split("_", 1)[0])
-            if split is None:
-                yield Rejection(where, "unknown_split", f"name {name!r} starts with neither train_ nor test_")
-                continue
-            try:
-                label = RAFDB_LABELS[int(raw_label)]
-            except (ValueError, KeyError):
-                yield Rejection(
-                    where, "unknown_label", f"unknown label {raw_label!r} (RAF-DB uses 1..7)", split
-                )
-                continue
-            stem = name.rsplit(".", 1)[0]
-            image = ALIGNED_DIR / f"{stem}_aligned.jpg"
-            yield Candidate(
-                id=safe_name(stem),
-                split=split,
-                label=label,
-                source_id=image.as_posix(),
-                file=str(root / image),
+    settings = settings or RafdbSettings()
+    parsed = [_parse(number, line) for number, line in _lines(root)]
+    _check_label_base([item for item in parsed if isinstance(item, _Line)], settings.label_base)
+    return _items(root, parsed, settings)
+
+
+def _items(
+    root: Path, parsed: list[_Line | Rejection], settings: RafdbSettings
+) -> Iterator[Candidate | Rejection | Note]:
+    lines = [item for item in parsed if isinstance(item, _Line)]
+    image_dir = _image_dir(root, settings)
+    if image_dir == ORIGINAL_DIR:
+        yield Note(f"images read from {ORIGINAL_DIR}/ (no {ALIGNED_DIR}/): faces are not aligned")
+    if any(line.name.rsplit(".", 1)[0].endswith(ALIGNED_SUFFIX) for line in lines):
+        yield Note(f"label names ending in {ALIGNED_SUFFIX}: read as the aligned image's own name")
+    extra = sum(1 for line in lines if line.extra)
+    if extra:
+        yield Note(f"{extra} label lines have columns after the label; only NAME LABEL was read")
+    labels = {settings.label_base + i: name for i, name in enumerate(RAFDB_LABELS.values())}
+    span = f"{settings.label_base}..{settings.label_base + len(labels) - 1}"
+
+    for item in parsed:
+        if isinstance(item, Rejection):
+            yield item
+            continue
+        where, name = item.where, item.name
+        if "/" in name or "\\" in name:
+            yield Rejection(
+                where, "unsafe_path", f"name {name!r} is a path; RAF-DB names are plain file names"
             )
+            continue
+        split = SPLIT_PREFIXES.get(name.split("_", 1)[0])
+        if split is None:
+            yield Rejection(where, "unknown_split", f"name {name!r} starts with neither train_ nor test_")
+            continue
+        try:
+            label = labels[int(item.raw_label)]
+        except (ValueError, KeyError):
+            yield Rejection(
+                where, "unknown_label", f"unknown label {item.raw_label!r} (labels here are {span})", split
+            )
+            continue
+        stem = name.rsplit(".", 1)[0].removesuffix(ALIGNED_SUFFIX)
+        image = image_dir / (f"{stem}{ALIGNED_SUFFIX}.jpg" if image_dir == ALIGNED_DIR else f"{stem}.jpg")
+        yield Candidate(
+            id=safe_name(stem),
+            split=split,
+            label=label,
+            source_id=image.as_posix(),
+            file=str(root / image),
+            within=str(root),
+        )

@@ -87,6 +87,8 @@ class IngestReport:
     duplicates: dict[str, Any] = field(default_factory=dict)
     rejection_examples: dict[str, str] = field(default_factory=dict)  # kind -> its first reason
     val_drawn: int = 0  # training rows moved to the validation split (fersynth.splits)
+    notes: list[str] = field(default_factory=list)  # about the input as a whole (a layout variant)
+    composited: int = 0  # images whose transparent pixels were composited onto the background
 
     @property
     def accounted(self) -> bool:
@@ -104,6 +106,8 @@ def build_report(
     rejections: list[Rejection],
     findings: DuplicateFindings,
     dropped_test_duplicates: bool,
+    notes: list[str] | None = None,
+    composited: int = 0,
 ) -> IngestReport:
     within_groups = findings.within_split.groupby(["split", "pixel_hash"])["label"].nunique()
     return IngestReport(
@@ -128,6 +132,8 @@ def build_report(
             "policy": "removed from training" if dropped_test_duplicates else "kept (flag)",
         },
         rejection_examples={r.kind: r.reason for r in reversed(rejections)},
+        notes=list(notes or []),
+        composited=composited,
     )
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fersynth.dataset import ImageDecodeError, decode_image, encode_image, pixel_hash
+from fersynth.dataset import ImageDecodeError, decode_image_info, encode_image, pixel_hash
+from fersynth.errors import FersynthError
 from fersynth.ingest.items import Candidate, Rejection
 
 IMAGES_DIR = "images"
@@ -64,19 +65,22 @@ def import_one(item: Candidate | Rejection, options: WriteOptions) -> dict[str, 
     if isinstance(item, Rejection):
         return item
     data: bytes | None = None
+    composited = False
     try:
         if item.pixels is not None:
             assert item.pixel_shape is not None
             pixels = parse_pixels(item.pixels, item.pixel_shape)
         else:
             assert item.file is not None
+            if item.within is not None and not _stays_within(Path(item.file), Path(item.within)):
+                raise ImageDecodeError("a link that leads outside the input folder", "unsafe_path")
             try:
                 data = Path(item.file).read_bytes()
             except FileNotFoundError:
                 raise ImageDecodeError("file not found", "missing_file") from None
             except OSError as exc:
                 raise ImageDecodeError(f"cannot read ({exc.strerror or exc})", "unreadable") from None
-            pixels = decode_image(data)
+            pixels, composited = decode_image_info(data)
             if item.crop is not None:
                 pixels = crop_box(pixels, item.crop)
         if data is not None and item.crop is None and _is_plain_jpeg(data):
@@ -88,8 +92,11 @@ def import_one(item: Candidate | Rejection, options: WriteOptions) -> dict[str, 
         return Rejection(item.source_id, exc.kind, str(exc), item.split, item.label)
     relative = f"{IMAGES_DIR}/{item.split}/{item.id}.{extension}"
     target = options.folder / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(payload)  # the whole folder is staged and renamed at the end
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(payload)  # the whole folder is staged and renamed at the end
+    except OSError as exc:  # a full disk, say: the user's problem, not one image's
+        raise FersynthError(f"{target}: could not write ({exc.strerror or exc})") from None
     return {
         "id": item.id,
         "path": relative,
@@ -103,4 +110,15 @@ def import_one(item: Candidate | Rejection, options: WriteOptions) -> dict[str, 
         "height": int(pixels.shape[0]),
         "channels": 1 if pixels.ndim == 2 else int(pixels.shape[2]),
         "pixel_hash": pixel_hash(pixels),
+        COMPOSITED: composited,  # counted by the report, not a manifest column
     }
+
+
+COMPOSITED = "_composited"
+
+
+def _stays_within(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False

@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fersynth.dataset import ImageDecodeError, check_pixel_limit
 from fersynth.settings import QUALITY_SCORES as SCORE_NAMES  # noqa: F401  (one list of names)
 
 # Grey-level differences at or below this are treated as sensor/JPEG noise, not image content.
@@ -95,6 +96,10 @@ def score_file(path: str | Path, detail_cutoff: float) -> dict[str, float] | str
         return f"cannot read ({exc.strerror or exc})"
     if data.size == 0:
         return "empty file (0 bytes)"
+    try:
+        check_pixel_limit(data.tobytes())  # OpenCV's own limit is 12 times Pillow's default
+    except ImageDecodeError as exc:
+        return str(exc)
     grey = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
     if grey is None:
         return "not a decodable image"

@@ -61,6 +61,7 @@ BEST_WEIGHTS = "best_weights.pt"
 LOG_FILE = "train_log.jsonl"
 SUMMARY = "train_summary.json"
 SPEED_FILE = "train_speed.jsonl"  # images/s per log window (left out of DVC hashes)
+APPENDED = (LOG_FILE, SPEED_FILE)  # the files the loop appends a line to per step logged
 
 
 @dataclass
@@ -147,6 +148,27 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _logged_step(line: str) -> float:
+    """The step a log line is about; infinity for a line torn by a kill mid-write."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def _drop_logged_after(output: Path, step: int) -> None:
+    """Keep only the log lines of steps up to `step` (the checkpoint's). A run killed after
+    its last checkpoint has logged steps that the resumed run trains, and logs, again."""
+    for name in APPENDED:
+        path = output / name
+        if not path.is_file():
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if _logged_step(line) <= step]
+        if kept != lines:
+            atomic_write_text(path, "".join(kept))
 
 
 def _prepare_output(output: Path, resume: bool, force: bool) -> bool:
@@ -255,11 +277,13 @@ def run_train(
         scaler.load_state_dict(state["scaler"])
         step, best_step, best_score = state["step"], state["best_step"], state["best_score"]
         best_metrics = state["best_metrics"] or None
+        _drop_logged_after(output, step)
         log.info("resuming %s at step %d", output, step)
     else:
         save_resolved({"seed": seed, "train": settings}, output)
         atomic_write_text(output / "val_ids.csv", val_frame[["id"]].to_csv(index=False))
-        (output / LOG_FILE).unlink(missing_ok=True)
+        for name in APPENDED:  # a run started over (--resume without a checkpoint) logs anew
+            (output / name).unlink(missing_ok=True)
 
     transform = train_transform(
         spec.image_size, spec.resize, settings.hflip, settings.rotation, spec.mean, spec.std
