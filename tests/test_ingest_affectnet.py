@@ -94,7 +94,7 @@ def test_affectnet_crops_maps_excludes_and_balances(tmp_path):
     assert "outside the 120x120 image" in reasons["Manually_Annotated_Images/2/e.jpg"]
     assert reasons["Manually_Annotated_Images/2/missing.jpg"] == "file not found"
     assert "leaves the image folder" in reasons["training.csv row 8 (../escape.jpg)"]
-    assert "not a number" in reasons["training.csv row 9 (2/f.jpg)"]
+    assert "not a whole number" in reasons["training.csv row 9 (2/f.jpg)"]
     assert reasons["validation.csv row 9 (v4/0.jpg)"] == "excluded class non-face (expression 10)"
     assert sum("balanced test subset" in r for r in reasons.values()) == 2
     kinds = dict(zip(rejected["source_id"], rejected["kind"], strict=True))

@@ -59,7 +59,7 @@ def test_fer2013_rows_become_grey_pngs_with_exact_pixels(tmp_path):
     reasons = dict(zip(rejected["source_id"], rejected["reason"], strict=True))
     assert "unknown emotion '9'" in reasons["fer2013.csv.gz row 9"]
     assert reasons["fer2013.csv.gz row 10"] == "expected 2304 pixel values, got 3"
-    assert reasons["fer2013.csv.gz row 11"] == "pixels are not all integers"
+    assert reasons["fer2013.csv.gz row 11"] == "pixels are not all integers in 0..255"
     assert "unknown Usage 'Holdout'" in reasons["fer2013.csv.gz row 12"]
     kinds = dict(zip(rejected["source_id"], rejected["kind"], strict=True))
     assert [kinds[f"fer2013.csv.gz row {n}"] for n in (9, 10, 11, 12)] == [

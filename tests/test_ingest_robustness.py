@@ -101,7 +101,9 @@ def test_inputs_without_a_single_row_end_with_the_stages_message(case, tmp_path,
 
 def test_a_zero_byte_fer2013_csv_is_one_clear_line(tmp_path):
     source, path = _empty_fer2013(tmp_path / "input", "")
-    with pytest.raises(FersynthError, match=r"fer2013.csv: empty file, no header line"):
+    with pytest.raises(
+        FersynthError, match=r"fer2013.csv: no header line \(expected columns emotion, pixels\)"
+    ):
         ingest(source, path, tmp_path / "dataset")
 
 
@@ -484,3 +486,149 @@ def test_affectnet_without_validation_csv_is_train_only_and_says_so(tmp_path):
     report = ingest("affectnet", root, out, val_fraction=0.0)
     assert report.written == 7 and set(read_manifest(out).manifest["split"]) == {"train"}
     assert any("no validation.csv" in note and "train split only" in note for note in report.notes)
+
+
+# ---------------------------------------------------------------------------------------
+# Found by trying to break the above
+
+
+def test_rafdb_one_based_file_read_as_zero_based_stops(tmp_path):
+    lines = [f"train_{i:05d}.jpg {i}" for i in range(1, 7)] + ["test_00001.jpg 7", "test_00002.jpg 4"]
+    root = make_rafdb(tmp_path / "RAF-DB", lines)
+    with pytest.raises(FersynthError, match=r"labels run 1\.\.7.*drop --label-base 0"):
+        ingest("rafdb", root, tmp_path / "dataset", rafdb=RafdbSettings(label_base=0))
+
+
+def test_rafdb_repeated_and_conflicting_lines_utf16_and_float_labels(tmp_path):
+    lines = [
+        "train_00001.jpg 1",
+        "train_00001.jpg 1",  # identical repeat: dropped, the first line is read
+        "train_00002.jpg 2",
+        "train_00002_aligned.jpg 4",  # the same image with another label: both refused
+        "train_00003.jpg 3.0",  # a label written as a float
+        "train_00004.jpg 4",
+        "train_00005.jpg 5",
+        "train_00006.jpg 6",
+        "test_00001.jpg 7",
+        "test_00002.jpg 4",
+    ]
+    root = make_rafdb(tmp_path / "RAF-DB", lines)
+    (root / LABELS).write_bytes("\r\n".join(lines).encode("utf-16"))  # Windows Notepad's "Unicode"
+    out = tmp_path / "dataset"
+    report = ingest("rafdb", root, out, val_fraction=0.0)
+    reasons = rejected(out)
+    assert reasons[f"{LABELS} line 2 (train_00001.jpg)"] == ("duplicate_row", f"repeats {LABELS} line 1")
+    conflict = reasons[f"{LABELS} line 3 (train_00002.jpg)"]
+    assert conflict == ("conflicting_labels", "the image is listed 2 times with labels 2, 4")
+    assert reasons[f"{LABELS} line 4 (train_00002_aligned.jpg)"][0] == "conflicting_labels"
+    labels = labels_of(out)
+    assert labels["train_00001"] == "surprise" and labels["train_00003"] == "disgust"
+    assert "train_00002" not in labels and report.written == 7 and report.accounted
+
+
+def test_folder_links_of_every_kind_are_listed_never_lost(tmp_path):
+    root = tmp_path / "faces"
+    write_jpeg(root / "train/happy/a.jpg", face_like(1, 48))
+    outside = tmp_path / "outside" / "anger"
+    write_jpeg(outside / "b.jpg", face_like(2, 48))
+    os.symlink(outside, root / "train/anger")  # a class folder that is a link out
+    os.symlink(root / "train/happy", root / "train/happiness")  # a link to a folder inside
+    os.symlink("missing.jpg", root / "train/happy/dangling.jpg")
+    os.symlink("loop.jpg", root / "train/happy/loop.jpg")
+    out = tmp_path / "dataset"
+    report = ingest("folder", root, out, val_fraction=0.0)
+    assert report.inputs == 5 and report.written == 1 and report.accounted
+    reasons = rejected(out)
+    assert reasons["train/anger"] == ("unsafe_path", "a link that leads outside the input folder")
+    assert reasons["train/happiness"][0] == "linked_folder"
+    assert reasons["train/happy/dangling.jpg"] == ("missing_file", "a link whose target does not exist")
+    assert reasons["train/happy/loop.jpg"] == ("unsafe_path", "a link loop")
+
+
+def test_csv_lines_spoil_only_themselves(tmp_path):
+    """A stray quote, a number past int64, a trailing comma, a leading blank line: each line
+    on its own; a zip holding the CSV is read, a tar archive is named."""
+    rows = [
+        f"0,{pixels_text(0)},Training,",  # trailing comma: fine
+        f'3,"{pixels_text(3)},Training',  # an unclosed quote: this line only
+        f"4,{pixels_text(4)},Training",
+        f"5,99999999999999999999999 {pixels_text(5)},Training",  # past int64
+        f"6,{pixels_text(6)},PublicTest",
+    ]
+    path = tmp_path / "fer2013.csv"
+    path.write_text("\n" + "emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "dataset"
+    report = ingest("fer2013", path, out, val_fraction=0.0)
+    assert report.written == 3 and report.rejected == 2
+    reasons = rejected(out)
+    assert reasons["fer2013.csv row 4"][0] == "malformed_row" and "parse" in reasons["fer2013.csv row 4"][1]
+    assert reasons["fer2013.csv row 6"] == ("bad_pixels", "pixels are not all integers in 0..255")
+
+    import tarfile
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "fer2013.zip", "w") as archive:
+        archive.write(path, "fer2013.csv")
+    assert ingest("fer2013", tmp_path / "fer2013.zip", tmp_path / "from_zip", val_fraction=0.0).written == 3
+    with tarfile.open(tmp_path / "fer2013.tar.gz", "w:gz") as archive:
+        archive.add(path, "fer2013/fer2013.csv")
+    with pytest.raises(FersynthError, match=r"fer2013.tar.gz: a tar archive; extract the CSV"):
+        ingest("fer2013", tmp_path / "fer2013.tar.gz", tmp_path / "from_tar")
+
+
+def test_non_finite_affectnet_values_are_rejected_not_raised(tmp_path):
+    root = tmp_path / "affectnet"
+    images = root / "Manually_Annotated_Images"
+    rows = []
+    for i, (box, expression) in enumerate(
+        [
+            ("0,0,64,64", "1"),
+            ("nan,5,40,40", "2"),
+            ("0,0,inf,40", "3"),
+            ("0,0,64,64", "inf"),
+            ("0,0,64,64", "1.9"),
+        ]
+    ):
+        write_jpeg(images / f"1/{i}.jpg", face_like(i, 64))
+        rows.append(f"1/{i}.jpg,{box},{expression}")
+    header = "subDirectory_filePath,face_x,face_y,face_width,face_height,expression"
+    write_csv(root / "training.csv", header, rows)
+    out = tmp_path / "dataset"
+    report = ingest("affectnet", root, out, val_fraction=0.0)
+    assert report.written == 1 and report.rejected == 4
+    kinds = {key.split(" (")[1].rstrip(")"): kind for key, (kind, _) in rejected(out).items()}
+    assert kinds == {
+        "1/1.jpg": "bad_face_box",
+        "1/2.jpg": "bad_face_box",
+        "1/3.jpg": "malformed_row",
+        "1/4.jpg": "malformed_row",
+    }
+
+
+def test_colliding_ids_get_unique_suffixes(tmp_path):
+    root = tmp_path / "faces"
+    for i, name in enumerate(["a b.jpg", "a_b.jpg", "a_b__2.jpg"]):
+        write_jpeg(root / "train/happy" / name, face_like(i, 48))
+    out = tmp_path / "dataset"
+    assert ingest("folder", root, out, val_fraction=0.0).written == 3
+    assert read_manifest(out).manifest["id"].is_unique
+
+
+def test_options_of_another_source_are_refused_and_predict_reads_the_limit(tmp_path, capsys):
+    root = make_numbered(tmp_path / "affectnet")
+    args = ["ingest", "--source", "rafdb", "--input", str(root), "--output", str(tmp_path / "o")]
+    assert main([*args, "--class-map", "affectnet"]) == 2
+    assert "--class-map is for --source folder, not rafdb" in capsys.readouterr().err
+    assert main(["-S", "max_image_pixels=true", "predict", str(root), "--model", "none"]) == 2
+    assert "max_image_pixels" in capsys.readouterr().err
+
+
+def test_a_dataloader_worker_error_is_one_line(tmp_path):
+    from fersynth.errors import one_line
+
+    wrapped = FersynthError(
+        "Caught FersynthError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nfersynth.errors.FersynthError: data/x.png: 9 x 9 = 81 pixels, over'
+    )
+    assert one_line(wrapped) == "data/x.png: 9 x 9 = 81 pixels, over"
+    assert one_line(FersynthError("plain")) == "plain"

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from fersynth import __version__, stage_times, tracking
-from fersynth.errors import FersynthError
+from fersynth.errors import FersynthError, one_line
 from fersynth.settings import DEFAULT_PARAMS, SEED_PREFIX, Settings, load_settings, resolved_dict
 
 
@@ -227,6 +227,13 @@ def ingest_command(
             }
         )
     )
+    for option, value, source in (
+        ("--class-map", class_map, "folder"),
+        ("--label-base", label_base, "rafdb"),
+        ("--split", split_name, "fer2013"),
+    ):
+        if value is not None and settings.ingest.source != source:
+            raise FersynthError(f"{option} is for --source {source}, not {settings.ingest.source}")
     report = run_ingest(settings.ingest, seed=settings.seed, force=force, progress=not quiet)
     click.echo(markdown(report, figures=False))
     click.echo(f"report: {Path(report.output) / REPORT_MD}")
@@ -855,13 +862,21 @@ def register_command(obj: _Context, runs: tuple[str, ...], metric, name, output:
 @click.option("--face-crop", is_flag=True, help="Crop the largest detected face first.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--no-tta", is_flag=True, help="No horizontal-flip test-time augmentation.")
+@click.pass_obj
 def predict_command(
-    target: Path, model_uri: str, output: Path | None, face_crop: bool, device: str, no_tta: bool
+    obj: _Context,
+    target: Path,
+    model_uri: str,
+    output: Path | None,
+    face_crop: bool,
+    device: str,
+    no_tta: bool,
 ) -> None:
     """Predict the expression of an image, or of every image in a folder."""
     from fersynth.files import atomic_write_text
     from fersynth.predict import Predictor, predict
 
+    obj.settings()  # the pixel limit of params.yaml (when present) and -S max_image_pixels=N
     predictor = Predictor.from_uri(model_uri, device, tta_flip=not no_tta)
     table = predict(target, predictor, face_crop=face_crop, progress=output is not None)
     if output is None:
@@ -880,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="fersynth", standalone_mode=False)
     except FersynthError as exc:
-        click.echo(f"fersynth: error: {exc}", err=True)
+        click.echo(f"fersynth: error: {one_line(exc)}", err=True)
         return 2
     except OSError as exc:  # unwritable output, full disk, ...: the user's to fix
         where = f"{exc.filename}: " if exc.filename else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -153,17 +154,21 @@ def _composite(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+_HEADER_LOCK = threading.Lock()
+
+
 def _too_large_reason(data: bytes) -> str:
     """'W x H = N pixels, over max_image_pixels L', from the header alone."""
-    limit = max_image_pixels()
-    try:
-        Image.MAX_IMAGE_PIXELS = None  # read the header of an image already known to be too large
-        with Image.open(io.BytesIO(data)) as opened:
-            width, height = opened.size
-    except Exception:  # noqa: BLE001 - the size is a detail of the message only
-        return f"more pixels than max_image_pixels = {limit:,} (a decompression bomb or a huge scan)"
-    finally:
-        set_max_image_pixels(limit)
+    with _HEADER_LOCK:  # another thread never sees the limit lifted, nor restores it wrongly
+        limit = max_image_pixels()
+        try:
+            Image.MAX_IMAGE_PIXELS = None  # read the header of an image known to be too large
+            with Image.open(io.BytesIO(data)) as opened:
+                width, height = opened.size
+        except Exception:  # noqa: BLE001 - the size is a detail of the message only
+            return f"more pixels than max_image_pixels = {limit:,} (a decompression bomb or a huge scan)"
+        finally:
+            set_max_image_pixels(limit)
     return (
         f"{width} x {height} = {width * height:,} pixels, over max_image_pixels = {limit:,} "
         "(a decompression bomb or a huge scan)"

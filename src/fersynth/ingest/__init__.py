@@ -19,6 +19,7 @@ from fersynth.classes import CLASSES
 from fersynth.dataset import COLUMNS, VAL_SPLIT, write_manifest
 from fersynth.errors import FersynthError
 from fersynth.files import staged_folder
+from fersynth.image_limit import max_image_pixels
 from fersynth.ingest import affectnet, fer2013, ferplus, folder, rafdb
 from fersynth.ingest.items import Candidate, Note, Rejection
 from fersynth.ingest.report import (
@@ -58,7 +59,7 @@ class _Tally:
 
     def __init__(self) -> None:
         self.read: Counter[tuple[str, str]] = Counter()
-        self.ids: Counter[str] = Counter()
+        self.ids: set[str] = set()
         self.notes: list[str] = []
 
     def __call__(self, items: Iterator[Candidate | Rejection | Note]) -> Iterator[Candidate | Rejection]:
@@ -68,9 +69,13 @@ class _Tally:
                 continue
             if isinstance(item, Candidate):
                 self.read[(item.split, item.label)] += 1
-                self.ids[item.id] += 1
-                if self.ids[item.id] > 1:  # e.g. "a b.jpg" and "a_b.jpg" in one folder
-                    item = dataclasses.replace(item, id=f"{item.id}__{self.ids[item.id]}")
+                unique, n = item.id, 1
+                while unique in self.ids:  # "a b.jpg", "a_b.jpg" and "a_b__2.jpg" in one folder
+                    n += 1
+                    unique = f"{item.id}__{n}"
+                self.ids.add(unique)
+                if unique != item.id:
+                    item = dataclasses.replace(item, id=unique)
             yield item
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -169,5 +174,5 @@ def run_ingest(
             raise RuntimeError(f"ingest lost inputs: {report}")
         write_manifest(staging, kept.reset_index(drop=True))
         write_report(staging, report, rejections, findings, kept)
-        save_resolved({"seed": seed, "ingest": settings}, staging)
+        save_resolved({"seed": seed, "max_image_pixels": max_image_pixels(), "ingest": settings}, staging)
     return report

@@ -9,6 +9,7 @@ validation file the training file alone is ingested (no test split), and the rep
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 from fersynth.classes import AFFECTNET_EXCLUDED, AFFECTNET_LABELS, CLASSES
 from fersynth.errors import FersynthError
 from fersynth.ingest.csv_rows import CsvFile, CsvRow
-from fersynth.ingest.items import Candidate, Note, Rejection, safe_name
+from fersynth.ingest.items import Candidate, Note, Rejection, integer, safe_name
 from fersynth.settings import AffectNetSettings
 
 COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression")
@@ -47,10 +48,9 @@ def _parse(root: Path, images_dir: str, csv_name: str, row: CsvRow, split: str) 
         return Rejection(where, "malformed_row", row.problem, split)
     relative, x, y, w, h, expression = (row.values[column] for column in COLUMNS)
     where = f"{where} ({relative.strip()[:120]})" if relative.strip() else where  # name the image
-    try:
-        code = int(float(expression))
-    except ValueError:
-        return Rejection(where, "malformed_row", f"expression {expression!r} is not a number", split)
+    code = integer(expression)
+    if code is None:
+        return Rejection(where, "malformed_row", f"expression {expression!r} is not a whole number", split)
     if code in AFFECTNET_EXCLUDED:
         return Rejection(
             where, "excluded_class", f"excluded class {AFFECTNET_EXCLUDED[code]} (expression {code})", split
@@ -62,6 +62,8 @@ def _parse(root: Path, images_dir: str, csv_name: str, row: CsvRow, split: str) 
         box = tuple(float(v) for v in (x, y, w, h))
     except ValueError:
         return Rejection(where, "bad_face_box", f"face box {x},{y},{w},{h} is not numeric", split, label)
+    if not all(math.isfinite(v) for v in box):
+        return Rejection(where, "bad_face_box", f"face box {x},{y},{w},{h} is not finite", split, label)
     if box[2] <= 0 or box[3] <= 0:
         return Rejection(where, "bad_face_box", f"face box {x},{y},{w},{h} is empty", split, label)
     if not relative.strip() or relative.startswith("/") or ".." in Path(relative).parts:

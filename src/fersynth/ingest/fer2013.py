@@ -13,7 +13,7 @@ from pathlib import Path
 from fersynth.classes import FER2013_LABELS
 from fersynth.errors import FersynthError
 from fersynth.ingest.csv_rows import CsvFile, CsvRow
-from fersynth.ingest.items import Candidate, Rejection
+from fersynth.ingest.items import Candidate, Rejection, integer
 from fersynth.settings import Fer2013Settings
 
 LABEL_COLUMNS = ("emotion", "pixels")
@@ -72,9 +72,8 @@ def _items(table: CsvFile, settings: Fer2013Settings) -> Iterator[Candidate | Re
             yield Rejection(where, "unknown_split", problem)
             continue
         emotion = row.values["emotion"]
-        try:
-            label = FER2013_LABELS[int(emotion)]
-        except (ValueError, KeyError):
+        label = FER2013_LABELS.get(integer(emotion))  # type: ignore[arg-type]
+        if label is None:
             yield Rejection(where, "unknown_label", f"unknown emotion {emotion!r} (FER2013 uses 0..6)", split)
             continue
         yield Candidate(

@@ -8,6 +8,7 @@ and drop images whose result is unknown or not a face. Contempt has no canonical
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,7 +74,9 @@ def _items(pixels: CsvFile, labels: CsvFile, settings: Fer2013Settings) -> Itera
         try:
             votes = [float(v) for v in raw_votes]
         except ValueError:
-            yield Rejection(where, "malformed_row", f"votes are not numbers: {raw_votes}", split)
+            votes = []
+        if len(votes) != len(raw_votes) or not all(math.isfinite(v) and v >= 0 for v in votes):
+            yield Rejection(where, "malformed_row", f"votes are not counts: {raw_votes}", split)
             continue
         winner = majority(votes)
         if winner == "contempt":

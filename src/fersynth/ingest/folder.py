@@ -7,6 +7,7 @@ folders (`0..7`, as AffectNet re-packs have them) mean what `ingest.folder.class
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,30 @@ SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "test
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+    """Every entry that is not a plain folder, links included (a link to a folder, a dangling
+    link, a link loop): each is an input, imported or rejected. Links are never followed."""
+    found = []
+    for parent, folders, files in os.walk(folder, followlinks=False):
+        found += [Path(parent) / name for name in files]
+        found += [Path(parent) / name for name in folders if (Path(parent) / name).is_symlink()]
+    return sorted(found)
+
+
+def _link_problem(path: Path, root: Path) -> tuple[str, str] | None:
+    """(kind, reason) for a link that cannot be imported, None for a usable file."""
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        return "missing_file", "a link whose target does not exist"
+    except (OSError, RuntimeError):
+        return "unsafe_path", "a link loop"
+    if not target.is_relative_to(root.resolve()):
+        return "unsafe_path", "a link that leads outside the input folder"
+    if target.is_dir():
+        return "linked_folder", "a link to a folder: not followed (its images are read where they lie)"
+    return None
 
 
 def _split_name(folder: str) -> str | None:
@@ -33,12 +57,13 @@ def count(root: Path) -> int:
 
 def _check_numbered(root: Path, files: list[Path], class_map: dict[str, str] | None) -> None:
     """Refuse numbered class folders that no class map names: one re-pack's 1 is another's 7."""
-    numbered = sorted(
-        {p.relative_to(root).parts[1] for p in files if len(p.relative_to(root).parts) >= 3}
-        - set(class_map or {}),
-        key=str,
-    )
-    numbered = [name for name in numbered if name.strip().isdigit()]
+    folders = {p.relative_to(root).parts[1] for p in files if len(p.relative_to(root).parts) >= 3}
+    numbered = sorted((name for name in folders - set(class_map or {}) if name.strip().isdigit()), key=str)
+    if numbered and class_map is not None:
+        raise FersynthError(
+            f"{root}: class folders {', '.join(numbered[:10])} are numbers that the class map "
+            f"(ingest.folder.class_map) does not name; it names {', '.join(sorted(class_map, key=str))}"
+        )
     if numbered:
         raise FersynthError(
             f"{root}: class folders {', '.join(numbered[:10])} are numbers, and numbers are never "
@@ -67,8 +92,9 @@ def _items(
     for path in files:
         relative = path.relative_to(root)
         where = relative.as_posix()
-        if not path.resolve().is_relative_to(root.resolve()):
-            yield Rejection(where, "unsafe_path", "a link that leads outside the input folder")
+        problem = _link_problem(path, root)
+        if problem is not None:
+            yield Rejection(where, *problem)
             continue
         if len(relative.parts) < 3:
             yield Rejection(where, "misplaced_file", "not inside a split/class/ folder")

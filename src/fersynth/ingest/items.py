@@ -6,10 +6,20 @@ Readers only parse their layout; decoding, hashing and writing happen in one pla
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def integer(text: str) -> int | None:
+    """A label or code written as an integer (`3`, ` 3`, `3.0`), or None (`3.5`, `x`, `inf`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) and value.is_integer() else None
 
 
 def safe_name(text: str) -> str:
@@ -41,6 +51,9 @@ class Candidate:
 # Why an input is rejected, as a short stable code (reports count by it), with what each means.
 REJECTION_KINDS: dict[str, str] = {
     "malformed_row": "a line or row of the label file that cannot be parsed",
+    "duplicate_row": "a label line that repeats an earlier one for the same image",
+    "conflicting_labels": "an image the label file lists more than once with different labels",
+    "linked_folder": "a symbolic link to a folder (not followed: images are read where they lie)",
     "unknown_split": "a split the source does not define (Usage, name prefix, split folder)",
     "unknown_label": "a label or class folder outside the source's classes",
     "excluded_class": "a class outside the 7-class task (contempt, none, non-face)",

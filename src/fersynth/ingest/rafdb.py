@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fersynth.classes import RAFDB_LABELS
 from fersynth.errors import FersynthError
-from fersynth.ingest.items import Candidate, Note, Rejection, safe_name
+from fersynth.ingest.items import Candidate, Note, Rejection, integer, safe_name
 from fersynth.settings import RafdbSettings
 
 LABEL_FILE = Path("EmoLabel/list_patition_label.txt")
@@ -33,9 +33,12 @@ def label_file(root: Path) -> Path:
 
 
 def _lines(root: Path) -> list[tuple[int, str]]:
-    """(line number, text) of the label file's non-blank lines; a BOM is not part of a name."""
-    with label_file(root).open(encoding="utf-8-sig", errors="replace", newline=None) as handle:
-        return [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
+    """(line number, text) of the label file's non-blank lines: UTF-8 (a BOM is not part of a
+    name) or UTF-16 with its BOM (what Windows Notepad saves as "Unicode")."""
+    data = label_file(root).read_bytes()
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    text = data.decode(encoding, errors="replace")
+    return [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
 def count(root: Path) -> int:
@@ -67,14 +70,45 @@ def _image_dir(root: Path, settings: RafdbSettings) -> Path:
 
 
 def _check_label_base(lines: list[_Line], base: int) -> None:
-    """Stop on a file whose labels are numbered from the other base: shifting them silently
-    would write every row one class off."""
-    labels = {line.raw_label for line in lines}
-    if base == 1 and "0" in labels and "7" not in labels:
+    """Stop on a file whose labels are numbered from the other base: reading it with this one
+    would write every row one class off, silently."""
+    labels = {integer(line.raw_label) for line in lines}
+    if base == 1 and 0 in labels and 7 not in labels:
         raise FersynthError(
             f"{LABEL_FILE}: labels run 0..6, not RAF-DB's 1..7, so this file looks 0-based; if it is, "
             "read it with ingest.rafdb.label_base=0 (--label-base 0)"
         )
+    if base == 0 and 7 in labels and 0 not in labels:
+        raise FersynthError(
+            f"{LABEL_FILE}: labels run 1..7, RAF-DB's own numbering, but ingest.rafdb.label_base is 0; "
+            "read it with label_base 1 (the default; drop --label-base 0)"
+        )
+
+
+def _repeats(lines: list[_Line]) -> dict[int, Rejection]:
+    """Rejections for label lines that name an image already named: an identical repeat is
+    dropped (the first line is read), an image listed with different labels is rejected on
+    every line, since which label is right cannot be told."""
+    by_name: dict[str, list[int]] = {}
+    for index, line in enumerate(lines):
+        by_name.setdefault(line.name.rsplit(".", 1)[0].removesuffix(ALIGNED_SUFFIX), []).append(index)
+    refused: dict[int, Rejection] = {}
+    for indices in by_name.values():
+        if len(indices) < 2:
+            continue
+        labels = {integer(lines[i].raw_label) for i in indices}
+        first = lines[indices[0]].where.split(" (", 1)[0]
+        for position, i in enumerate(indices):
+            if len(labels) > 1:
+                shown = ", ".join(lines[j].raw_label for j in indices)
+                refused[i] = Rejection(
+                    lines[i].where,
+                    "conflicting_labels",
+                    f"the image is listed {len(indices)} times with labels {shown}",
+                )
+            elif position:
+                refused[i] = Rejection(lines[i].where, "duplicate_row", f"repeats {first}")
+    return refused
 
 
 def read(root: Path, settings: RafdbSettings | None = None) -> Iterator[Candidate | Rejection | Note]:
@@ -91,20 +125,25 @@ def _items(
     root: Path, parsed: list[_Line | Rejection], settings: RafdbSettings
 ) -> Iterator[Candidate | Rejection | Note]:
     lines = [item for item in parsed if isinstance(item, _Line)]
+    refused = _repeats(lines)
     image_dir = _image_dir(root, settings)
     if image_dir == ORIGINAL_DIR:
         yield Note(f"images read from {ORIGINAL_DIR}/ (no {ALIGNED_DIR}/): faces are not aligned")
     if any(line.name.rsplit(".", 1)[0].endswith(ALIGNED_SUFFIX) for line in lines):
-        yield Note(f"label names ending in {ALIGNED_SUFFIX}: read as the aligned image's own name")
+        yield Note(f"label names ending in {ALIGNED_SUFFIX}: read as the image's name without it")
     extra = sum(1 for line in lines if line.extra)
     if extra:
         yield Note(f"{extra} label lines have columns after the label; only NAME LABEL was read")
     labels = {settings.label_base + i: name for i, name in enumerate(RAFDB_LABELS.values())}
     span = f"{settings.label_base}..{settings.label_base + len(labels) - 1}"
 
+    index = {id(line): i for i, line in enumerate(lines)}
     for item in parsed:
         if isinstance(item, Rejection):
             yield item
+            continue
+        if index[id(item)] in refused:
+            yield refused[index[id(item)]]
             continue
         where, name = item.where, item.name
         if "/" in name or "\\" in name:
@@ -116,9 +155,8 @@ def _items(
         if split is None:
             yield Rejection(where, "unknown_split", f"name {name!r} starts with neither train_ nor test_")
             continue
-        try:
-            label = labels[int(item.raw_label)]
-        except (ValueError, KeyError):
+        label = labels.get(integer(item.raw_label))  # type: ignore[arg-type]
+        if label is None:
             yield Rejection(
                 where, "unknown_label", f"unknown label {item.raw_label!r} (labels here are {span})", split
             )

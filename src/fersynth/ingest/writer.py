@@ -30,8 +30,8 @@ def parse_pixels(text: str, shape: tuple[int, int]) -> np.ndarray:
     """FER2013's space-separated grey values -> uint8 H x W."""
     try:
         values = np.array(text.split(), dtype=np.int64)
-    except ValueError:
-        raise ImageDecodeError("pixels are not all integers", "bad_pixels") from None
+    except (ValueError, OverflowError):  # a word, or a number past int64
+        raise ImageDecodeError("pixels are not all integers in 0..255", "bad_pixels") from None
     expected = shape[0] * shape[1]
     if values.size != expected:
         raise ImageDecodeError(f"expected {expected} pixel values, got {values.size}", "bad_pixels")
@@ -72,8 +72,8 @@ def import_one(item: Candidate | Rejection, options: WriteOptions) -> dict[str, 
             pixels = parse_pixels(item.pixels, item.pixel_shape)
         else:
             assert item.file is not None
-            if item.within is not None and not _stays_within(Path(item.file), Path(item.within)):
-                raise ImageDecodeError("a link that leads outside the input folder", "unsafe_path")
+            if item.within is not None:
+                _check_within(Path(item.file), Path(item.within))
             try:
                 data = Path(item.file).read_bytes()
             except FileNotFoundError:
@@ -117,8 +117,11 @@ def import_one(item: Candidate | Rejection, options: WriteOptions) -> dict[str, 
 COMPOSITED = "_composited"
 
 
-def _stays_within(path: Path, root: Path) -> bool:
+def _check_within(path: Path, root: Path) -> None:
+    """Refuse a file that is, or lies under, a link leading out of `root`, or a link loop."""
     try:
-        return path.resolve().is_relative_to(root.resolve())
-    except (OSError, RuntimeError):  # a link loop
-        return False
+        inside = path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        raise ImageDecodeError("a link loop", "unsafe_path") from None
+    if not inside:
+        raise ImageDecodeError("a link that leads outside the input folder", "unsafe_path")
