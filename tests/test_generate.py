@@ -15,9 +15,10 @@ from PIL import Image
 
 from fersynth.dataset import read_manifest
 from fersynth.errors import FersynthError
-from fersynth.generate import RECORDS, run_generate, run_merge, select_seeds, shard_seeds
-from fersynth.generate.components import build_random, load_components
-from fersynth.generate.gif import gif_score, guided_latents, perturb
+from fersynth.generate import IMAGES, RECORDS, run_generate, run_merge, select_seeds, shard_seeds
+from fersynth.generate.backends import augment_seed
+from fersynth.generate.components import build_random, build_random_clip, load_components
+from fersynth.generate.gif import clipped_fraction, gif_score, group_divergence, guided_latents, perturb
 from fersynth.generate.prior import run_train_prior
 from fersynth.settings import GenerateSettings, PriorSettings
 from fersynth.train.loop import run_train
@@ -104,15 +105,18 @@ def test_gif_step_stays_in_the_eps_ball_and_raises_the_score():
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
     seed_probs = torch.softmax(torch.randn(2, 7), dim=1)[groups]
     generators = [torch.Generator().manual_seed(i) for i in range(6)]
-    final, before, stepped = guided_latents(
+    final, before, stepped, clipped = guided_latents(
         latents, decoder, guide, seed_probs, groups, generators, step_size=1e-3, eps=0.1
+    )
+    assert clipped.shape == (6,) and torch.allclose(
+        clipped, ((stepped - latents).abs() > 0.1).flatten(1).float().mean(1)
     )
     assert (final - latents).abs().max() <= 0.1 + 1e-6
     with torch.no_grad():
         after = gif_score(*guide(decoder(stepped)), seed_probs, groups)
-    assert after > before
+    assert before.shape == (6,) and after > before.mean()
     # The large default step still respects the ball.
-    final, _, _ = guided_latents(
+    final, _, _, _ = guided_latents(
         latents,
         decoder,
         guide,
@@ -201,9 +205,11 @@ def test_killed_shard_resumes_to_exactly_the_uninterrupted_set(world, tmp_path):
     subprocess.run(_cli(killed, world, 0, 2), check=True, capture_output=True, timeout=600)
     subprocess.run(_cli(killed, world, 1, 2), check=True, capture_output=True, timeout=600)
 
-    def files(root: Path) -> dict[str, bytes]:
+    def files(root: Path) -> dict[str, bytes]:  # the images and their records
         return {
-            p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "shards").rglob("*.png"))
+            p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted((root / "shards").rglob("*"))
+            if p.suffix in (".png", ".json") and p.name != "settings.json"
         }
 
     assert files(killed) == files(straight)
@@ -216,7 +222,7 @@ def test_killed_shard_resumes_to_exactly_the_uninterrupted_set(world, tmp_path):
 def test_merge_refuses_missing_shards(world, tmp_path):
     config = settings(world, tmp_path / "gen")
     run_generate(config, shard=0, num_shards=2, progress=False)
-    with pytest.raises(FersynthError, match="shard-001-of-002: .* seeds not generated"):
+    with pytest.raises(FersynthError, match="shard-001-of-002: .* jobs not generated"):
         run_merge(config, num_shards=2, progress=False)
     assert len(shard_seeds(select_seeds(config, 2048), 1, 2)) > 0
 
@@ -255,3 +261,194 @@ def test_stable_diffusion_folder_errors(tmp_path):
     (tmp_path / "sd" / "unet").mkdir(parents=True)
     with pytest.raises(FersynthError, match="missing vae, text_encoder"):
         load_components(str(tmp_path / "sd"))
+
+
+def test_s_div_is_kl_of_the_group_mean_from_each_sample_as_the_official_code():
+    """GIF's code: KLDivLoss(reduction="batchmean", log_target=True)(log_softmax(f), log_softmax(mean)),
+    which is KL(mean || sample); the other direction gives another value."""
+    torch.manual_seed(1)
+    features = torch.randn(5, 12)
+    normalised = torch.nn.functional.normalize(features, dim=1)
+    mean = normalised.mean(0, keepdim=True).repeat(5, 1)
+    official = torch.nn.KLDivLoss(reduction="batchmean", log_target=True)(
+        torch.log_softmax(normalised, dim=1), torch.log_softmax(mean, dim=1)
+    )
+    ours = group_divergence(features, torch.zeros(5, dtype=torch.long)).mean()  # per sample: (5,)
+    assert ours == pytest.approx(float(official), rel=1e-5)
+    reverse = torch.nn.KLDivLoss(reduction="batchmean", log_target=True)(
+        torch.log_softmax(mean, dim=1), torch.log_softmax(normalised, dim=1)
+    )
+    assert abs(float(reverse) - float(ours)) > 1e-3 * float(ours)
+    # Two groups are two batches of the official code: the mean of their values.
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    both = group_divergence(features, groups).mean()
+    first = group_divergence(features[:3], torch.zeros(3, dtype=torch.long)).mean()
+    second = group_divergence(features[3:], torch.zeros(2, dtype=torch.long)).mean()
+    assert both == pytest.approx((3 * float(first) + 2 * float(second)) / 5, rel=1e-5)
+
+
+def test_seed_views_rotate_and_flip_per_output_reproducibly():
+    yy, xx = torch.meshgrid(torch.linspace(0.2, 0.9, 32), torch.linspace(0.2, 0.9, 32), indexing="ij")
+    seed = torch.stack([xx, yy, xx * yy])  # asymmetric: a flip or a rotation shows
+    views = [augment_seed(seed, torch.Generator().manual_seed(k), 15.0, True) for k in range(8)]
+    again = [augment_seed(seed, torch.Generator().manual_seed(k), 15.0, True) for k in range(8)]
+    assert all(torch.equal(a, b) for a, b in zip(views, again, strict=True))  # from its generator only
+    assert all(v.shape == seed.shape for v in views)
+    flipped = [torch.corrcoef(torch.stack([v[0].flatten(), seed[0].flatten()]))[0, 1] < 0 for v in views]
+    assert 0 < sum(flipped) < 8  # some views are mirrored, some not
+    distinct = {tuple(v.flatten()[::97].tolist()) for v in views}
+    assert len(distinct) == 8  # each output its own geometry, not only a colour shift
+    assert min(float(v.min()) for v in views) >= float(seed.min()) - 1e-4  # reflected: no black corners
+    generator = torch.Generator().manual_seed(3)
+    assert torch.equal(augment_seed(seed, generator, 0.0, False), seed)
+    assert generator.initial_seed() == 3 and torch.rand((), generator=generator) == torch.rand(
+        (), generator=_after_two_draws(3)
+    )  # two draws whatever the settings: later draws stay where they were
+
+
+def _after_two_draws(seed: int) -> torch.Generator:
+    generator = torch.Generator().manual_seed(seed)
+    torch.rand((), generator=generator), torch.rand((), generator=generator)
+    return generator
+
+
+def test_clipped_fraction_counts_entries_outside_the_ball():
+    base = torch.zeros(1, 1, 2, 2)
+    stepped = torch.tensor([[[[0.05, -0.3], [0.2, 1.0]]]])
+    assert clipped_fraction(stepped, base, 0.1) == 0.75
+    assert clipped_fraction(stepped, base, 0.5) == 0.25
+    assert clipped_fraction(stepped, base, 2.0) == 0.0
+
+
+def test_clip_guide_on_tiny_clip_through_generate(world, tmp_path):
+    """The CLIP guide (GIF's own) loads a saved CLIP folder and scores through the real path;
+    transformers 5 returns output objects from get_text_features / get_image_features."""
+    from fersynth.generate.guide import ClipGuide
+
+    folder = build_random_clip(tmp_path / "clip", image_size=32)
+    guide = ClipGuide(str(folder), torch.device("cpu"))
+    images = torch.rand(3, 3, 40, 40, requires_grad=True)
+    logits, features = guide(images)
+    assert logits.shape == (3, 7) and features.shape == (3, 16)
+    assert torch.allclose(features.norm(dim=1), torch.ones(3), atol=1e-5)
+    logits.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+    config = settings(
+        world, tmp_path / "gen", guide="clip", guide_model=str(folder), max_seeds_per_class=1, k=2
+    )
+    result = run_generate(config, progress=False)
+    assert result.written == 4
+    records = [r for f in (result.folder / RECORDS).glob("*.json") for r in json.loads(f.read_text())]
+    assert {r["guide"] for r in records} == {"clip"}
+    assert all(0.0 <= r["clipped_fraction"] <= 1.0 for r in records)
+    assert {r["seed_rotation"] for r in records} == {15.0}
+
+
+def test_edit_settings_are_checked():
+    with pytest.raises(ValueError, match="not edited towards itself"):
+        GenerateSettings(edit={"fear": {"sources": ["fear", "happy"]}})
+    with pytest.raises(ValueError, match="'joy' is not a class"):
+        GenerateSettings(edit={"joy": {}})
+    with pytest.raises(ValueError, match="expected one or more of"):
+        GenerateSettings(edit={"fear": {"sources": ["happiness"]}})
+    assert GenerateSettings(edit={"fear": {}}).edit["fear"].sources == ["neutral", "happy"]
+
+
+def test_edit_jobs_draw_source_images_for_each_target(world, tmp_path):
+    config = settings(
+        world,
+        tmp_path / "gen",
+        classes=["fear"],
+        edit={
+            "fear": {"sources": ["neutral", "happy"], "max_seeds": 3},
+            "disgust": {"sources": ["happy"], "max_seeds": None},
+        },
+    )
+    jobs = select_seeds(config, 2048)
+    data = read_manifest(world[1]).manifest
+    train = data[data["split"] == "train"]
+    expand = jobs[jobs["edit_from"] == ""]
+    assert set(expand["label"]) == {"fear"} and (expand["key"] == expand["id"]).all()
+    to_fear = jobs[(jobs["target"] == "fear") & (jobs["edit_from"] != "")]
+    assert len(to_fear) == 3 and set(to_fear["edit_from"]) <= {"neutral", "happy"}
+    assert (to_fear["key"] == to_fear["id"] + "_to_fear").all() and (to_fear["strength"] == 0.6).all()
+    to_disgust = jobs[jobs["target"] == "disgust"]
+    assert len(to_disgust) == int((train["label"] == "happy").sum())  # max_seeds null: every happy image
+    assert jobs["key"].is_monotonic_increasing and jobs["key"].is_unique
+    assert select_seeds(config, 2048)["key"].tolist() == jobs["key"].tolist()  # the same on every machine
+    assert select_seeds(config.model_copy(update={"classes": []}), 2048)["edit_from"].ne("").all()
+
+
+def test_gif_score_rewards_an_edits_target_class():
+    logits = torch.tensor([[0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0]] * 2)
+    features = torch.randn(2, 8)
+    seed_probabilities = torch.softmax(torch.tensor([[4.0, 0, 0, 0, 0, 0, 0]] * 2), dim=1)
+    groups = torch.zeros(2, dtype=torch.long)
+    own = gif_score(logits, features, seed_probabilities, groups)
+    towards_disgust = gif_score(logits, features, seed_probabilities, groups, torch.tensor([2, 2]))
+    assert float(towards_disgust - own) == pytest.approx(
+        float(torch.softmax(logits[0], 0)[2] - torch.softmax(logits[0], 0)[0])
+    )
+
+
+def test_cross_class_edits_with_the_prior_and_tiny_stable_diffusion(world, tmp_path):
+    edit = {"fear": {"sources": ["happy"], "max_seeds": 2, "strength": 0.7}}
+    config = settings(world, tmp_path / "prior", classes=[], edit=edit, k=2)
+    result = run_generate(config, progress=False)
+    assert result.written == 4
+    merged = read_manifest(run_merge(config, num_shards=1, progress=False).output).manifest
+    assert set(merged["label"]) == {"fear"} and set(merged["gen_edit_from"]) == {"happy"}
+    assert merged["id"].str.contains("_to_fear_k").all()
+    seeds = read_manifest(world[1]).manifest.set_index("id")
+    assert (seeds.loc[merged["seed_id"], "label"] == "happy").all()  # seeded from the source class
+
+    folder = build_random(sample_size=64).save(tmp_path / "sd")
+    config = settings(
+        world,
+        tmp_path / "sd_gen",
+        backend="gif-sd",
+        sd_model=str(folder),
+        image_size=64,
+        steps=10,
+        strength=0.2,
+        k=1,
+        classes=["fear"],
+        max_seeds_per_class=1,
+        edit=edit,
+    )
+    result = run_generate(config, progress=False)
+    records = [r for f in (result.folder / RECORDS).glob("*.json") for r in json.loads(f.read_text())]
+    strengths = {r["edit_from"]: r["strength"] for r in records}
+    assert strengths == {"": 0.2, "happy": 0.7}  # each job its own strength, batches never mixed
+    assert all("fear" in r["prompt"] or "fearful" in r["prompt"] for r in records)
+
+
+def test_outputs_and_records_do_not_depend_on_the_batch(world, tmp_path):
+    """Two seeds per batch or one: the same images and the same records (score, clipped share)."""
+    one = run_generate(settings(world, tmp_path / "one", seeds_per_batch=1), progress=False)
+    two = run_generate(settings(world, tmp_path / "two", seeds_per_batch=2), progress=False)
+    names = sorted(p.name for p in (one.folder / IMAGES).glob("*.png"))
+    assert len(names) > 3
+    for name in names:
+        assert (one.folder / IMAGES / name).read_bytes() == (two.folder / IMAGES / name).read_bytes()
+    for record in (one.folder / RECORDS).glob("*.json"):
+        assert record.read_text() == (two.folder / RECORDS / record.name).read_text()
+
+
+def test_a_shard_folder_of_other_settings_is_refused_and_only_takes_keys(world, tmp_path):
+    edit = {"fear": {"sources": ["happy"], "max_seeds": 1}}
+    config = settings(world, tmp_path / "gen", classes=[], edit=edit, k=1)
+    first = run_generate(config, progress=False)
+    key = next((first.folder / RECORDS).glob("*.json")).stem
+    assert "_to_fear" in key
+    with pytest.raises(FersynthError, match=r"holds outputs of other settings \(changed: eps\)"):
+        run_generate(config.model_copy(update={"eps": 0.3}), progress=False)
+    resumed = run_generate(config.model_copy(update={"seeds_per_batch": 4}), progress=False)
+    assert resumed.skipped == 1 and resumed.written == 0  # how, not what: a resume may change it
+    again = run_generate(
+        settings(world, tmp_path / "again", classes=[], edit=edit, k=1), only=[key], progress=False
+    )
+    assert again.written == 1
+    with pytest.raises(FersynthError, match="not jobs of this shard"):
+        run_generate(config, only=["no_such_seed"], progress=False)

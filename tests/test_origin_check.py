@@ -13,7 +13,7 @@ from fersynth.classes import CLASSES
 from fersynth.dataset import load_image, read_manifest, write_manifest
 from fersynth.demo import draw_face
 from fersynth.generate import run_generate, run_merge
-from fersynth.generate.backends import resize_seed
+from fersynth.generate.backends import Generated, resize_seed
 from fersynth.origin_check import SHARPNESS_FACTOR, origin_check
 from fersynth.settings import AugmentSettings, GenerateSettings
 from helpers import write_dataset
@@ -39,7 +39,8 @@ class WorkingSizeCopies:
     size), so what is written shows only what the generation stage's writing path does."""
 
     def generate(self, batch):
-        return [batch.seeds[i] for i in batch.seed_index], [0.0] * len(batch.seed_index)
+        n = len(batch.seed_index)
+        return Generated([batch.seeds[i] for i in batch.seed_index], [0.0] * n, [0.0] * n)
 
 
 def test_synthetic_images_at_the_working_size_fail_the_check(tmp_path):

@@ -359,6 +359,29 @@ class PriorSettings(Strict):
     cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads
 
 
+class EditSettings(Strict):
+    """Cross-class expression editing towards one target class (as SDAFE and SynFER do for the
+    long tail): seed images of abundant classes are edited towards the target's expression;
+    the target is the intended label and the vote decides. Within-class expansion alone
+    cannot give a class many more faces than it has seed images."""
+
+    sources: list[str] = ["neutral", "happy"]  # seed classes whose training images are edited
+    max_seeds: Positive | None = 100  # source images drawn (seeded, shared over sources); null: all
+    # gif-sd: noised for int(strength * steps) of the DDIM steps before the target's prompt
+    # denoises; within-class expansion's 0.1 keeps the seed's expression, editing needs more.
+    strength: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6
+
+    @field_validator("sources")
+    @classmethod
+    def _known_sources(cls, value: list[str]) -> list[str]:
+        from fersynth.classes import CLASSES
+
+        unknown = sorted(set(value) - set(CLASSES))
+        if unknown or not value:
+            raise ValueError(f"expected one or more of {', '.join(CLASSES)}; got {value}")
+        return value
+
+
 class GenerateSettings(Strict):
     """`fersynth generate`: GIF guided imagination, K outputs per training image, in shards."""
 
@@ -366,7 +389,7 @@ class GenerateSettings(Strict):
     output: Path | None = None  # null: data/<experiment>/generated (shards/, then dataset/)
     backend: Literal["gif-prior", "gif-sd"] = "gif-prior"
     k: Positive = 5  # outputs per seed image (thesis K=5)
-    classes: list[str] | None = None  # seed classes to expand; null = every class
+    classes: list[str] | None = None  # seed classes to expand; null = every class, [] = none (edits only)
     max_seeds_per_class: Positive | None = None
     seeds_per_batch: Positive = 1  # seed images per forward batch (x K outputs)
     guide: Literal["fer", "clip"] = "fer"
@@ -379,11 +402,21 @@ class GenerateSettings(Strict):
     strength: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1  # noised for int(strength * steps) steps
     scale: Annotated[float, Field(ge=1.0)] = 50.0  # classifier-free guidance scale (thesis: 50)
     step_size: Annotated[float, Field(gt=0.0)] = 0.1  # GIF's signed-gradient step on z and b
-    eps: Annotated[float, Field(gt=0.0)] = 0.1  # L-inf radius around the denoised latent
+    # L-inf radius around the denoised latent. GIF's noise moves unit-variance latents by about
+    # 1, so at 0.1 the projection clips 93% of the entries and the guided step barely acts; at
+    # 0.8 (what most of the official README's runs use) about half (benchmarks/results/gif_eps.json).
+    eps: Annotated[float, Field(gt=0.0)] = 0.8
+    # Each output starts from its seed rotated by up to this many degrees and flipped at random
+    # (the official GIF code's augmentation: RandomRotation(15), RandomHorizontalFlip).
+    seed_rotation: Annotated[float, Field(ge=0.0, le=180.0)] = 15.0
+    seed_hflip: bool = True
     prompt_variants: bool = True  # GIF-style domain and adjective variants of the class prompt
     device: Device = "auto"
     cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads
     half: bool = True  # on CUDA: fp16 UNet and text encoder, bf16 autocast VAE decode
+    # Cross-class editing, per target class: {fear: {sources: [neutral, happy], strength: 0.6}};
+    # K outputs per edited seed image, besides the within-class expansion of `classes`.
+    edit: dict[str, EditSettings] = {}
 
     @field_validator("classes")
     @classmethod
@@ -393,6 +426,18 @@ class GenerateSettings(Strict):
         unknown = sorted(set(value or []) - set(CLASSES))
         if unknown:
             raise ValueError(f"unknown classes {unknown}; expected {', '.join(CLASSES)}")
+        return value
+
+    @field_validator("edit")
+    @classmethod
+    def _edit_targets(cls, value: dict[str, EditSettings]) -> dict[str, EditSettings]:
+        from fersynth.classes import CLASSES
+
+        for target, edit in value.items():
+            if target not in CLASSES:
+                raise ValueError(f"target {target!r} is not a class; expected {', '.join(CLASSES)}")
+            if target in edit.sources:
+                raise ValueError(f"{target}: a class is not edited towards itself (that is expansion)")
         return value
 
 

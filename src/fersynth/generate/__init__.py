@@ -1,14 +1,18 @@
 """`fersynth generate` and `fersynth merge`: GIF expansion of the training split, in shards.
 
-Seeds are the training images (never test images), sorted by id; shard i of n takes every
-n-th one. Each output is named after (seed id, k) and drawn from its own generator, seeded by
-(global seed, seed id, k), so it can be regenerated exactly and a rerun never duplicates it.
-A seed is done when its record file exists: written after its K images, atomically. A shard
-killed half-way and started again skips the finished seeds and redoes the unfinished one,
-ending with exactly the files an uninterrupted run writes.
+A job is one seed image and the class its K outputs are meant to show: its own (within-class
+expansion) or an edit's target (`generate.edit`). Seeds are training images only (never test
+images). Jobs are sorted by key (the seed id, or `<seed id>_to_<target>` for an edit); shard
+i of n takes every n-th one. Each output is named `<key>_k<k>` and drawn from its own
+generator, seeded by (global seed, key, k), so it can be regenerated exactly and a rerun never
+duplicates it; its image and record do not depend on the other seeds of its batch or shard. A
+job is done when its record file exists: written after its K images, atomically. A shard
+killed half-way and started again skips the finished jobs and redoes the unfinished one,
+ending with exactly the files an uninterrupted run writes; a shard folder made with other
+settings is refused, never mixed.
 
-    <output>/shards/shard-000-of-004/images/<seed id>_k<k>.png
-                                     records/<seed id>.json
+    <output>/shards/shard-000-of-004/images/<key>_k<k>.png
+                                     records/<key>.json
     <output>/dataset/                 written by merge: manifest.csv + images + contact sheets
 """
 
@@ -52,20 +56,39 @@ def output_seed(global_seed: int, seed_id: str, k: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def job_key(seed_id: str, target: str, edit_from: str) -> str:
+    """What names a job's records and outputs: the seed id for within-class expansion (as
+    before edits existed), `<seed id>_to_<target>` for a cross-class edit."""
+    return f"{seed_id}_to_{target}" if edit_from else seed_id
+
+
 def select_seeds(settings: GenerateSettings, seed: int) -> pd.DataFrame:
-    """Training rows to expand, sorted by id (the same list on every machine)."""
+    """The jobs, sorted by key (the same list on every machine): one per training image to
+    expand within its class (`classes`; null: every class), then one per (source image, target)
+    of each cross-class edit (`edit`). Columns: the manifest's, plus `target` (the intended
+    label), `edit_from` (the source class of an edit, else ""), `strength` and `key`."""
     frame = read_manifest(settings.data).manifest
     train = frame[frame["split"] == TRAIN_SPLIT]
-    if settings.classes:
-        train = train[train["label"].isin(settings.classes)]
-    if settings.max_seeds_per_class:
+    train = train.sort_values("id")  # sampling from the same order on every machine
+    expand = train if settings.classes is None else train[train["label"].isin(settings.classes)]
+    if settings.max_seeds_per_class and not expand.empty:
         limit = settings.max_seeds_per_class
-        train = pd.concat(
-            [g.sample(n=min(len(g), limit), random_state=seed) for _, g in train.groupby("label")]
+        expand = pd.concat(
+            [g.sample(n=min(len(g), limit), random_state=seed) for _, g in expand.groupby("label")]
         )
-    if train.empty:
-        raise FersynthError(f"{settings.data}: no training images to expand")
-    return train.sort_values("id").reset_index(drop=True)
+    jobs = [expand.assign(target=expand["label"], edit_from="", strength=settings.strength)]
+    for target, edit in sorted(settings.edit.items()):
+        pool = train[train["label"].isin(edit.sources)]
+        if edit.max_seeds is not None and len(pool) > edit.max_seeds:
+            pool = pool.sample(n=edit.max_seeds, random_state=seed + CLASSES.index(target))
+        jobs.append(pool.assign(target=target, edit_from=pool["label"], strength=edit.strength))
+    selected = pd.concat(jobs, ignore_index=True)
+    if selected.empty:
+        raise FersynthError(f"{settings.data}: no training images to expand or edit")
+    selected["key"] = [
+        job_key(*row) for row in selected[["id", "target", "edit_from"]].itertuples(index=False)
+    ]
+    return selected.sort_values("key").reset_index(drop=True)
 
 
 def shard_seeds(seeds: pd.DataFrame, shard: int, num_shards: int) -> pd.DataFrame:
@@ -91,7 +114,17 @@ def build_backend(settings: GenerateSettings, device: torch.device):
         from fersynth.generate.prior import load_prior
 
         vae, size = load_prior(settings.prior)
-        return GifPrior(vae, guide, device, settings.step_size, settings.eps, settings.half), size
+        backend = GifPrior(
+            vae,
+            guide,
+            device,
+            settings.step_size,
+            settings.eps,
+            settings.half,
+            settings.seed_rotation,
+            settings.seed_hflip,
+        )
+        return backend, size
     if not settings.sd_model:
         raise FersynthError("generate.sd_model: set a Stable Diffusion folder or s3:// prefix for gif-sd")
     from fersynth.generate.components import load_components
@@ -107,6 +140,8 @@ def build_backend(settings: GenerateSettings, device: torch.device):
         step_size=settings.step_size,
         eps=settings.eps,
         half=settings.half,
+        seed_rotation=settings.seed_rotation,
+        seed_hflip=settings.seed_hflip,
     )
     return backend, settings.image_size
 
@@ -117,6 +152,33 @@ class ShardResult:
     seeds: int
     skipped: int  # finished before this run (resume)
     written: int
+
+
+# Settings that change how an image is computed, not what it is: a resume may change them.
+_RESUMABLE_CHANGES = ("device", "cpu_threads", "seeds_per_batch")
+
+
+def _refuse_other_settings(folder: Path, record: dict) -> None:
+    """A shard folder holding outputs of other settings is refused: resuming into it would mix
+    two sets of images under one manifest."""
+    previous_file = folder / "settings.json"
+    if not previous_file.is_file() or not any((folder / RECORDS).glob("*.json")):
+        return
+    previous = json.loads(previous_file.read_text())
+
+    def comparable(values: dict) -> dict:
+        generate = {k: v for k, v in values.get("generate", {}).items() if k not in _RESUMABLE_CHANGES}
+        return {**values, "generate": generate}
+
+    now = json.loads(json.dumps(record, default=str))
+    if comparable(previous) != comparable(now):
+        old, new = comparable(previous)["generate"], comparable(now)["generate"]
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        changed += [k for k in ("seed", "shard", "num_shards") if previous.get(k) != now.get(k)]
+        raise FersynthError(
+            f"{folder}: holds outputs of other settings (changed: {', '.join(changed) or 'generate'}); "
+            "delete it or choose another generate.output, so that two sets are never mixed"
+        )
 
 
 @pins_torch_threads
@@ -130,27 +192,22 @@ def run_generate(
     progress: bool = True,
     backend=None,
 ) -> ShardResult:
-    """Generate K outputs for each seed of one shard (resumable); `only` restricts to seed ids."""
+    """Generate K outputs for each job of one shard (resumable); `only` restricts to job keys
+    or seed ids (a seed id selects its expansion and its edits)."""
     dataset = read_manifest(settings.data)
     seeds = shard_seeds(select_seeds(settings, seed), shard, num_shards)
     if only:
-        missing = sorted(set(only) - set(seeds["id"]))
+        missing = sorted(set(only) - set(seeds["id"]) - set(seeds["key"]))
         if missing:
-            raise FersynthError(f"not training seeds of this shard: {', '.join(missing[:5])}")
-        seeds = seeds[seeds["id"].isin(only)]
+            raise FersynthError(f"not jobs of this shard (seed id or key): {', '.join(missing[:5])}")
+        seeds = seeds[seeds["id"].isin(only) | seeds["key"].isin(only)]
     folder = Path(settings.output) / "shards" / shard_name(shard, num_shards)
+    record = {"seed": seed, "shard": shard, "num_shards": num_shards, "generate": resolved_dict(settings)}
+    _refuse_other_settings(folder, record)
     (folder / RECORDS).mkdir(parents=True, exist_ok=True)
     (folder / IMAGES).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        folder / "settings.json",
-        json.dumps(
-            {"seed": seed, "shard": shard, "num_shards": num_shards, "generate": resolved_dict(settings)},
-            indent=2,
-            default=str,
-        )
-        + "\n",
-    )
-    todo = seeds[[not (folder / RECORDS / f"{sid}.json").is_file() for sid in seeds["id"]]]
+    atomic_write_text(folder / "settings.json", json.dumps(record, indent=2, default=str) + "\n")
+    todo = seeds[[not (folder / RECORDS / f"{key}.json").is_file() for key in seeds["key"]]]
     skipped = len(seeds) - len(todo)
     if todo.empty:
         return ShardResult(folder, len(seeds), skipped, 0)
@@ -162,7 +219,19 @@ def run_generate(
     params = {
         k: v
         for k, v in resolved_dict(settings).items()
-        if k in ("backend", "steps", "strength", "scale", "step_size", "eps", "guide", "image_size")
+        if k
+        in (
+            "backend",
+            "steps",
+            "strength",
+            "scale",
+            "step_size",
+            "eps",
+            "guide",
+            "image_size",
+            "seed_rotation",
+            "seed_hflip",
+        )
     }
     params["outputs_per_seed"] = settings.k
     written = 0
@@ -173,45 +242,60 @@ def run_generate(
         disable=not progress,
     )
     rows = list(todo.itertuples(index=False))
-    for start in range(0, len(rows), settings.seeds_per_batch):
-        chunk = rows[start : start + settings.seeds_per_batch]
+    # One strength per batch (gif-sd noises the whole batch alike): batches never mix them.
+    chunks = [
+        group[start : start + settings.seeds_per_batch]
+        for group in (
+            [r for r in rows if r.strength == strength]
+            for strength in dict.fromkeys(r.strength for r in rows)
+        )
+        for start in range(0, len(group), settings.seeds_per_batch)
+    ]
+    for chunk in chunks:
         stored = [load_image(dataset.image_path(r.path)) for r in chunk]  # the seeds as stored
         seeds_pixels = [resize_seed(pixels, size) for pixels in stored]
         index = [i for i in range(len(chunk)) for _ in range(settings.k)]
-        out_seeds = [output_seed(seed, chunk[i].id, k) for i in range(len(chunk)) for k in range(settings.k)]
+        out_seeds = [output_seed(seed, chunk[i].key, k) for i in range(len(chunk)) for k in range(settings.k)]
         batch = Batch(
             seeds=seeds_pixels,
-            labels=[r.label for r in chunk],
+            labels=[r.target for r in chunk],
             seed_index=index,
             generators=[torch.Generator().manual_seed(s) for s in out_seeds],
-            prompts=make_prompts([chunk[i].label for i in index], out_seeds, settings.prompt_variants),
+            prompts=make_prompts([chunk[i].target for i in index], out_seeds, settings.prompt_variants),
+            edits=[bool(r.edit_from) for r in chunk],
+            strength=chunk[0].strength,
         )
-        images, scores = backend.generate(batch)
+        generated = backend.generate(batch)
         # Every backend's outputs are written at their seed's stored size (see to_seed_size).
         images = [
             to_seed_size(image, stored[i].shape[1], stored[i].shape[0])
-            for image, i in zip(images, index, strict=True)
+            for image, i in zip(generated.images, index, strict=True)
         ]
         for i, row in enumerate(chunk):
             records = []
             for k in range(settings.k):
                 j = i * settings.k + k
-                name = output_name(row.id, k)
+                name = output_name(row.key, k)
                 save_png(folder / IMAGES / f"{name}.png", images[j])
                 records.append(
                     {
                         "id": name,
                         "seed_id": row.id,
-                        "label": row.label,
+                        "label": row.target,
+                        "edit_from": row.edit_from,  # a cross-class edit's source class, else ""
                         "k": k,
                         "random_seed": out_seeds[j],
                         "prompt": batch.prompts[j],
-                        "gif_score": round(scores[j], 6),
+                        "gif_score": round(generated.scores[j], 6),
+                        # share of this output's latent entries that the eps-ball projection clipped
+                        "clipped_fraction": round(generated.clipped[j], 4),
                         "seed_path": row.path,
                         **params,
+                        # an edit's own (generate.edit.<target>.strength); the prior has no noise schedule
+                        "strength": row.strength if settings.backend == "gif-sd" else None,
                     }
                 )
-            atomic_write_text(folder / RECORDS / f"{row.id}.json", json.dumps(records, indent=1) + "\n")
+            atomic_write_text(folder / RECORDS / f"{row.key}.json", json.dumps(records, indent=1) + "\n")
             written += settings.k
             bar.update(settings.k)
     bar.close()
@@ -240,16 +324,16 @@ def run_merge(
     problems = []
     for shard in range(num_shards):
         folder = root / shard_name(shard, num_shards)
-        expected = set(shard_seeds(seeds, shard, num_shards)["id"])
+        expected = set(shard_seeds(seeds, shard, num_shards)["key"])
         present = {p.stem for p in (folder / RECORDS).glob("*.json")} if folder.is_dir() else set()
         if expected - present:
             problems.append(
-                f"{folder.name}: {len(expected - present)} seeds not generated "
+                f"{folder.name}: {len(expected - present)} jobs not generated "
                 f"(e.g. {sorted(expected - present)[0]}); rerun that shard"
             )
         if present - expected:
             problems.append(
-                f"{folder.name}: {len(present - expected)} seeds that belong to no shard "
+                f"{folder.name}: {len(present - expected)} jobs that belong to no shard "
                 "of this partition (other settings?)"
             )
         for seed_id in sorted(expected & present):
@@ -262,7 +346,7 @@ def run_merge(
     if len(set(names)) != len(names):
         problems.append(f"{len(names) - len(set(names))} output names appear twice")
     if len(records) != len(seeds) * settings.k:
-        problems.append(f"{len(records)} outputs, expected {len(seeds)} seeds x k={settings.k}")
+        problems.append(f"{len(records)} outputs, expected {len(seeds)} jobs x k={settings.k}")
     if problems:
         raise FersynthError("merge: " + "; ".join(problems[:5]))
     output = Path(settings.output) / "dataset"
@@ -274,7 +358,9 @@ def run_merge(
             shutil.copyfile(record["file"], staging / relative)
             pixels = load_image(staging / relative)
             params = {
-                k: v for k, v in record.items() if k not in ("id", "seed_id", "label", "file", "seed_path")
+                k: v
+                for k, v in record.items()
+                if k not in ("id", "seed_id", "label", "file", "seed_path", "edit_from")
             }
             rows.append(
                 {
@@ -293,6 +379,7 @@ def run_merge(
                     "gen_k": record["k"],
                     "gen_random_seed": str(record["random_seed"]),
                     "gen_prompt": record["prompt"],
+                    "gen_edit_from": record.get("edit_from", ""),
                     "gif_score": record["gif_score"],
                     "gen_params": json.dumps(params, sort_keys=True),
                 }
@@ -325,6 +412,8 @@ def write_contact_sheets(
             outputs = group[group["seed_id"] == seed_id].sort_values("gen_k")
             images = [load_image(seeds_dataset.image_path(seed_rows.at[seed_id, "path"]))]
             images += [load_image(folder / p) for p in outputs["path"]]
-            rows.append((f"{name}: seed {seed_id} | {k} generated", images))
+            source = outputs["gen_edit_from"].iloc[0] if "gen_edit_from" in outputs else ""
+            edited = f" (a {source} face edited)" if source else ""
+            rows.append((f"{name}: seed {seed_id}{edited} | {k} generated", images))
         if rows:
             save_png(folder / f"samples_{name}.png", contact_sheet(rows, columns=k + 1))

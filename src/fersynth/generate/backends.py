@@ -6,7 +6,9 @@
   perturbs its latent. No external weights at all.
 
 Both produce, for each seed image, K outputs whose randomness comes only from that output's
-own generator, so any output can be regenerated exactly from its recorded seed.
+own generator, so any output can be regenerated exactly from its recorded seed. As in the
+official GIF code, each output starts from its seed after a random rotation (up to
+`seed_rotation` degrees) and a random horizontal flip, drawn from that output's generator.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fersynth.classes import CLASS_INDEX
 from fersynth.generate.gif import Guide, guided_latents
 from fersynth.generate.prompts import prompt
 
@@ -28,10 +31,12 @@ class Batch:
     """Seed images (uint8 RGB, each already at the backend's size) and one entry per output."""
 
     seeds: list[np.ndarray]
-    labels: list[str]
+    labels: list[str]  # each seed's intended label: its own class, or an edit's target
     seed_index: list[int]  # which seed each output comes from (also its S_div group)
     generators: list[torch.Generator]  # one per output
     prompts: list[str]
+    edits: list[bool] | None = None  # per seed: a cross-class edit towards its label
+    strength: float | None = None  # gif-sd: this batch's strength (None: the backend's)
 
 
 def to_tensor(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -46,11 +51,57 @@ def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     return list((images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
 
 
+def augment_seed(
+    image: torch.Tensor, generator: torch.Generator, max_rotation: float, hflip: bool
+) -> torch.Tensor:
+    """One output's view of its seed (3 x H x W in [0, 1]): rotated by U(-max, max) degrees and
+    flipped with probability 1/2 (`hflip`), both drawn from `generator` (always two draws, so
+    the generator's later use does not depend on the settings).
+
+    The official code (torchvision RandomRotation(15), RandomHorizontalFlip) fills the rotated
+    corners with black; a synthetic face with black corners would show its origin, so the
+    image is reflect-padded before the rotation and cropped back (a quarter of the side
+    covers any angle).
+    """
+    angle = float(torch.rand((), generator=generator) * 2 - 1) * max_rotation
+    flip = bool(torch.rand((), generator=generator) < 0.5) and hflip
+    if flip:
+        image = image.flip(-1)
+    if angle == 0:
+        return image
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    height, width = image.shape[-2:]
+    pad_y, pad_x = height // 4, width // 4
+    padded = F.pad(image[None], (pad_x, pad_x, pad_y, pad_y), mode="reflect")[0]
+    rotated = TF.rotate(padded, angle, interpolation=InterpolationMode.BILINEAR)
+    return rotated[:, pad_y : pad_y + height, pad_x : pad_x + width]
+
+
+@dataclass
+class Generated:
+    """A batch's outputs: images (uint8 RGB at the working size), and per output GIF's score S
+    and the share of its perturbed latent entries that the eps-ball projection clipped."""
+
+    images: list[np.ndarray]
+    scores: list[float]
+    clipped: list[float]
+
+
 class GifBackend:
     """Shared part: seed probabilities, the guided step, decoding."""
 
     def __init__(
-        self, vae, guide: Guide, device: torch.device, step_size: float, eps: float, half: bool = False
+        self,
+        vae,
+        guide: Guide,
+        device: torch.device,
+        step_size: float,
+        eps: float,
+        half: bool = False,
+        seed_rotation: float = 15.0,
+        seed_hflip: bool = True,
     ) -> None:
         self.vae = vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
         # On CUDA the decoder runs under bf16 autocast, and the guided step recomputes its
@@ -63,6 +114,17 @@ class GifBackend:
         self.step_size = step_size
         self.eps = eps
         self.scaling = float(getattr(vae.config, "scaling_factor", 1.0))
+        self.seed_rotation, self.seed_hflip = seed_rotation, seed_hflip
+
+    def views(self, batch: Batch) -> torch.Tensor:
+        """Each output's augmented seed, B x 3 x H x W in [0, 1] (augment_seed)."""
+        seeds = to_tensor(batch.seeds, self.device)
+        return torch.stack(
+            [
+                augment_seed(seeds[i], g, self.seed_rotation, self.seed_hflip)
+                for i, g in zip(batch.seed_index, batch.generators, strict=True)
+            ]
+        )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.low_precision):
@@ -71,27 +133,35 @@ class GifBackend:
 
     @torch.no_grad()
     def encode(self, batch: Batch) -> torch.Tensor:
-        """Scaled latents, one posterior sample per output from that output's generator."""
-        seeds = to_tensor(batch.seeds, self.device) * 2 - 1
-        distribution = self.vae.encode(seeds).latent_dist
+        """Scaled latents of each output's augmented seed, one posterior sample per output from
+        that output's generator."""
+        views = self.views(batch) * 2 - 1
+        distribution = self.vae.encode(views).latent_dist
         mean, std = distribution.mean, distribution.std
-        index = torch.tensor(batch.seed_index, device=self.device)
         noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in batch.generators]).to(
             self.device
         )
-        return (mean[index] + std[index] * noise) * self.scaling
+        return (mean + std * noise) * self.scaling
 
     def latents(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - per backend
         raise NotImplementedError
 
-    def generate(self, batch: Batch) -> tuple[list[np.ndarray], list[float]]:
-        """Images (uint8 RGB) and the GIF score per output."""
+    def generate(self, batch: Batch) -> Generated:
+        """Images (uint8 RGB), the GIF score per output and the clipped share of the batch.
+
+        S_inf's reference is the seed as stored, not an output's rotated view (as the official
+        code: its guide sees the original image)."""
         seeds = to_tensor(batch.seeds, self.device)
         with torch.no_grad():
             seed_probabilities = self.guide(seeds)[0].float().softmax(dim=1)
         index = torch.tensor(batch.seed_index, device=self.device)
+        classes = None
+        if batch.edits is not None and any(batch.edits):  # an edit's S_inf rewards its target
+            own = seed_probabilities.argmax(dim=1)
+            wanted = torch.tensor([CLASS_INDEX[label] for label in batch.labels], device=self.device)
+            classes = torch.where(torch.tensor(batch.edits, device=self.device), wanted, own)[index]
         latents = self.latents(batch)
-        final, score, _ = guided_latents(
+        step = guided_latents(
             latents,
             self.decode,
             self.guide,
@@ -100,10 +170,11 @@ class GifBackend:
             batch.generators,
             self.step_size,
             self.eps,
+            classes,
         )
         with torch.no_grad():
-            images = self.decode(final)
-        return to_uint8(images), [float(score)] * len(batch.seed_index)
+            images = self.decode(step.latents)
+        return Generated(to_uint8(images), step.scores.tolist(), step.clipped.tolist())
 
 
 class GifSD(GifBackend):
@@ -119,10 +190,12 @@ class GifSD(GifBackend):
         step_size: float,
         eps: float,
         half: bool,
+        seed_rotation: float = 15.0,
+        seed_hflip: bool = True,
     ) -> None:
         from diffusers import StableDiffusionImg2ImgPipeline
 
-        super().__init__(components.vae, guide, device, step_size, eps, half)
+        super().__init__(components.vae, guide, device, step_size, eps, half, seed_rotation, seed_hflip)
         dtype = torch.float16 if self.low_precision else torch.float32
         self.pipe = StableDiffusionImg2ImgPipeline(
             vae=self.vae,
@@ -138,14 +211,14 @@ class GifSD(GifBackend):
         self.steps, self.strength, self.scale = steps, strength, scale
 
     def latents(self, batch: Batch) -> torch.Tensor:
-        # The float32 VAE encodes each seed once (not K times, as the pipeline would) and the
+        # The float32 VAE encodes each output's own augmented view of its seed, and the
         # pipeline starts from those latents in the UNet's dtype.
         init = self.encode(batch).to(self.pipe.unet.dtype)
         with torch.inference_mode():  # no gradient through the denoising; the GIF step needs its own
             result = self.pipe(
                 prompt=batch.prompts,
                 image=init,
-                strength=self.strength,
+                strength=self.strength if batch.strength is None else batch.strength,
                 num_inference_steps=self.steps,
                 guidance_scale=self.scale,
                 generator=batch.generators,

@@ -59,7 +59,7 @@ def build_random(
     """Randomly initialised Stable-Diffusion-shaped components; the defaults are tiny (CPU),
     `sd15_sized()` gives Stable Diffusion 1.5's sizes (same cost as the real model)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     cross = cross_attention_dim or text_hidden
@@ -87,10 +87,8 @@ def build_random(
         norm_num_groups=min(32, vae_channels[0]),
         sample_size=sample_size,
     )
-    vocab, merges = _word_vocab(1024)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    if len(tokenizer) <= 2:  # transformers 5 trap: a tokenizer that silently ignored its vocab
-        raise RuntimeError("the in-memory CLIP tokenizer has no vocabulary")
+    tokenizer = random_tokenizer()
+    vocab = tokenizer.get_vocab()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=max(1024, len(tokenizer)),
@@ -114,6 +112,53 @@ def build_random(
         steps_offset=1,
     )
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def random_tokenizer():
+    """A CLIP tokenizer with a character-level vocabulary (no hub, no files)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _word_vocab(1024)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    if len(tokenizer) <= 2:  # transformers 5 trap: a tokenizer that silently ignored its vocab
+        raise RuntimeError("the in-memory CLIP tokenizer has no vocabulary")
+    return tokenizer
+
+
+def build_random_clip(
+    folder: Path,
+    *,
+    image_size: int = 32,
+    hidden: int = 32,
+    layers: int = 1,
+    projection: int = 16,
+    seed: int = 0,
+) -> Path:
+    """A randomly initialised CLIP (text and vision towers) and its tokenizer saved to `folder`
+    as `save_pretrained` writes them: what the CLIP guide loads (tests, offline runs)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    tokenizer = random_tokenizer()
+    tower = dict(
+        hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=2
+    )
+    config = CLIPConfig(
+        text_config=dict(
+            tower,
+            vocab_size=max(1024, len(tokenizer)),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(tower, image_size=image_size, patch_size=max(4, image_size // 4)),
+        projection_dim=projection,
+    )
+    folder = Path(folder)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def sd15_sized(seed: int = 0) -> SDComponents:

@@ -5,17 +5,25 @@ independent of the model that produced the latent:
     S  = S_inf + S_div
     S_inf = (entropy of the guide's prediction on decode(s') - entropy on the seed)
             + probability of the seed's predicted class on decode(s')
-    S_div = KL divergence of each sample's normalised features from its group's mean
+    S_div = KL(softmax(group mean of f) || softmax(f_i)), f the L2-normalised features,
+            averaged over the samples (the official code's KLDivLoss(input=log_softmax(f),
+            target=log_softmax(mean), log_target=True, reduction="batchmean"))
     z, b <- z + step * sign(dS/dz), b + step * sign(dS/db)
     s* = clip(s * (1 + z) + b, s - eps, s + eps)          (L-inf ball around s)
 
 A group is the K outputs of one seed image: S_div compares an output with its siblings only,
 so an output does not depend on which other seeds share its batch.
+
+The projection is where eps matters: s * z + b is of the order of the latent's own scale, so
+with a small eps nearly every entry lands on the ball's edge and the guided step changes
+almost nothing. `GifStep.clipped` measures that share
+(docs/stages.md#generation-gif-guided-imagination).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,26 +47,69 @@ def entropy(probabilities: torch.Tensor) -> torch.Tensor:
 
 
 def group_divergence(features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of KL(softmax(f_i) || softmax(mean of f over i's group)), f L2-normalised."""
+    """Per sample: KL(softmax(mean of f over i's group) || softmax(f_i)), f L2-normalised (B,).
+
+    The direction is the official GIF code's: torch's KLDivLoss(input, target) is
+    KL(target || input), called there with the sample as input and the batch mean as target
+    (reduction "batchmean": the mean of these over the batch).
+    """
     normalised = F.normalize(features.float(), dim=1)
     count = int(groups.max()) + 1
     sums = torch.zeros(count, normalised.shape[1], device=normalised.device).index_add(0, groups, normalised)
     sizes = torch.bincount(groups, minlength=count).clamp_min(1).unsqueeze(1)
     means = (sums / sizes)[groups]
-    log_p = F.log_softmax(normalised, dim=1)
-    log_q = F.log_softmax(means, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+    log_sample = F.log_softmax(normalised, dim=1)
+    log_mean = F.log_softmax(means, dim=1)
+    return (log_mean.exp() * (log_mean - log_sample)).sum(dim=1)
+
+
+def gif_scores(
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    seed_probabilities: torch.Tensor,
+    groups: torch.Tensor,
+    classes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """S = S_inf + S_div of each perturbed output (B,); seed probabilities repeated per output.
+
+    S_inf's class term is the probability of the seed's predicted class (GIF), or of `classes`
+    (one index per output) where given: a cross-class edit rewards its target class instead.
+    An output's S depends on its own seed's K outputs only, never on other seeds in its batch.
+    """
+    probabilities = logits.float().softmax(dim=1)
+    delta_entropy = entropy(probabilities) - entropy(seed_probabilities)
+    kept_class = seed_probabilities.argmax(dim=1) if classes is None else classes
+    class_probability = probabilities.gather(1, kept_class.unsqueeze(1)).squeeze(1)
+    return delta_entropy + class_probability + group_divergence(features, groups)
 
 
 def gif_score(
-    logits: torch.Tensor, features: torch.Tensor, seed_probabilities: torch.Tensor, groups: torch.Tensor
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    seed_probabilities: torch.Tensor,
+    groups: torch.Tensor,
+    classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """S = S_inf + S_div for a batch of perturbed outputs (seed probabilities repeated per output)."""
-    probabilities = logits.float().softmax(dim=1)
-    delta_entropy = (entropy(probabilities) - entropy(seed_probabilities)).mean()
-    seed_class = seed_probabilities.argmax(dim=1, keepdim=True)
-    class_probability = probabilities.gather(1, seed_class).mean()
-    return delta_entropy + class_probability + group_divergence(features, groups)
+    """The batch's S, the mean of `gif_scores` (the official code's means over its batch): the
+    quantity the signed-gradient step raises."""
+    return gif_scores(logits, features, seed_probabilities, groups, classes).mean()
+
+
+class GifStep(NamedTuple):
+    """What one guided step gives, per output: the projected latents s*, the score S before the
+    step (B,), the un-projected stepped latents, and the share of each output's entries that
+    the projection clipped (B,)."""
+
+    latents: torch.Tensor
+    scores: torch.Tensor
+    stepped: torch.Tensor
+    clipped: torch.Tensor
+
+
+def clipped_fraction(stepped: torch.Tensor, base: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per output (first dimension): the share of its entries of `stepped` outside the L-inf
+    ball of radius eps around `base`."""
+    return ((stepped - base).abs() > eps).flatten(1).float().mean(dim=1)
 
 
 def guided_latents(
@@ -70,10 +121,10 @@ def guided_latents(
     generators: Sequence[torch.Generator],
     step_size: float = 0.1,
     eps: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    classes: torch.Tensor | None = None,
+) -> GifStep:
     """One signed-gradient ascent step on (z, b), projected onto the eps-ball around `latents`.
 
-    Returns (s*, score before the step, score of the un-projected stepped latent) per batch.
     Gradients flow only through this step (decoder and guide), never into their weights.
     """
     base = latents.detach().float()
@@ -81,11 +132,11 @@ def guided_latents(
     z, b = z.to(base.device).requires_grad_(True), b.to(base.device).requires_grad_(True)
     with torch.enable_grad():
         logits, features = guide(decode(perturb(base, z, b)))
-        score = gif_score(logits, features, seed_probabilities, groups)
-        grad_z, grad_b = torch.autograd.grad(score, [z, b])
+        scores = gif_scores(logits, features, seed_probabilities, groups, classes)
+        grad_z, grad_b = torch.autograd.grad(scores.mean(), [z, b])
     with torch.no_grad():
         z_step = z + step_size * grad_z.sign()
         b_step = b + step_size * grad_b.sign()
         stepped = perturb(base, z_step, b_step)
         projected = torch.maximum(torch.minimum(stepped, base + eps), base - eps)
-    return projected, score.detach(), stepped
+    return GifStep(projected, scores.detach(), stepped, clipped_fraction(stepped, base, eps))

@@ -54,7 +54,7 @@ class ClipGuide(torch.nn.Module):
         prompts = [f"a photo of a {CLASS_WORDS[name]} face" for name in CLASSES]
         tokens = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
         with torch.no_grad():
-            text = self.model.get_text_features(**tokens)
+            text = projected(self.model.get_text_features(**tokens))
         self.register_buffer("text", F.normalize(text.float(), dim=1))
         config = self.model.config.vision_config
         self.size = config.image_size
@@ -67,7 +67,15 @@ class ClipGuide(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
-        features = F.normalize(
-            self.model.get_image_features(pixel_values=(x - self.mean) / self.std).float(), dim=1
-        )
+        features = projected(self.model.get_image_features(pixel_values=(x - self.mean) / self.std))
+        features = F.normalize(features.float(), dim=1)
         return 100.0 * features @ self.text.T, features
+
+
+def projected(output) -> torch.Tensor:
+    """The projected CLIP embedding (B x projection_dim) from `get_text_features` /
+    `get_image_features`: a tensor in transformers 4, an output object whose `pooler_output`
+    holds it in transformers 5."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[1] if isinstance(output, tuple) else output.pooler_output  # (last_hidden, pooled)
