@@ -452,3 +452,46 @@ def test_a_shard_folder_of_other_settings_is_refused_and_only_takes_keys(world, 
     assert again.written == 1
     with pytest.raises(FersynthError, match="not jobs of this shard"):
         run_generate(config, only=["no_such_seed"], progress=False)
+
+
+def test_gif_unclip_perturbs_the_clip_image_embedding_and_decodes_with_stable_unclip(world, tmp_path):
+    """GIF's DALL-E 2 setting on tiny Stable unCLIP components, saved and loaded as a folder,
+    scored by a tiny CLIP in the same embedding space; each output its own embedding."""
+    from fersynth.generate.unclip import build_random_unclip
+
+    unclip = build_random_unclip(tmp_path / "unclip", sample_size=64, embedding=16)
+    clip = build_random_clip(tmp_path / "clip", image_size=32, projection=16)
+    config = settings(
+        world,
+        tmp_path / "gen",
+        backend="gif-unclip",
+        unclip_model=str(unclip),
+        guide="clip",
+        guide_model=str(clip),
+        image_size=64,
+        steps=3,
+        scale=5.0,
+        k=2,
+        max_seeds_per_class=1,
+    )
+    result = run_generate(config, progress=False)
+    assert result.written == 4
+    images = sorted((result.folder / IMAGES).glob("*.png"))
+    first, second = (np.asarray(Image.open(p)) for p in images[:2])
+    assert not np.array_equal(first, second)  # two outputs of one seed: two embeddings
+    records = [r for f in (result.folder / RECORDS).glob("*.json") for r in json.loads(f.read_text())]
+    assert {r["backend"] for r in records} == {"gif-unclip"}
+    assert all(0.0 <= r["clipped_fraction"] <= 1.0 for r in records)
+    merged = run_merge(config, num_shards=1, progress=False).output
+    assert_seed_sizes(read_manifest(merged).manifest, merged, config.data)
+    again = run_generate(config.model_copy(update={"output": tmp_path / "again"}), progress=False)
+    for p in images:
+        assert (again.folder / IMAGES / p.name).read_bytes() == p.read_bytes()  # from the records' seeds
+
+    with pytest.raises(FersynthError, match="gif-unclip scores CLIP image embeddings of 16 dimensions"):
+        run_generate(
+            config.model_copy(
+                update={"guide": "fer", "guide_model": str(world[0] / "guide"), "output": tmp_path / "x"}
+            ),
+            progress=False,
+        )

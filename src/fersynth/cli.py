@@ -8,12 +8,22 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import click
 
 from fersynth import __version__, stage_times, tracking
+from fersynth.classes import CLASS_MAP_PRESETS
 from fersynth.errors import FersynthError, one_line
-from fersynth.settings import DEFAULT_PARAMS, SEED_PREFIX, Settings, load_settings, resolved_dict
+from fersynth.settings import (
+    DEFAULT_PARAMS,
+    SEED_PREFIX,
+    Backend,
+    Settings,
+    Source,
+    load_settings,
+    resolved_dict,
+)
 
 
 class _Context:
@@ -148,7 +158,7 @@ def demo_data_command(obj: _Context, set_name, output, seed, train_size, test_si
 @cli.command("ingest")
 @click.option(
     "--source",
-    type=click.Choice(["rafdb", "affectnet", "fer2013", "ferplus", "folder"]),
+    type=click.Choice(get_args(Source)),
     help="Input layout [ingest.source].",
 )
 @click.option(
@@ -170,9 +180,8 @@ def demo_data_command(obj: _Context, set_name, output, seed, train_size, test_si
 )
 @click.option(
     "--class-map",
-    help="What numbered class folders mean, for --source folder: a preset (affectnet, "
-    "affectnet-alphabetical, rafdb, fer2013, alphabetical) or pairs such as "
-    "0=neutral,1=happy,7=exclude [ingest.folder.class_map].",
+    help=f"What numbered class folders mean, for --source folder: a preset ({', '.join(CLASS_MAP_PRESETS)}) "
+    "or pairs such as 0=neutral,1=happy,7=exclude [ingest.folder.class_map].",
 )
 @click.option(
     "--label-base",
@@ -524,7 +533,7 @@ def train_prior_command(obj: _Context, data, output, steps, force: bool, quiet: 
 @cli.command("generate")
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset with the seed images [generate.data].")
 @click.option("--output", type=click.Path(path_type=Path), help="Generation folder [generate.output].")
-@click.option("--backend", type=click.Choice(["gif-prior", "gif-sd"]), help="[generate.backend]")
+@click.option("--backend", type=click.Choice(get_args(Backend)), help="[generate.backend]")
 @click.option("--shard", type=int, default=0, show_default=True, help="This shard's index.")
 @click.option("--num-shards", type=int, default=1, show_default=True, help="How many shards in all.")
 @click.option("--only", multiple=True, help="Regenerate only this seed id (repeatable).")

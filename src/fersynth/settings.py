@@ -135,8 +135,8 @@ class RafdbSettings(Strict):
 
 
 class FolderSettings(Strict):
-    # What numbered class folders mean: a preset (fersynth.classes.CLASS_MAP_PRESETS: rafdb,
-    # fer2013, affectnet, affectnet-alphabetical, alphabetical), or folder=class pairs, e.g.
+    # What numbered class folders mean: a preset (the names of fersynth.classes.CLASS_MAP_PRESETS),
+    # or folder=class pairs, e.g.
     # {0: neutral, 1: happy, 7: exclude} or "0=neutral,1=happy,7=exclude". Numbers are never
     # guessed: a numbered class folder without a map is an error.
     class_map: str | dict[str, str] | None = None
@@ -359,6 +359,9 @@ class PriorSettings(Strict):
     cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads
 
 
+Backend = Literal["gif-prior", "gif-sd", "gif-unclip"]
+
+
 class EditSettings(Strict):
     """Cross-class expression editing towards one target class (as SDAFE and SynFER do for the
     long tail): seed images of abundant classes are edited towards the target's expression;
@@ -387,7 +390,7 @@ class GenerateSettings(Strict):
 
     data: Path | None = None  # null: data/<experiment>/guarded
     output: Path | None = None  # null: data/<experiment>/generated (shards/, then dataset/)
-    backend: Literal["gif-prior", "gif-sd"] = "gif-prior"
+    backend: Backend = "gif-prior"
     k: Positive = 5  # outputs per seed image (thesis K=5)
     classes: list[str] | None = None  # seed classes to expand; null = every class, [] = none (edits only)
     max_seeds_per_class: Positive | None = None
@@ -397,6 +400,9 @@ class GenerateSettings(Strict):
     guide_model: str = "original_sl"
     prior: Path | None = None  # gif-prior: the trained prior folder; null: prior.output
     sd_model: str | None = None  # gif-sd: diffusers Stable Diffusion folder or s3:// prefix
+    # gif-unclip: a diffusers Stable unCLIP folder or s3:// prefix (GIF's DALL-E 2 setting); its
+    # guide is `clip`, a CLIP folder whose image embeddings are the unCLIP image encoder's.
+    unclip_model: str | None = None
     image_size: Annotated[int, Field(ge=32, le=1024)] = 512  # gif-sd working resolution
     steps: Positive = 50  # DDIM steps (thesis: 50)
     strength: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1  # noised for int(strength * steps) steps

@@ -125,6 +125,26 @@ def build_backend(settings: GenerateSettings, device: torch.device):
             settings.seed_hflip,
         )
         return backend, size
+    if settings.backend == "gif-unclip":
+        from fersynth.generate.unclip import GifUnclip, load_unclip
+
+        if not settings.unclip_model:
+            raise FersynthError(
+                "generate.unclip_model: set a Stable unCLIP folder or s3:// prefix for gif-unclip"
+            )
+        backend = GifUnclip(
+            load_unclip(settings.unclip_model, device),
+            guide,
+            device,
+            size=settings.image_size,
+            steps=settings.steps,
+            scale=settings.scale,
+            step_size=settings.step_size,
+            eps=settings.eps,
+            seed_rotation=settings.seed_rotation,
+            seed_hflip=settings.seed_hflip,
+        )
+        return backend, settings.image_size
     if not settings.sd_model:
         raise FersynthError("generate.sd_model: set a Stable Diffusion folder or s3:// prefix for gif-sd")
     from fersynth.generate.components import load_components

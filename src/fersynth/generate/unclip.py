@@ -1,0 +1,192 @@
+"""GIF's DALL-E 2 setting on Stable unCLIP (`generate.backend: gif-unclip`).
+
+GIF (Zhang et al., NeurIPS 2023) expands with DALL-E 2 by imagining in CLIP's image-embedding
+space: the seed's CLIP image embedding e is perturbed with the same residual multiplicative
+noise and bias as the latents of gif-sd, scored with the same S = S_inf + S_div, moved by one
+signed-gradient step and projected onto an L-inf ball, then decoded. Here the decoder is
+Stable unCLIP (diffusers `StableUnCLIPImg2ImgPipeline`), given one perturbed embedding per
+output (its `num_images_per_prompt` would reuse one embedding):
+
+    n  = normalise(e)                      (unCLIP's own image normaliser: zero mean, unit std)
+    n' = n * (1 + z) + b,  z ~ U[0,1), b ~ N(0,1), of shape [B, D]
+    S  = S_inf + S_div on CLIP zero-shot logits 100 * unit(e') . text and features unit(e')
+    n* = clip(n' after the step, n - eps, n + eps);  decode(unscale(n*), prompt)
+
+The score needs no decoding: the guide is a CLIP model whose image embeddings live in the
+unCLIP image encoder's space (`generate.guide: clip`, `guide_model` its folder), so the
+step's gradients never pass through the diffusion model. The folder is what
+`StableUnCLIPImg2ImgPipeline.save_pretrained` writes, local or s3://, read with
+`local_files_only`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fersynth.errors import FersynthError
+from fersynth.generate.backends import Batch, Generated, augment_seed, to_tensor, to_uint8
+from fersynth.generate.gif import clipped_fraction, gif_scores, perturb
+from fersynth.storage import fetch_folder
+
+PARTS = (
+    "feature_extractor",
+    "image_encoder",
+    "image_normalizer",
+    "image_noising_scheduler",
+    "tokenizer",
+    "text_encoder",
+    "unet",
+    "scheduler",
+    "vae",
+)
+
+
+def load_unclip(uri: str, device: torch.device):
+    """A Stable unCLIP img2img pipeline from a local folder or s3:// prefix (no hub)."""
+    from diffusers import DDIMScheduler, StableUnCLIPImg2ImgPipeline
+
+    from fersynth.generate.components import quiet_diffusers
+
+    quiet_diffusers()
+    folder = fetch_folder(uri)
+    missing = [name for name in PARTS if not (Path(folder) / name).is_dir()]
+    if missing:
+        raise FersynthError(f"{uri}: not a Stable unCLIP folder (missing {', '.join(missing)})")
+    pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # GIF samples with DDIM
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def build_random_unclip(
+    folder: Path, *, sample_size: int = 64, embedding: int = 16, text_hidden: int = 32, seed: int = 0
+) -> Path:
+    """Randomly initialised Stable-unCLIP-shaped components saved to `folder` (tests, CPU runs);
+    its image embeddings have `embedding` dimensions (a CLIP guide must match them)."""
+    from diffusers import DDPMScheduler, StableUnCLIPImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
+        StableUnCLIPImageNormalizer,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from fersynth.generate.components import build_random
+
+    base = build_random(sample_size=sample_size, text_hidden=text_hidden, seed=seed)
+    torch.manual_seed(seed)
+    config = dict(base.unet.config)
+    config.update(class_embed_type="projection", projection_class_embeddings_input_dim=2 * embedding)
+    unet = type(base.unet).from_config(config)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            projection_dim=embedding,
+        )
+    )
+    pipe = StableUnCLIPImg2ImgPipeline(
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+        image_encoder=encoder,
+        image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=embedding),
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        unet=unet,
+        scheduler=base.scheduler,
+        vae=base.vae,
+    )
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+class GifUnclip:
+    """The gif-unclip backend: GIF's step on the CLIP image embedding, Stable unCLIP decodes."""
+
+    def __init__(
+        self,
+        pipe,
+        guide,
+        device: torch.device,
+        *,
+        size: int,
+        steps: int,
+        scale: float,
+        step_size: float,
+        eps: float,
+        seed_rotation: float = 15.0,
+        seed_hflip: bool = True,
+    ) -> None:
+        text = getattr(guide, "text", None)
+        width = int(pipe.image_normalizer.mean.shape[-1])
+        if text is None or text.shape[1] != width:
+            have = "a FER model" if text is None else f"a CLIP of {text.shape[1]} dimensions"
+            raise FersynthError(
+                f"gif-unclip scores CLIP image embeddings of {width} dimensions: set generate.guide: clip "
+                f"and generate.guide_model to the CLIP folder of the unCLIP image encoder (got {have})"
+            )
+        self.pipe, self.guide, self.device = pipe, guide, device
+        self.size, self.steps, self.scale, self.step_size, self.eps = size, steps, scale, step_size, eps
+        self.seed_rotation, self.seed_hflip = seed_rotation, seed_hflip
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings (B x D) of images in [0, 1] (B x 3 x H x W)."""
+        pixels = [np.asarray(image) for image in to_uint8(images)]
+        inputs = self.pipe.feature_extractor(images=pixels, return_tensors="pt").pixel_values
+        encoder = self.pipe.image_encoder
+        return encoder(inputs.to(self.device, encoder.dtype)).image_embeds.float()
+
+    def score_inputs(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guide's zero-shot (logits, features) for embeddings, as ClipGuide does for images."""
+        unit = torch.nn.functional.normalize(embeddings, dim=1)
+        return 100.0 * unit @ self.guide.text.T, unit
+
+    def generate(self, batch: Batch) -> Generated:
+        seeds = to_tensor(batch.seeds, self.device)
+        views = torch.stack(
+            [
+                augment_seed(seeds[i], g, self.seed_rotation, self.seed_hflip)
+                for i, g in zip(batch.seed_index, batch.generators, strict=True)
+            ]
+        )
+        index = torch.tensor(batch.seed_index, device=self.device)
+        normaliser = self.pipe.image_normalizer
+        with torch.no_grad():
+            seed_probabilities = self.score_inputs(self.embed(seeds))[0].softmax(dim=1)[index]
+            base = normaliser.scale(self.embed(views).to(normaliser.mean.dtype)).float()
+        width = base.shape[1]
+        z = torch.stack([torch.rand(width, generator=g) for g in batch.generators]).to(self.device)
+        b = torch.stack([torch.randn(width, generator=g) for g in batch.generators]).to(self.device)
+        z.requires_grad_(True)
+        b.requires_grad_(True)
+        with torch.enable_grad():
+            perturbed = normaliser.unscale(perturb(base, z, b))
+            scores = gif_scores(*self.score_inputs(perturbed), seed_probabilities, index)
+            grad_z, grad_b = torch.autograd.grad(scores.mean(), [z, b])
+        with torch.no_grad():
+            stepped = perturb(base, z + self.step_size * grad_z.sign(), b + self.step_size * grad_b.sign())
+            projected = torch.maximum(torch.minimum(stepped, base + self.eps), base - self.eps)
+            embeddings = normaliser.unscale(projected)
+        with torch.inference_mode():
+            images = self.pipe(
+                prompt=batch.prompts,
+                image_embeds=embeddings.to(self.pipe.unet.dtype),
+                num_inference_steps=self.steps,
+                guidance_scale=self.scale,
+                generator=batch.generators,
+                noise_level=0,
+                height=self.size,
+                width=self.size,
+                output_type="pt",
+            ).images
+        return Generated(
+            to_uint8(images.float()),
+            scores.detach().tolist(),
+            clipped_fraction(stepped, base, self.eps).tolist(),
+        )
