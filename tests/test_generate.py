@@ -495,3 +495,42 @@ def test_gif_unclip_perturbs_the_clip_image_embedding_and_decodes_with_stable_un
             ),
             progress=False,
         )
+
+
+def test_edits_reward_their_target_in_every_backend_and_unclip_needs_a_clip_guide(world, tmp_path):
+    from fersynth.generate.backends import Batch, rewarded_classes
+    from fersynth.generate.unclip import build_random_unclip
+
+    batch = Batch([], ["fear", "happy"], [0, 0, 1], [], [], edits=[True, False])
+    probabilities = torch.tensor([[0.0, 0.1, 0.0, 0.9, 0, 0, 0], [0.0, 0.0, 0.0, 0.2, 0, 0.8, 0]])
+    assert rewarded_classes(batch, probabilities).tolist() == [1, 1, 5]  # fear for the edit, else own
+    assert rewarded_classes(Batch([], ["happy"], [0], [], []), probabilities[:1]) is None
+
+    with pytest.raises(ValueError, match="set guide: clip"):
+        GenerateSettings(backend="gif-unclip", guide="fer")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        GenerateSettings(backend="gif-unclip", guide="clip", image_size=60)
+
+    unclip = build_random_unclip(tmp_path / "unclip", sample_size=64, embedding=16)
+    clip = build_random_clip(tmp_path / "clip", image_size=32, projection=16)
+    edit = {"fear": {"sources": ["happy"], "max_seeds": 1}}
+    config = settings(
+        world,
+        tmp_path / "gen",
+        backend="gif-unclip",
+        unclip_model=str(unclip),
+        guide="clip",
+        guide_model=str(clip),
+        image_size=64,
+        steps=2,
+        scale=5.0,
+        k=1,
+        classes=[],
+        edit=edit,
+    )
+    records = [
+        r
+        for f in (run_generate(config, progress=False).folder / RECORDS).glob("*.json")
+        for r in json.loads(f.read_text())
+    ]
+    assert [(r["label"], r["edit_from"]) for r in records] == [("fear", "happy")]

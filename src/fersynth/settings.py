@@ -434,6 +434,19 @@ class GenerateSettings(Strict):
             raise ValueError(f"unknown classes {unknown}; expected {', '.join(CLASSES)}")
         return value
 
+    @model_validator(mode="after")
+    def _unclip_needs(self) -> GenerateSettings:
+        """gif-unclip's mistakes, before anything is downloaded or loaded."""
+        if self.backend == "gif-unclip":
+            if self.guide != "clip":
+                raise ValueError(
+                    "guide: gif-unclip scores CLIP image embeddings; set guide: clip and guide_model "
+                    "to the CLIP folder of the unCLIP image encoder"
+                )
+            if self.image_size % 8:
+                raise ValueError(f"image_size: gif-unclip needs a multiple of 8, not {self.image_size}")
+        return self
+
     @field_validator("edit")
     @classmethod
     def _edit_targets(cls, value: dict[str, EditSettings]) -> dict[str, EditSettings]:

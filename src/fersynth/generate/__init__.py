@@ -108,7 +108,11 @@ def _guide(settings: GenerateSettings, device: torch.device):
 
 
 def build_backend(settings: GenerateSettings, device: torch.device):
-    """The configured backend and the size its seeds are resized to."""
+    """The configured backend and the size its seeds are resized to. Missing model folders are
+    reported before anything is loaded."""
+    for backend_name, key in (("gif-sd", "sd_model"), ("gif-unclip", "unclip_model")):
+        if settings.backend == backend_name and not getattr(settings, key):
+            raise FersynthError(f"generate.{key}: set a diffusers folder or s3:// prefix for {backend_name}")
     guide = _guide(settings, device)
     if settings.backend == "gif-prior":
         from fersynth.generate.prior import load_prior
@@ -128,10 +132,6 @@ def build_backend(settings: GenerateSettings, device: torch.device):
     if settings.backend == "gif-unclip":
         from fersynth.generate.unclip import GifUnclip, load_unclip
 
-        if not settings.unclip_model:
-            raise FersynthError(
-                "generate.unclip_model: set a Stable unCLIP folder or s3:// prefix for gif-unclip"
-            )
         backend = GifUnclip(
             load_unclip(settings.unclip_model, device),
             guide,
@@ -145,8 +145,6 @@ def build_backend(settings: GenerateSettings, device: torch.device):
             seed_hflip=settings.seed_hflip,
         )
         return backend, settings.image_size
-    if not settings.sd_model:
-        raise FersynthError("generate.sd_model: set a Stable Diffusion folder or s3:// prefix for gif-sd")
     from fersynth.generate.components import load_components
 
     components = load_components(settings.sd_model)

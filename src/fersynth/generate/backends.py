@@ -79,6 +79,18 @@ def augment_seed(
     return rotated[:, pad_y : pad_y + height, pad_x : pad_x + width]
 
 
+def rewarded_classes(batch: Batch, seed_probabilities: torch.Tensor) -> torch.Tensor | None:
+    """Per output, the class S_inf rewards: an edit's target, else the seed's predicted class
+    (None when the batch has no edit: GIF's own rule). `seed_probabilities` is one row per seed."""
+    if batch.edits is None or not any(batch.edits):
+        return None
+    device = seed_probabilities.device
+    own = seed_probabilities.argmax(dim=1)
+    wanted = torch.tensor([CLASS_INDEX[label] for label in batch.labels], device=device)
+    index = torch.tensor(batch.seed_index, device=device)
+    return torch.where(torch.tensor(batch.edits, device=device), wanted, own)[index]
+
+
 @dataclass
 class Generated:
     """A batch's outputs: images (uint8 RGB at the working size), and per output GIF's score S
@@ -155,11 +167,7 @@ class GifBackend:
         with torch.no_grad():
             seed_probabilities = self.guide(seeds)[0].float().softmax(dim=1)
         index = torch.tensor(batch.seed_index, device=self.device)
-        classes = None
-        if batch.edits is not None and any(batch.edits):  # an edit's S_inf rewards its target
-            own = seed_probabilities.argmax(dim=1)
-            wanted = torch.tensor([CLASS_INDEX[label] for label in batch.labels], device=self.device)
-            classes = torch.where(torch.tensor(batch.edits, device=self.device), wanted, own)[index]
+        classes = rewarded_classes(batch, seed_probabilities)
         latents = self.latents(batch)
         step = guided_latents(
             latents,

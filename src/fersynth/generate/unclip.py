@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fersynth.errors import FersynthError
-from fersynth.generate.backends import Batch, Generated, augment_seed, to_tensor, to_uint8
+from fersynth.generate.backends import Batch, Generated, augment_seed, rewarded_classes, to_tensor, to_uint8
 from fersynth.generate.gif import clipped_fraction, gif_scores, perturb
 from fersynth.storage import fetch_folder
 
@@ -90,10 +89,14 @@ def build_random_unclip(
             projection_dim=embedding,
         )
     )
+    normaliser = StableUnCLIPImageNormalizer(embedding_dim=embedding)
+    with torch.no_grad():  # not the identity, so that a swapped scale/unscale shows in tests
+        normaliser.mean.copy_(torch.randn(1, embedding) * 0.1)
+        normaliser.std.copy_(torch.rand(1, embedding) * 0.5 + 0.5)
     pipe = StableUnCLIPImg2ImgPipeline(
         feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
         image_encoder=encoder,
-        image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=embedding),
+        image_normalizer=normaliser,
         image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
         tokenizer=base.tokenizer,
         text_encoder=base.text_encoder,
@@ -137,8 +140,7 @@ class GifUnclip:
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings (B x D) of images in [0, 1] (B x 3 x H x W)."""
-        pixels = [np.asarray(image) for image in to_uint8(images)]
-        inputs = self.pipe.feature_extractor(images=pixels, return_tensors="pt").pixel_values
+        inputs = self.pipe.feature_extractor(images=to_uint8(images), return_tensors="pt").pixel_values
         encoder = self.pipe.image_encoder
         return encoder(inputs.to(self.device, encoder.dtype)).image_embeds.float()
 
@@ -158,8 +160,9 @@ class GifUnclip:
         index = torch.tensor(batch.seed_index, device=self.device)
         normaliser = self.pipe.image_normalizer
         with torch.no_grad():
-            seed_probabilities = self.score_inputs(self.embed(seeds))[0].softmax(dim=1)[index]
+            per_seed = self.score_inputs(self.embed(seeds))[0].softmax(dim=1)
             base = normaliser.scale(self.embed(views).to(normaliser.mean.dtype)).float()
+        seed_probabilities, classes = per_seed[index], rewarded_classes(batch, per_seed)
         width = base.shape[1]
         z = torch.stack([torch.rand(width, generator=g) for g in batch.generators]).to(self.device)
         b = torch.stack([torch.randn(width, generator=g) for g in batch.generators]).to(self.device)
@@ -167,7 +170,7 @@ class GifUnclip:
         b.requires_grad_(True)
         with torch.enable_grad():
             perturbed = normaliser.unscale(perturb(base, z, b))
-            scores = gif_scores(*self.score_inputs(perturbed), seed_probabilities, index)
+            scores = gif_scores(*self.score_inputs(perturbed), seed_probabilities, index, classes)
             grad_z, grad_b = torch.autograd.grad(scores.mean(), [z, b])
         with torch.no_grad():
             stepped = perturb(base, z + self.step_size * grad_z.sign(), b + self.step_size * grad_b.sign())
