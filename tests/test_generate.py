@@ -454,26 +454,28 @@ def test_a_shard_folder_of_other_settings_is_refused_and_only_takes_keys(world, 
         run_generate(config, only=["no_such_seed"], progress=False)
 
 
-def test_gif_unclip_perturbs_the_clip_image_embedding_and_decodes_with_stable_unclip(world, tmp_path):
-    """GIF's DALL-E 2 setting on tiny Stable unCLIP components, saved and loaded as a folder,
-    scored by a tiny CLIP in the same embedding space; each output its own embedding."""
+def unclip_settings(world, tmp_path: Path, **changes) -> GenerateSettings:
+    """gif-unclip on tiny random Stable unCLIP components and a tiny CLIP of the same embedding
+    width, both saved as folders under `tmp_path`."""
     from fersynth.generate.unclip import build_random_unclip
 
     unclip = build_random_unclip(tmp_path / "unclip", sample_size=64, embedding=16)
     clip = build_random_clip(tmp_path / "clip", image_size=32, projection=16)
-    config = settings(
-        world,
-        tmp_path / "gen",
+    values = dict(
         backend="gif-unclip",
         unclip_model=str(unclip),
         guide="clip",
         guide_model=str(clip),
         image_size=64,
-        steps=3,
         scale=5.0,
-        k=2,
-        max_seeds_per_class=1,
     )
+    return settings(world, tmp_path / "gen", **{**values, **changes})
+
+
+def test_gif_unclip_perturbs_the_clip_image_embedding_and_decodes_with_stable_unclip(world, tmp_path):
+    """GIF's DALL-E 2 setting on tiny Stable unCLIP components, saved and loaded as a folder,
+    scored by a tiny CLIP in the same embedding space; each output its own embedding."""
+    config = unclip_settings(world, tmp_path, steps=3, k=2, max_seeds_per_class=1)
     result = run_generate(config, progress=False)
     assert result.written == 4
     images = sorted((result.folder / IMAGES).glob("*.png"))
@@ -499,7 +501,6 @@ def test_gif_unclip_perturbs_the_clip_image_embedding_and_decodes_with_stable_un
 
 def test_edits_reward_their_target_in_every_backend_and_unclip_needs_a_clip_guide(world, tmp_path):
     from fersynth.generate.backends import Batch, rewarded_classes
-    from fersynth.generate.unclip import build_random_unclip
 
     batch = Batch([], ["fear", "happy"], [0, 0, 1], [], [], edits=[True, False])
     probabilities = torch.tensor([[0.0, 0.1, 0.0, 0.9, 0, 0, 0], [0.0, 0.0, 0.0, 0.2, 0, 0.8, 0]])
@@ -511,23 +512,8 @@ def test_edits_reward_their_target_in_every_backend_and_unclip_needs_a_clip_guid
     with pytest.raises(ValueError, match="multiple of 8"):
         GenerateSettings(backend="gif-unclip", guide="clip", image_size=60)
 
-    unclip = build_random_unclip(tmp_path / "unclip", sample_size=64, embedding=16)
-    clip = build_random_clip(tmp_path / "clip", image_size=32, projection=16)
     edit = {"fear": {"sources": ["happy"], "max_seeds": 1}}
-    config = settings(
-        world,
-        tmp_path / "gen",
-        backend="gif-unclip",
-        unclip_model=str(unclip),
-        guide="clip",
-        guide_model=str(clip),
-        image_size=64,
-        steps=2,
-        scale=5.0,
-        k=1,
-        classes=[],
-        edit=edit,
-    )
+    config = unclip_settings(world, tmp_path, steps=2, k=1, classes=[], edit=edit)
     records = [
         r
         for f in (run_generate(config, progress=False).folder / RECORDS).glob("*.json")

@@ -114,35 +114,24 @@ def build_backend(settings: GenerateSettings, device: torch.device):
         if settings.backend == backend_name and not getattr(settings, key):
             raise FersynthError(f"generate.{key}: set a diffusers folder or s3:// prefix for {backend_name}")
     guide = _guide(settings, device)
+    # GIF's step and the seed views, the same for every backend.
+    gif = dict(
+        step_size=settings.step_size,
+        eps=settings.eps,
+        seed_rotation=settings.seed_rotation,
+        seed_hflip=settings.seed_hflip,
+    )
     if settings.backend == "gif-prior":
         from fersynth.generate.prior import load_prior
 
         vae, size = load_prior(settings.prior)
-        backend = GifPrior(
-            vae,
-            guide,
-            device,
-            settings.step_size,
-            settings.eps,
-            settings.half,
-            settings.seed_rotation,
-            settings.seed_hflip,
-        )
-        return backend, size
+        return GifPrior(vae, guide, device, half=settings.half, **gif), size
     if settings.backend == "gif-unclip":
         from fersynth.generate.unclip import GifUnclip, load_unclip
 
+        pipe = load_unclip(settings.unclip_model, device)
         backend = GifUnclip(
-            load_unclip(settings.unclip_model, device),
-            guide,
-            device,
-            size=settings.image_size,
-            steps=settings.steps,
-            scale=settings.scale,
-            step_size=settings.step_size,
-            eps=settings.eps,
-            seed_rotation=settings.seed_rotation,
-            seed_hflip=settings.seed_hflip,
+            pipe, guide, device, size=settings.image_size, steps=settings.steps, scale=settings.scale, **gif
         )
         return backend, settings.image_size
     from fersynth.generate.components import load_components
@@ -155,11 +144,8 @@ def build_backend(settings: GenerateSettings, device: torch.device):
         steps=settings.steps,
         strength=settings.strength,
         scale=settings.scale,
-        step_size=settings.step_size,
-        eps=settings.eps,
         half=settings.half,
-        seed_rotation=settings.seed_rotation,
-        seed_hflip=settings.seed_hflip,
+        **gif,
     )
     return backend, settings.image_size
 

@@ -79,6 +79,17 @@ def augment_seed(
     return rotated[:, pad_y : pad_y + height, pad_x : pad_x + width]
 
 
+def seed_views(batch: Batch, seeds: torch.Tensor, max_rotation: float, hflip: bool) -> torch.Tensor:
+    """Each output's augmented view of its seed (`augment_seed`), B x 3 x H x W in [0, 1];
+    `seeds` is the batch's seed images as a tensor, one per seed."""
+    return torch.stack(
+        [
+            augment_seed(seeds[i], g, max_rotation, hflip)
+            for i, g in zip(batch.seed_index, batch.generators, strict=True)
+        ]
+    )
+
+
 def rewarded_classes(batch: Batch, seed_probabilities: torch.Tensor) -> torch.Tensor | None:
     """Per output, the class S_inf rewards: an edit's target, else the seed's predicted class
     (None when the batch has no edit: GIF's own rule). `seed_probabilities` is one row per seed."""
@@ -129,14 +140,7 @@ class GifBackend:
         self.seed_rotation, self.seed_hflip = seed_rotation, seed_hflip
 
     def views(self, batch: Batch) -> torch.Tensor:
-        """Each output's augmented seed, B x 3 x H x W in [0, 1] (augment_seed)."""
-        seeds = to_tensor(batch.seeds, self.device)
-        return torch.stack(
-            [
-                augment_seed(seeds[i], g, self.seed_rotation, self.seed_hflip)
-                for i, g in zip(batch.seed_index, batch.generators, strict=True)
-            ]
-        )
+        return seed_views(batch, to_tensor(batch.seeds, self.device), self.seed_rotation, self.seed_hflip)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.low_precision):

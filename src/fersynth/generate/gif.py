@@ -35,10 +35,13 @@ def perturb(latents: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Te
     return latents * (1 + z) + b
 
 
-def draw_noise(generators: Sequence[torch.Generator], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """z ~ U[0,1) and b ~ N(0,1), one [C,1,1] draw per output from that output's own generator."""
-    z = torch.stack([torch.rand(channels, 1, 1, generator=g) for g in generators])
-    b = torch.stack([torch.randn(channels, 1, 1, generator=g) for g in generators])
+def draw_noise(
+    generators: Sequence[torch.Generator], shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """z ~ U[0,1) and b ~ N(0,1) of `shape` ([C,1,1] per channel of a latent, [D] per dimension
+    of an embedding), one draw per output from that output's own generator."""
+    z = torch.stack([torch.rand(shape, generator=g) for g in generators])
+    b = torch.stack([torch.randn(shape, generator=g) for g in generators])
     return z, b
 
 
@@ -128,7 +131,8 @@ def guided_latents(
     Gradients flow only through this step (decoder and guide), never into their weights.
     """
     base = latents.detach().float()
-    z, b = draw_noise(generators, base.shape[1])
+    # Per channel of a B x C x H x W latent ([C,1,1]), per dimension of a B x D embedding ([D]).
+    z, b = draw_noise(generators, (base.shape[1],) + (1,) * (base.dim() - 2))
     z, b = z.to(base.device).requires_grad_(True), b.to(base.device).requires_grad_(True)
     with torch.enable_grad():
         logits, features = guide(decode(perturb(base, z, b)))

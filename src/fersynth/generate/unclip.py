@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from fersynth.errors import FersynthError
-from fersynth.generate.backends import Batch, Generated, augment_seed, rewarded_classes, to_tensor, to_uint8
-from fersynth.generate.gif import clipped_fraction, gif_scores, perturb
+from fersynth.generate.backends import Batch, Generated, rewarded_classes, seed_views, to_tensor, to_uint8
+from fersynth.generate.gif import guided_latents
 from fersynth.storage import fetch_folder
 
 PARTS = (
@@ -151,31 +151,25 @@ class GifUnclip:
 
     def generate(self, batch: Batch) -> Generated:
         seeds = to_tensor(batch.seeds, self.device)
-        views = torch.stack(
-            [
-                augment_seed(seeds[i], g, self.seed_rotation, self.seed_hflip)
-                for i, g in zip(batch.seed_index, batch.generators, strict=True)
-            ]
-        )
+        views = seed_views(batch, seeds, self.seed_rotation, self.seed_hflip)
         index = torch.tensor(batch.seed_index, device=self.device)
         normaliser = self.pipe.image_normalizer
         with torch.no_grad():
             per_seed = self.score_inputs(self.embed(seeds))[0].softmax(dim=1)
             base = normaliser.scale(self.embed(views).to(normaliser.mean.dtype)).float()
-        seed_probabilities, classes = per_seed[index], rewarded_classes(batch, per_seed)
-        width = base.shape[1]
-        z = torch.stack([torch.rand(width, generator=g) for g in batch.generators]).to(self.device)
-        b = torch.stack([torch.randn(width, generator=g) for g in batch.generators]).to(self.device)
-        z.requires_grad_(True)
-        b.requires_grad_(True)
-        with torch.enable_grad():
-            perturbed = normaliser.unscale(perturb(base, z, b))
-            scores = gif_scores(*self.score_inputs(perturbed), seed_probabilities, index, classes)
-            grad_z, grad_b = torch.autograd.grad(scores.mean(), [z, b])
-        with torch.no_grad():
-            stepped = perturb(base, z + self.step_size * grad_z.sign(), b + self.step_size * grad_b.sign())
-            projected = torch.maximum(torch.minimum(stepped, base + self.eps), base - self.eps)
-            embeddings = normaliser.unscale(projected)
+        # GIF's step in the normaliser's space; the guide scores the unscaled embedding.
+        step = guided_latents(
+            base,
+            normaliser.unscale,
+            self.score_inputs,
+            per_seed[index],
+            index,
+            batch.generators,
+            self.step_size,
+            self.eps,
+            rewarded_classes(batch, per_seed),
+        )
+        embeddings = normaliser.unscale(step.latents).detach()
         with torch.inference_mode():
             images = self.pipe(
                 prompt=batch.prompts,
@@ -188,8 +182,4 @@ class GifUnclip:
                 width=self.size,
                 output_type="pt",
             ).images
-        return Generated(
-            to_uint8(images.float()),
-            scores.detach().tolist(),
-            clipped_fraction(stepped, base, self.eps).tolist(),
-        )
+        return Generated(to_uint8(images.float()), step.scores.tolist(), step.clipped.tolist())

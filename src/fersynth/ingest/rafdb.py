@@ -85,14 +85,14 @@ def _check_label_base(lines: list[_Line], base: int) -> None:
         )
 
 
-def _repeats(lines: list[_Line]) -> dict[int, Rejection]:
+def _repeats(lines: list[_Line]) -> dict[_Line, Rejection]:
     """Rejections for label lines that name an image already named: an identical repeat is
     dropped (the first line is read), an image listed with different labels is rejected on
     every line, since which label is right cannot be told."""
     by_name: dict[str, list[int]] = {}
     for index, line in enumerate(lines):
         by_name.setdefault(line.name.rsplit(".", 1)[0].removesuffix(ALIGNED_SUFFIX), []).append(index)
-    refused: dict[int, Rejection] = {}
+    refused: dict[_Line, Rejection] = {}
     for indices in by_name.values():
         if len(indices) < 2:
             continue
@@ -101,13 +101,13 @@ def _repeats(lines: list[_Line]) -> dict[int, Rejection]:
         for position, i in enumerate(indices):
             if len(labels) > 1:
                 shown = ", ".join(lines[j].raw_label for j in indices)
-                refused[i] = Rejection(
+                refused[lines[i]] = Rejection(
                     lines[i].where,
                     "conflicting_labels",
                     f"the image is listed {len(indices)} times with labels {shown}",
                 )
             elif position:
-                refused[i] = Rejection(lines[i].where, "duplicate_row", f"repeats {first}")
+                refused[lines[i]] = Rejection(lines[i].where, "duplicate_row", f"repeats {first}")
     return refused
 
 
@@ -137,13 +137,12 @@ def _items(
     labels = {settings.label_base + i: name for i, name in enumerate(RAFDB_LABELS.values())}
     span = f"{settings.label_base}..{settings.label_base + len(labels) - 1}"
 
-    index = {id(line): i for i, line in enumerate(lines)}
     for item in parsed:
         if isinstance(item, Rejection):
             yield item
             continue
-        if index[id(item)] in refused:
-            yield refused[index[id(item)]]
+        if item in refused:  # a line's `where` holds its number: equal lines never collide
+            yield refused[item]
             continue
         where, name = item.where, item.name
         if "/" in name or "\\" in name:
