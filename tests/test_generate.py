@@ -41,6 +41,7 @@ def world(tmp_path_factory):
             steps=5,
             batch_size=8,
             workers=0,
+            diffusion={"steps": 6, "channels": [8, 16], "batch_size": 8},
         ),
         progress=False,
     )
@@ -76,17 +77,30 @@ def test_prior_is_reproducible_and_trains_from_disk_when_too_big_for_memory(worl
     import fersynth.train.data
 
     _, data = world
-    tiny = dict(data=data, image_size=32, channels=[8, 16], steps=3, batch_size=8, workers=0)
+    tiny = dict(
+        data=data,
+        image_size=32,
+        channels=[8, 16],
+        steps=3,
+        batch_size=8,
+        workers=0,
+        diffusion={"steps": 0},  # the autoencoder alone (gif-prior's whole prior)
+    )
     weights = []
     for name in ("a", "b"):  # decoded once into memory (the demo's case), same seed twice
         run_train_prior(PriorSettings(output=tmp_path / name, **tiny), progress=False)
         vae = AutoencoderKL.from_pretrained(tmp_path / name / "vae", local_files_only=True)
         weights.append(vae.decoder.conv_out.weight.detach().clone())
     assert torch.equal(weights[0], weights[1])
+    assert not (tmp_path / "a" / "unet").exists()
     monkeypatch.setattr(fersynth.train.data, "IN_MEMORY_LIMIT", 0)  # streams through workers
     run_train_prior(PriorSettings(output=tmp_path / "streamed", **tiny), progress=False)
     info = json.loads((tmp_path / "streamed" / "prior.json").read_text())
     assert 0 < info["reconstruction_mae_grey_levels"] < 255
+    with pytest.raises(FersynthError, match=r"no latent diffusion model .*prior.diffusion.steps > 0"):
+        run_generate(
+            settings(world, tmp_path / "ldm", backend="gif-ldm", prior=tmp_path / "a"), progress=False
+        )
 
 
 def test_gif_step_stays_in_the_eps_ball_and_raises_the_score():
@@ -520,3 +534,79 @@ def test_edits_reward_their_target_in_every_backend_and_unclip_needs_a_clip_guid
         for r in json.loads(f.read_text())
     ]
     assert [(r["label"], r["edit_from"]) for r in records] == [("fear", "happy")]
+
+
+def ldm_settings(world, output: Path, **changes) -> GenerateSettings:
+    return settings(world, output, **{"backend": "gif-ldm", "steps": 10, "strength": 0.5, "k": 2, **changes})
+
+
+def test_prior_trains_a_class_conditional_latent_diffusion_model(world):
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from fersynth.generate.ldm import NULL_CLASS
+
+    folder = world[0] / "prior"
+    info = json.loads((folder / "prior.json").read_text())["diffusion"]
+    assert info["steps"] == 6 and info["latent_shape"] == [8, 16, 16]  # 8 channels; 32 px, one downsampling
+    train_images = (read_manifest(world[1]).manifest["split"] == "train").sum()
+    assert info["training_latents"] == 2 * train_images  # each training image and its mirror
+    assert np.isfinite(info["final_loss"])
+    unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True)
+    assert unet.config.num_class_embeds == NULL_CLASS + 1 == 8  # seven classes and the null class
+    assert isinstance(
+        DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True), DDIMScheduler
+    )
+    sheet = np.asarray(Image.open(folder / "samples.png"))
+    assert sheet.shape[0] > 7 * 64 and sheet.std() > 0  # a row of samples per class
+
+
+def test_gif_ldm_regenerates_exactly_and_denoises_towards_the_intended_class(world, tmp_path):
+    from fersynth.generate import build_backend
+    from fersynth.generate.backends import Batch
+
+    config = ldm_settings(world, tmp_path / "a", max_seeds_per_class=1)
+    first = run_generate(config, progress=False)
+    assert first.written == 4  # fear and disgust, one seed each, K = 2
+    records = [r for f in (first.folder / RECORDS).glob("*.json") for r in json.loads(f.read_text())]
+    assert {(r["backend"], r["strength"], r["scale"], r["steps"]) for r in records} == {
+        ("gif-ldm", 0.5, 2.0, 10)
+    }
+    assert all(r["prompt"] is None for r in records)  # class-conditioned: no text prompt
+    again = run_generate(config.model_copy(update={"output": tmp_path / "b"}), progress=False)
+    for image in (first.folder / IMAGES).glob("*.png"):
+        assert (again.folder / IMAGES / image.name).read_bytes() == image.read_bytes()
+    merged = run_merge(config, num_shards=1, progress=False).output
+    assert_seed_sizes(read_manifest(merged).manifest, merged, config.data)
+
+    backend, size = build_backend(config, torch.device("cpu"))
+    assert len(backend.timesteps(0.5)) == 5 and len(backend.timesteps(0.1)) == 1  # int(strength * 10)
+    seed = np.full((size, size, 3), 128, np.uint8)
+
+    def latents(label: str, strength: float | None = None) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(7)]
+        return backend.latents(Batch([seed], [label], [0], generators, [""], strength=strength))
+
+    assert torch.equal(latents("fear"), latents("fear"))  # each output's noise from its generator
+    assert not torch.allclose(latents("fear"), latents("happy"))  # the class reaches the UNet
+    assert not torch.allclose(latents("fear"), latents("fear", strength=0.9))
+    guided = latents("fear")
+    backend.scale = 1.0  # the conditional prediction alone: another result than guidance 2
+    assert not torch.allclose(guided, latents("fear"))
+
+
+def test_gif_ldm_edits_carry_their_own_strength(world, tmp_path):
+    edit = {"fear": {"sources": ["happy"], "max_seeds": 1, "strength": 0.8}}
+    config = ldm_settings(world, tmp_path / "edit", classes=["fear"], max_seeds_per_class=1, edit=edit, k=1)
+    result = run_generate(config, progress=False)
+    records = [r for f in (result.folder / RECORDS).glob("*.json") for r in json.loads(f.read_text())]
+    assert {r["edit_from"]: r["strength"] for r in records} == {"": 0.5, "happy": 0.8}
+    assert {r["label"] for r in records} == {"fear"}
+
+
+def test_strength_and_scale_default_to_the_backends():
+    ldm = GenerateSettings(backend="gif-ldm")
+    assert (ldm.steps, ldm.strength, ldm.scale) == (20, 0.5, 2.0)
+    sd = GenerateSettings(backend="gif-sd")
+    assert (sd.steps, sd.strength, sd.scale) == (50, 0.1, 50.0)  # the thesis' settings
+    assert GenerateSettings().backend == "gif-prior"
+    assert GenerateSettings(backend="gif-sd", strength=0.3, scale=None).strength == 0.3

@@ -343,13 +343,35 @@ class EvaluateSettings(Strict):
     tta_flip: bool = True  # average the predictions of the image and its mirror
 
 
+class LatentDiffusionSettings(Strict):
+    """The class-conditional latent diffusion model of the gif-ldm backend (generate/ldm.py),
+    trained by `fersynth train-prior` on the autoencoder's latents of the training split."""
+
+    # 0: none (gif-prior needs only the autoencoder); gif-ldm needs one (the demo's measurement
+    # used 1500 steps: docs/benchmarks.md#offline-generation).
+    steps: Annotated[int, Field(ge=0)] = 0
+    channels: list[Annotated[int, Field(ge=8)]] = [32, 64, 64]  # UNet blocks, attention in the last
+    layers_per_block: Positive = 1
+    batch_size: Positive = 32
+    lr: Annotated[float, Field(gt=0.0)] = 5e-4
+    ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.999  # the saved UNet is the EMA of its weights
+    # Share of training labels replaced by the null class, for classifier-free guidance.
+    class_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    train_timesteps: Positive = 1000
+    beta_schedule: Literal["squaredcos_cap_v2", "scaled_linear", "linear"] = "squaredcos_cap_v2"
+
+
 class PriorSettings(Strict):
-    """`fersynth train-prior`: the offline autoencoder prior of the gif-prior backend."""
+    """`fersynth train-prior`: the offline autoencoder prior of the gif-prior backend and, on
+    its latents, the class-conditional latent diffusion model of gif-ldm."""
 
     data: Path | None = None  # null: data/<experiment>/guarded
     output: Path | None = None  # null: runs/<experiment>/prior
     image_size: Annotated[int, Field(ge=16, le=512)] = 64
-    channels: list[Annotated[int, Field(ge=8)]] = [16, 32, 64]  # 3 blocks: 64 px -> 16x16x4 latent
+    channels: list[Annotated[int, Field(ge=8)]] = [16, 32, 64]  # 3 blocks: 64 px -> 16x16 latent
+    # Channels of the latent (Stable Diffusion 1.x: 4; SD3: 16). More keep more detail through
+    # the autoencoder, which bounds how varied any generated image can be.
+    latent_channels: Positive = 8
     steps: Positive = 1500
     batch_size: Positive = 32
     lr: Annotated[float, Field(gt=0.0)] = 1e-3
@@ -357,9 +379,19 @@ class PriorSettings(Strict):
     workers: Annotated[int, Field(ge=0)] = 1
     device: Device = "auto"
     cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads
+    diffusion: LatentDiffusionSettings = LatentDiffusionSettings()
 
 
-Backend = Literal["gif-prior", "gif-sd", "gif-unclip"]
+Backend = Literal["gif-ldm", "gif-prior", "gif-sd", "gif-unclip"]
+# Per backend, the img2img strength and classifier-free guidance scale that `generate.strength`
+# and `generate.scale` default to: gif-sd's are the thesis' (K=5, scale 50, strength 0.1);
+# gif-ldm's were measured on the demo by benchmarks/ldm_strength.py (docs/benchmarks.md).
+BACKEND_DEFAULTS: dict[str, dict[str, float]] = {
+    "gif-sd": {"steps": 50, "strength": 0.1, "scale": 50.0},
+    "gif-unclip": {"steps": 50, "strength": 0.1, "scale": 50.0},  # unCLIP img2img has no strength
+    "gif-prior": {"steps": 50, "strength": 0.1, "scale": 50.0},  # no noise schedule, no conditioning
+    "gif-ldm": {"steps": 20, "strength": 0.5, "scale": 2.0},
+}
 
 
 class EditSettings(Strict):
@@ -390,6 +422,7 @@ class GenerateSettings(Strict):
 
     data: Path | None = None  # null: data/<experiment>/guarded
     output: Path | None = None  # null: data/<experiment>/generated (shards/, then dataset/)
+    # gif-prior and gif-ldm need no external weights (docs/stages.md#generation-gif-guided-imagination).
     backend: Backend = "gif-prior"
     k: Positive = 5  # outputs per seed image (thesis K=5)
     classes: list[str] | None = None  # seed classes to expand; null = every class, [] = none (edits only)
@@ -398,15 +431,17 @@ class GenerateSettings(Strict):
     guide: Literal["fer", "clip"] = "fer"
     # fer: a grid row on the original data (its model) or a fersynth model; clip: a CLIP folder.
     guide_model: str = "original_sl"
-    prior: Path | None = None  # gif-prior: the trained prior folder; null: prior.output
+    prior: Path | None = None  # gif-prior, gif-ldm: the trained prior folder; null: prior.output
     sd_model: str | None = None  # gif-sd: diffusers Stable Diffusion folder or s3:// prefix
     # gif-unclip: a diffusers Stable unCLIP folder or s3:// prefix (GIF's DALL-E 2 setting); its
     # guide is `clip`, a CLIP folder whose image embeddings are the unCLIP image encoder's.
     unclip_model: str | None = None
     image_size: Annotated[int, Field(ge=32, le=1024)] = 512  # gif-sd working resolution
-    steps: Positive = 50  # DDIM steps (thesis: 50)
-    strength: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1  # noised for int(strength * steps) steps
-    scale: Annotated[float, Field(ge=1.0)] = 50.0  # classifier-free guidance scale (thesis: 50)
+    steps: Positive | None = None  # DDIM steps; null: the backend's (gif-sd: the thesis' 50)
+    # Noised for int(strength * steps) of the steps; null: the backend's (BACKEND_DEFAULTS).
+    strength: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    # Classifier-free guidance scale; null: the backend's (gif-sd: the thesis' 50).
+    scale: Annotated[float, Field(ge=1.0)] | None = None
     step_size: Annotated[float, Field(gt=0.0)] = 0.1  # GIF's signed-gradient step on z and b
     # L-inf radius around the denoised latent. GIF's noise moves unit-variance latents by about
     # 1, so at 0.1 the projection clips 93% of the entries and the guided step barely acts; at
@@ -433,6 +468,17 @@ class GenerateSettings(Strict):
         if unknown:
             raise ValueError(f"unknown classes {unknown}; expected {', '.join(CLASSES)}")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_defaults(cls, data: Any) -> Any:
+        """Resolve a null steps, strength or scale to the backend's, so that every saved
+        settings file holds the value that ran."""
+        if not isinstance(data, dict):
+            return data
+        backend = data.get("backend") or cls.model_fields["backend"].default
+        defaults = BACKEND_DEFAULTS.get(backend, {})
+        return {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
 
     @model_validator(mode="after")
     def _unclip_needs(self) -> GenerateSettings:

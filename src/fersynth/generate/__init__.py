@@ -126,6 +126,25 @@ def build_backend(settings: GenerateSettings, device: torch.device):
 
         vae, size = load_prior(settings.prior)
         return GifPrior(vae, guide, device, half=settings.half, **gif), size
+    if settings.backend == "gif-ldm":
+        from fersynth.generate.ldm import GifLatentDiffusion, load_latent_diffusion
+        from fersynth.generate.prior import load_prior
+
+        vae, size = load_prior(settings.prior)
+        unet, scheduler = load_latent_diffusion(settings.prior)
+        backend = GifLatentDiffusion(
+            vae,
+            unet,
+            scheduler,
+            guide,
+            device,
+            steps=settings.steps,
+            strength=settings.strength,
+            scale=settings.scale,
+            half=settings.half,
+            **gif,
+        )
+        return backend, size
     if settings.backend == "gif-unclip":
         from fersynth.generate.unclip import GifUnclip, load_unclip
 
@@ -289,14 +308,15 @@ def run_generate(
                         "edit_from": row.edit_from,  # a cross-class edit's source class, else ""
                         "k": k,
                         "random_seed": out_seeds[j],
-                        "prompt": batch.prompts[j],
+                        "prompt": batch.prompts[j] if backend.text_conditioned else None,
                         "gif_score": round(generated.scores[j], 6),
                         # share of this output's latent entries that the eps-ball projection clipped
                         "clipped_fraction": round(generated.clipped[j], 4),
                         "seed_path": row.path,
                         **params,
-                        # an edit's own (generate.edit.<target>.strength); the prior has no noise schedule
-                        "strength": row.strength if settings.backend == "gif-sd" else None,
+                        # an edit's own (generate.edit.<target>.strength); gif-prior and
+                        # gif-unclip have no img2img strength
+                        "strength": row.strength if settings.backend in ("gif-sd", "gif-ldm") else None,
                     }
                 )
             atomic_write_text(folder / RECORDS / f"{row.key}.json", json.dumps(records, indent=1) + "\n")

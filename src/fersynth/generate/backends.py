@@ -115,6 +115,8 @@ class Generated:
 class GifBackend:
     """Shared part: seed probabilities, the guided step, decoding."""
 
+    text_conditioned = False  # whether the outputs' prompts reach the model (else not recorded)
+
     def __init__(
         self,
         vae,
@@ -190,6 +192,8 @@ class GifBackend:
 
 
 class GifSD(GifBackend):
+    text_conditioned = True
+
     def __init__(
         self,
         components,

@@ -1,10 +1,13 @@
-"""`fersynth train-prior`: the offline generative prior of the `gif-prior` backend.
+"""`fersynth train-prior`: the offline generative prior of the `gif-prior` and `gif-ldm` backends.
 
 A small diffusers `AutoencoderKL` trained on the training split (reconstruction L1 + a small
 KL term, as Stable Diffusion's autoencoder). Its latent is scaled to unit variance, like SD's
-(`scaling_factor`), so GIF's perturbation has the same meaning on both backends. The output
-folder holds `vae/` (save_pretrained), `prior.json` (size, steps, reconstruction error on held-out
-training images) and `reconstructions.png` (originals above their reconstructions).
+(`scaling_factor`), so GIF's perturbation has the same meaning on every backend. Then, unless
+`prior.diffusion.steps` is 0, a class-conditional latent diffusion model is trained on those
+latents (generate/ldm.py). The output folder holds `vae/` (save_pretrained), `unet/` and
+`scheduler/`, `prior.json` (sizes, steps, the autoencoder's reconstruction error on held-out
+training images, the diffusion model's final loss), `reconstructions.png` (originals above
+their reconstructions) and `samples.png` (the diffusion model's samples from noise, per class).
 """
 
 from __future__ import annotations
@@ -42,13 +45,13 @@ class PriorResult:
     psnr: float
 
 
-def build_autoencoder(image_size: int, channels: tuple[int, ...]):
+def build_autoencoder(image_size: int, channels: tuple[int, ...], latent_channels: int = 4):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=image_size,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
@@ -93,7 +96,9 @@ def run_train_prior(
         raise FersynthError(f"{settings.data}: too few training images to train a prior")
     device = pick_device(settings.device)
     torch.manual_seed(seed)
-    vae = build_autoencoder(settings.image_size, tuple(settings.channels)).to(device)
+    vae = build_autoencoder(settings.image_size, tuple(settings.channels), settings.latent_channels).to(
+        device
+    )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
     images = ManifestImages(dataset.root, train, _transform(settings.image_size, True), seed=seed)
     stream = SampleStream(images.labels, seed)
@@ -143,17 +148,25 @@ def run_train_prior(
     psnr = 10 * np.log10(1.0 / max(mse, 1e-12))
     # Unit-variance latents, like Stable Diffusion's scaling_factor 0.18215.
     vae.register_to_config(scaling_factor=float(1.0 / torch.cat(latents).std().clamp_min(1e-6)))
+    info = {
+        "image_size": settings.image_size,
+        "steps": settings.steps,
+        "held_out_images": len(held),
+        "reconstruction_mae_grey_levels": round(error, 3),
+        "reconstruction_psnr_db": round(psnr, 2),
+        "scaling_factor": vae.config.scaling_factor,
+    }
+    diffusion = None
+    if settings.diffusion.steps:
+        diffusion = _train_diffusion(vae, dataset.root, train, settings, seed, device, progress)
+        info["diffusion"] = diffusion["info"]
 
     with staged_folder(settings.output, force=force) as staging:
         vae.save_pretrained(staging / "vae")
-        info = {
-            "image_size": settings.image_size,
-            "steps": settings.steps,
-            "held_out_images": len(held),
-            "reconstruction_mae_grey_levels": round(error, 3),
-            "reconstruction_psnr_db": round(psnr, 2),
-            "scaling_factor": vae.config.scaling_factor,
-        }
+        if diffusion is not None:
+            diffusion["unet"].save_pretrained(staging / "unet")
+            diffusion["scheduler"].save_pretrained(staging / "scheduler")
+            save_png(staging / "samples.png", diffusion["sheet"])
         atomic_write_text(staging / PRIOR_JSON, json.dumps(info, indent=2) + "\n")
         sheet = contact_sheet(
             [
@@ -164,3 +177,38 @@ def run_train_prior(
         save_png(staging / "reconstructions.png", sheet)
         save_resolved({"seed": seed, "prior": settings}, staging)
     return PriorResult(Path(settings.output), error, psnr)
+
+
+def _encode_training_split(vae, root: Path, frame, size: int, device: torch.device):
+    """Scaled posterior mean and std of every training image and of its mirror image (the
+    diffusion model learns both, as the autoencoder did), N x C x h x w each, and labels."""
+    images = ManifestImages(root, frame, _transform(size, False))
+    means, stds, labels = [], [], []
+    with torch.no_grad():
+        for x, y in DataLoader(images, batch_size=128):
+            for view in (x, x.flip(-1)):
+                distribution = vae.encode(view.to(device)).latent_dist
+                means.append(distribution.mean.cpu() * vae.config.scaling_factor)
+                stds.append(distribution.std.cpu() * vae.config.scaling_factor)
+                labels.append(y.numpy())
+    return torch.cat(means), torch.cat(stds), np.concatenate(labels)
+
+
+def _train_diffusion(vae, root: Path, frame, settings: PriorSettings, seed: int, device, progress: bool):
+    from diffusers import DDIMScheduler
+
+    from fersynth.generate.ldm import class_samples, train_latent_diffusion
+
+    mean, std, labels = _encode_training_split(vae, root, frame, settings.image_size, device)
+    unet, noise_scheduler, loss = train_latent_diffusion(
+        mean, std, labels, settings.diffusion, seed=seed, device=device, progress=progress
+    )
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config)  # generation samples with DDIM
+    sheet = class_samples(vae, unet, scheduler, mean.shape[1:], seed=seed, device=device)
+    info = {
+        "steps": settings.diffusion.steps,
+        "latent_shape": list(mean.shape[1:]),
+        "training_latents": len(mean),
+        "final_loss": round(loss, 5),
+    }
+    return {"unet": unet, "scheduler": scheduler, "sheet": sheet, "info": info}

@@ -111,6 +111,8 @@ def build_random_unclip(
 class GifUnclip:
     """The gif-unclip backend: GIF's step on the CLIP image embedding, Stable unCLIP decodes."""
 
+    text_conditioned = True
+
     def __init__(
         self,
         pipe,
