@@ -473,8 +473,8 @@ def unclip_settings(world, tmp_path: Path, **changes) -> GenerateSettings:
     width, both saved as folders under `tmp_path`."""
     from fersynth.generate.unclip import build_random_unclip
 
-    unclip = build_random_unclip(tmp_path / "unclip", sample_size=64, embedding=16)
     clip = build_random_clip(tmp_path / "clip", image_size=32, projection=16)
+    unclip = build_random_unclip(tmp_path / "unclip", sample_size=64, image_encoder=clip)
     values = dict(
         backend="gif-unclip",
         unclip_model=str(unclip),
@@ -504,6 +504,11 @@ def test_gif_unclip_perturbs_the_clip_image_embedding_and_decodes_with_stable_un
     for p in images:
         assert (again.folder / IMAGES / p.name).read_bytes() == p.read_bytes()  # from the records' seeds
 
+    other = build_random_clip(tmp_path / "other_clip", image_size=32, projection=16, seed=1)
+    with pytest.raises(FersynthError, match=r"not the unCLIP image encoder's own \(.* cosine similarity"):
+        run_generate(
+            config.model_copy(update={"guide_model": str(other), "output": tmp_path / "y"}), progress=False
+        )
     with pytest.raises(FersynthError, match="gif-unclip scores CLIP image embeddings of 16 dimensions"):
         run_generate(
             config.model_copy(
@@ -553,9 +558,10 @@ def test_prior_trains_a_class_conditional_latent_diffusion_model(world):
     assert np.isfinite(info["final_loss"])
     unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True)
     assert unet.config.num_class_embeds == NULL_CLASS + 1 == 8  # seven classes and the null class
-    assert isinstance(
-        DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True), DDIMScheduler
-    )
+    saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "DDIMScheduler" and saved["beta_schedule"] == "squaredcos_cap_v2"
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+    assert scheduler.config.num_train_timesteps == 1000
     sheet = np.asarray(Image.open(folder / "samples.png"))
     assert sheet.shape[0] > 7 * 64 and sheet.std() > 0  # a row of samples per class
 
@@ -602,6 +608,17 @@ def test_gif_ldm_edits_carry_their_own_strength(world, tmp_path):
     assert {r["edit_from"]: r["strength"] for r in records} == {"": 0.5, "happy": 0.8}
     assert {r["label"] for r in records} == {"fear"}
 
+    from fersynth.generate import build_backend
+    from fersynth.generate.ldm import GifLatentDiffusion
+
+    counts = []
+    original = GifLatentDiffusion.timesteps
+    backend, size = build_backend(config, torch.device("cpu"))
+    backend.timesteps = lambda strength: counts.append(strength) or original(backend, strength)
+    again = config.model_copy(update={"output": tmp_path / "again"})
+    run_generate(again, backend=(backend, size), progress=False)
+    assert sorted(counts) == [0.5, 0.8]  # the edit's own strength reaches the denoising
+
 
 def test_strength_and_scale_default_to_the_backends():
     ldm = GenerateSettings(backend="gif-ldm")
@@ -610,3 +627,15 @@ def test_strength_and_scale_default_to_the_backends():
     assert (sd.steps, sd.strength, sd.scale) == (50, 0.1, 50.0)  # the thesis' settings
     assert GenerateSettings().backend == "gif-prior"
     assert GenerateSettings(backend="gif-sd", strength=0.3, scale=None).strength == 0.3
+
+    # A resolved mapping (what a compiled pipeline carries) switched to another backend by an
+    # override takes that backend's defaults, unless the override sets them too.
+    from fersynth.settings import load_settings, resolved_dict, settings_from_mapping
+
+    resolved = resolved_dict(load_settings(None))
+    switched = settings_from_mapping(resolved, ["generate.backend=gif-ldm"]).generate
+    assert (switched.steps, switched.strength, switched.scale) == (20, 0.5, 2.0)
+    chosen = settings_from_mapping(resolved, ["generate.backend=gif-ldm", "generate.strength=0.3"]).generate
+    assert (chosen.steps, chosen.strength) == (20, 0.3)
+    with pytest.raises(ValueError, match="must divide by 4 for 3 UNet blocks"):
+        PriorSettings(image_size=40, channels=[8, 16, 32], diffusion={"steps": 1, "channels": [8, 16, 16]})

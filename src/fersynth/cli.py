@@ -517,7 +517,8 @@ def evaluate_command(obj: _Context, row, model, data, split, output, no_tta, qui
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_obj
 def train_prior_command(obj: _Context, data, output, steps, force: bool, quiet: bool) -> None:
-    """Train the offline autoencoder prior of the gif-prior backend on the training split."""
+    """Train the offline autoencoder prior of gif-prior on the training split and, with
+    prior.diffusion.steps > 0, the class-conditional latent diffusion model of gif-ldm."""
     from fersynth.generate.prior import run_train_prior
 
     settings = obj.settings(

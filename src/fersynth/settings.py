@@ -354,7 +354,9 @@ class LatentDiffusionSettings(Strict):
     layers_per_block: Positive = 1
     batch_size: Positive = 32
     lr: Annotated[float, Field(gt=0.0)] = 5e-4
-    ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.999  # the saved UNet is the EMA of its weights
+    # The saved UNet is the EMA of its weights (diffusers EMAModel with warm-up: the decay is
+    # 1 - (1 + step)^(-2/3), about 0.992 after 1,500 steps, capped at ema_decay).
+    ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.999
     # Share of training labels replaced by the null class, for classifier-free guidance.
     class_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     train_timesteps: Positive = 1000
@@ -381,6 +383,21 @@ class PriorSettings(Strict):
     cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads
     diffusion: LatentDiffusionSettings = LatentDiffusionSettings()
 
+    @model_validator(mode="after")
+    def _latent_fits_the_unet(self) -> PriorSettings:
+        """The diffusion UNet halves its input len(channels) - 1 times: refused before any
+        training, not after the autoencoder has trained."""
+        if self.diffusion.steps:
+            side = self.image_size / 2 ** (len(self.channels) - 1)
+            halvings = 2 ** (len(self.diffusion.channels) - 1)
+            if side != int(side) or int(side) % halvings:
+                raise ValueError(
+                    f"diffusion: the {side:g} px latent (image_size {self.image_size}, "
+                    f"{len(self.channels)} autoencoder blocks) must divide by {halvings} "
+                    f"for {len(self.diffusion.channels)} UNet blocks"
+                )
+        return self
+
 
 Backend = Literal["gif-ldm", "gif-prior", "gif-sd", "gif-unclip"]
 # Per backend, the img2img strength and classifier-free guidance scale that `generate.strength`
@@ -402,8 +419,8 @@ class EditSettings(Strict):
 
     sources: list[str] = ["neutral", "happy"]  # seed classes whose training images are edited
     max_seeds: Positive | None = 100  # source images drawn (seeded, shared over sources); null: all
-    # gif-sd: noised for int(strength * steps) of the DDIM steps before the target's prompt
-    # denoises; within-class expansion's 0.1 keeps the seed's expression, editing needs more.
+    # gif-sd, gif-ldm: noised for int(strength * steps) of the DDIM steps before the target's
+    # prompt (class) denoises; within-class expansion's 0.1 keeps the expression, editing needs more.
     strength: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6
 
     @field_validator("sources")
@@ -1118,6 +1135,22 @@ def load_settings(path: Path | None = DEFAULT_PARAMS, overrides: list[str] | Non
     return settings_from_mapping(raw, overrides, source)
 
 
+def _backend_switch(raw: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """When an override changes generate.backend, the base's steps, strength and scale that hold
+    the old backend's defaults (a resolved mapping, as a compiled pipeline carries, has them
+    filled in) give way to the new backend's, unless the override sets them too."""
+    generate, changes = raw.get("generate") or {}, extra.get("generate") or {}
+    if not isinstance(generate, dict) or not isinstance(changes, dict):
+        return raw
+    old = generate.get("backend") or GenerateSettings.model_fields["backend"].default
+    new = changes.get("backend")
+    if not new or new == old:
+        return raw
+    defaults = BACKEND_DEFAULTS.get(old, {})
+    kept = {k: v for k, v in generate.items() if k in changes or k not in defaults or v != defaults[k]}
+    return {**raw, "generate": kept}
+
+
 def settings_from_mapping(
     raw: dict[str, Any], overrides: list[str] | None = None, source: str = "defaults"
 ) -> Settings:
@@ -1125,7 +1158,8 @@ def settings_from_mapping(
     carries) plus KEY=VALUE overrides; errors name `source`. The process decodes images under
     the settings' `max_image_pixels` from now on (fersynth.image_limit)."""
     if overrides:
-        raw = _merge(raw, parse_overrides(overrides))
+        extra = parse_overrides(overrides)
+        raw = _merge(_backend_switch(raw, extra), extra)
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:

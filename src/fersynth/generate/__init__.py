@@ -308,7 +308,7 @@ def run_generate(
                         "edit_from": row.edit_from,  # a cross-class edit's source class, else ""
                         "k": k,
                         "random_seed": out_seeds[j],
-                        "prompt": batch.prompts[j] if backend.text_conditioned else None,
+                        "prompt": batch.prompts[j] if getattr(backend, "text_conditioned", True) else None,
                         "gif_score": round(generated.scores[j], 6),
                         # share of this output's latent entries that the eps-ball projection clipped
                         "clipped_fraction": round(generated.clipped[j], 4),

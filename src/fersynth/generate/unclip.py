@@ -30,6 +30,8 @@ from fersynth.generate.backends import Batch, Generated, rewarded_classes, seed_
 from fersynth.generate.gif import guided_latents
 from fersynth.storage import fetch_folder
 
+SAME_ENCODER = 0.98  # least cosine similarity of guide and encoder embeddings (encoder_agreement)
+
 PARTS = (
     "feature_extractor",
     "image_encoder",
@@ -61,10 +63,18 @@ def load_unclip(uri: str, device: torch.device):
 
 
 def build_random_unclip(
-    folder: Path, *, sample_size: int = 64, embedding: int = 16, text_hidden: int = 32, seed: int = 0
+    folder: Path,
+    *,
+    sample_size: int = 64,
+    embedding: int = 16,
+    text_hidden: int = 32,
+    seed: int = 0,
+    image_encoder: Path | None = None,
 ) -> Path:
     """Randomly initialised Stable-unCLIP-shaped components saved to `folder` (tests, CPU runs);
-    its image embeddings have `embedding` dimensions (a CLIP guide must match them)."""
+    its image embeddings have `embedding` dimensions. With `image_encoder` (a CLIP folder, as
+    `build_random_clip` writes), the image encoder is that CLIP's vision tower and projection,
+    as Stable unCLIP's is OpenCLIP ViT-H's: a guide from that folder scores its embeddings."""
     from diffusers import DDPMScheduler, StableUnCLIPImg2ImgPipeline
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
         StableUnCLIPImageNormalizer,
@@ -75,26 +85,38 @@ def build_random_unclip(
 
     base = build_random(sample_size=sample_size, text_hidden=text_hidden, seed=seed)
     torch.manual_seed(seed)
-    config = dict(base.unet.config)
+    if image_encoder is not None:
+        from transformers import CLIPConfig
+
+        whole = CLIPConfig.from_pretrained(image_encoder, local_files_only=True)
+        vision = whole.vision_config  # the projection's width is the whole model's setting
+        vision.projection_dim = whole.projection_dim
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            image_encoder, config=vision, local_files_only=True
+        )
+        embedding = encoder.config.projection_dim
+    else:
+        encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                image_size=32,
+                patch_size=8,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                projection_dim=embedding,
+            )
+        )
+    size = encoder.config.image_size
+    config = dict(base.unet.config)  # the UNet takes the noised embedding and its noise-level embedding
     config.update(class_embed_type="projection", projection_class_embeddings_input_dim=2 * embedding)
     unet = type(base.unet).from_config(config)
-    encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            projection_dim=embedding,
-        )
-    )
     normaliser = StableUnCLIPImageNormalizer(embedding_dim=embedding)
     with torch.no_grad():  # not the identity, so that a swapped scale/unscale shows in tests
         normaliser.mean.copy_(torch.randn(1, embedding) * 0.1)
         normaliser.std.copy_(torch.rand(1, embedding) * 0.5 + 0.5)
     pipe = StableUnCLIPImg2ImgPipeline(
-        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+        feature_extractor=CLIPImageProcessor(crop_size=size, size=size),
         image_encoder=encoder,
         image_normalizer=normaliser,
         image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
@@ -138,6 +160,27 @@ class GifUnclip:
         self.pipe, self.guide, self.device = pipe, guide, device
         self.size, self.steps, self.scale, self.step_size, self.eps = size, steps, scale, step_size, eps
         self.seed_rotation, self.seed_hflip = seed_rotation, seed_hflip
+        agreement = self.encoder_agreement()
+        if agreement < SAME_ENCODER:
+            raise FersynthError(
+                "generate.guide_model: this CLIP is not the unCLIP image encoder's own (their embeddings "
+                f"of one probe image have cosine similarity {agreement:.2f}, need {SAME_ENCODER}); GIF's "
+                "score must read the embedding space it perturbs"
+            )
+
+    @torch.no_grad()
+    def encoder_agreement(self) -> float:
+        """Cosine similarity of the guide's and the unCLIP image encoder's embeddings of one
+        smooth probe image at the guide's size (the same encoder gives 1 up to rounding; a CLIP
+        of the same width but other weights gives about 0)."""
+        size = int(getattr(self.guide, "size", 224))
+        ramp = torch.linspace(0, 1, size, device=self.device)
+        probe = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
+                             (ramp[None, :] + ramp[:, None]).expand(size, size) / 2])[None]  # fmt: skip
+        probe = (probe * 255).round() / 255  # what a uint8 image holds, as the encoder's processor sees it
+        guide = torch.nn.functional.normalize(self.guide(probe)[1].float(), dim=1)
+        encoder = torch.nn.functional.normalize(self.embed(probe), dim=1)
+        return float((guide * encoder).sum())
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
