@@ -60,6 +60,7 @@ def _repro(project: Path, env: dict) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # every stage on the real file: 13-15+ min on two slow cores
 def test_the_reduced_fer2013_profile_runs_every_stage_on_the_real_file(fer2013_csv, tmp_path):
     project = _project(tmp_path, fer2013_csv)
     mlflow = tmp_path / "mlflow"
