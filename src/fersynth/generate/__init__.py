@@ -121,6 +121,8 @@ def build_backend(settings: GenerateSettings, device: torch.device):
         seed_rotation=settings.seed_rotation,
         seed_hflip=settings.seed_hflip,
     )
+    # The denoising of the img2img backends (gif-ldm, gif-sd).
+    img2img = dict(steps=settings.steps, strength=settings.strength, scale=settings.scale, half=settings.half)
     if settings.backend == "gif-prior":
         from fersynth.generate.prior import load_prior
 
@@ -132,19 +134,7 @@ def build_backend(settings: GenerateSettings, device: torch.device):
 
         vae, size = load_prior(settings.prior)
         unet, scheduler = load_latent_diffusion(settings.prior)
-        backend = GifLatentDiffusion(
-            vae,
-            unet,
-            scheduler,
-            guide,
-            device,
-            steps=settings.steps,
-            strength=settings.strength,
-            scale=settings.scale,
-            half=settings.half,
-            **gif,
-        )
-        return backend, size
+        return GifLatentDiffusion(vae, unet, scheduler, guide, device, **img2img, **gif), size
     if settings.backend == "gif-unclip":
         from fersynth.generate.unclip import GifUnclip, load_unclip
 
@@ -156,17 +146,7 @@ def build_backend(settings: GenerateSettings, device: torch.device):
     from fersynth.generate.components import load_components
 
     components = load_components(settings.sd_model)
-    backend = GifSD(
-        components,
-        guide,
-        device,
-        steps=settings.steps,
-        strength=settings.strength,
-        scale=settings.scale,
-        half=settings.half,
-        **gif,
-    )
-    return backend, settings.image_size
+    return GifSD(components, guide, device, **img2img, **gif), settings.image_size
 
 
 @dataclass
