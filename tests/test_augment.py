@@ -155,6 +155,39 @@ def test_variants(datasets, tmp_path, variant, fear, sad, happy):
     assert np.all(frame[frame["origin"] == "synthetic"]["v_accepted"] == "true")
 
 
+def test_new_identities_are_their_own_variants_pool(tmp_path):
+    rows, images = [], []
+    for name, n in (("happy", 8), ("fear", 2)):
+        for i in range(n):
+            rows.append({"id": f"{name}{i}", "label": name, "split": "train"})
+            images.append(colour_image(CLASSES.index(name), len(rows)))
+    original = write_dataset(tmp_path / "original", rows, images)
+    expansions = [{**row, "gen_kind": "expand"} for row in synthetic_rows("fear", [3, 3])]
+    faces = [
+        {**row, "id": f"face{i}", "seed_id": "", "gen_kind": "identity"}
+        for i, row in enumerate(synthetic_rows("fear", [3, 3, 3, 3, 3, 3, 1]))
+    ]
+    syn = expansions + faces
+    synthetic = write_dataset(
+        tmp_path / "synthetic", syn, [colour_image(CLASSES.index("fear"), 300 + i) for i in range(len(syn))]
+    )
+
+    def added(variant: str) -> set[str]:
+        settings = AugmentSettings(
+            original=original, synthetic=synthetic, output=tmp_path / variant, variant=variant, rho=2.0
+        )
+        result = run_augment(settings, seed=1, progress=False)
+        return set(result.manifest.loc[result.manifest["origin"] == "synthetic", "id"])
+
+    # rho 2 on happy 8: fear needs 2 more. Identities (no seed image) are not dropped as seedless.
+    chosen = added("identities")
+    assert len(chosen) == 2 and chosen <= {f"face{i}" for i in range(6)}  # face6 was rejected
+    assert added("rho") == {"fear_s0", "fear_s1"}  # the expansions' variants never take an identity
+    assert added("expanded") == {"fear_s0", "fear_s1"}
+    report = json.loads((tmp_path / "identities" / "augment_report.json").read_text())
+    assert report["dropped_seeds"] == {} and report["rho"] == 2.0
+
+
 def test_unverified_synthetic_data_is_refused(datasets, tmp_path):
     original, _ = datasets
     settings = AugmentSettings(original=original, synthetic=original, output=tmp_path / "x")
@@ -300,7 +333,7 @@ def test_every_variant_keeps_val_and_test_and_no_image_seeded_outside_training(l
     train_ids = set(before[before["split"] == "train"]["id"])
     assert set(added["seed_id"]) <= train_ids
     assert not any(added["id"].str.startswith(("fromval", "fromtest", "fromgone", "noseed", "valsplit")))
-    if variant != "original":
+    if variant not in ("original", "identities"):  # this set has no new identities
         assert len(added) > 0
     report = json.loads((output / "augment_report.json").read_text())
     assert report["dropped_seeds"] == {

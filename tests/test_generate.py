@@ -241,6 +241,11 @@ def test_merge_refuses_missing_shards(world, tmp_path):
     assert len(shard_seeds(select_seeds(config, 2048), 1, 2)) > 0
 
 
+def sd_settings(world, output: Path, sd_folder: Path, **changes) -> GenerateSettings:
+    """gif-sd on a tiny Stable Diffusion folder at 64 px."""
+    return settings(world, output, backend="gif-sd", sd_model=str(sd_folder), image_size=64, **changes)
+
+
 def test_tiny_stable_diffusion_round_trip_and_gif_sd(world, tmp_path):
     components = build_random(sample_size=64)
     assert len(components.tokenizer) > 2
@@ -249,17 +254,7 @@ def test_tiny_stable_diffusion_round_trip_and_gif_sd(world, tmp_path):
     assert len(loaded.tokenizer) == len(components.tokenizer)
     for a, b in zip(components.unet.state_dict().values(), loaded.unet.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    config = settings(
-        world,
-        tmp_path / "gen",
-        backend="gif-sd",
-        sd_model=str(folder),
-        image_size=64,
-        steps=10,
-        strength=0.2,
-        k=2,
-        max_seeds_per_class=1,
-    )
+    config = sd_settings(world, tmp_path / "gen", folder, steps=10, strength=0.2, k=2, max_seeds_per_class=1)
     result = run_generate(config, progress=False)
     assert result.written == 2 * 2
     merged = run_merge(config, num_shards=1, progress=False)
@@ -417,13 +412,10 @@ def test_cross_class_edits_with_the_prior_and_tiny_stable_diffusion(world, tmp_p
     seeds = read_manifest(world[1]).manifest.set_index("id")
     assert (seeds.loc[merged["seed_id"], "label"] == "happy").all()  # seeded from the source class
 
-    folder = build_random(sample_size=64).save(tmp_path / "sd")
-    config = settings(
+    config = sd_settings(
         world,
         tmp_path / "sd_gen",
-        backend="gif-sd",
-        sd_model=str(folder),
-        image_size=64,
+        build_random(sample_size=64).save(tmp_path / "sd"),
         steps=10,
         strength=0.2,
         k=1,
@@ -639,3 +631,124 @@ def test_strength_and_scale_default_to_the_backends():
     assert (chosen.steps, chosen.strength) == (20, 0.3)
     with pytest.raises(ValueError, match="must divide by 4 for 3 UNet blocks"):
         PriorSettings(image_size=40, channels=[8, 16, 32], diffusion={"steps": 1, "channels": [8, 16, 16]})
+
+
+def test_identity_prompts_vary_the_face_and_keep_the_expression():
+    from fersynth.generate.prompts import CLASS_WORDS, identity_prompt
+
+    prompts = [identity_prompt("fear", np.random.default_rng(s)) for s in range(40)]
+    assert all("with a fearful expression" in p for p in prompts)
+    assert len(set(prompts)) == 40  # age, ethnicity, gender, lighting, pose, accessory vary
+    assert identity_prompt("fear", np.random.default_rng(3)) == prompts[3]  # from its own rng
+    assert all(CLASS_WORDS["sad"] in identity_prompt("sad", np.random.default_rng(s)) for s in range(5))
+    assert any(" elderly " in p for p in prompts) and any(" child " in p for p in prompts)
+
+
+def test_identities_need_a_backend_that_draws_from_noise():
+    with pytest.raises(ValueError, match="gif-prior cannot draw a face from noise"):
+        GenerateSettings(backend="gif-prior", identities={"per_class": 2})
+    with pytest.raises(ValueError, match="unknown classes"):
+        GenerateSettings(backend="gif-ldm", identities={"per_class": 2, "classes": ["joy"]})
+    assert GenerateSettings(backend="gif-prior").identities.per_class == 0  # off by default
+
+
+def test_gif_ldm_draws_new_identities_from_noise_at_the_training_size(world, tmp_path):
+    identities = {"per_class": 3, "classes": ["fear", "sad"]}  # K = 2 per job: 2 jobs, 4 faces
+    config = ldm_settings(world, tmp_path / "a", max_seeds_per_class=1, identities=identities)
+    jobs = select_seeds(config, 2048)
+    faces = jobs[jobs["kind"] == "identity"]
+    assert sorted(faces["key"]) == [f"identity_{c}_{i:05d}" for c in ("fear", "sad") for i in range(2)]
+    assert (faces["id"] == "").all() and set(faces["target"]) == {"fear", "sad"}
+    result = run_generate(config, progress=False)
+    assert result.written == 2 * 2 + 2 * 4  # K = 2 per seed (fear, disgust) and per identity job
+    records = json.loads((result.folder / RECORDS / "identity_sad_00001.json").read_text())
+    assert [r["k"] for r in records] == [0, 1] and {r["seed_id"] for r in records} == {""}
+    record = records[0]
+    assert record["kind"] == "identity" and record["label"] == "sad"
+    assert record["prompt"] is None  # gif-ldm: the class conditions, no text
+    assert record["steps"] == 10 and record["scale"] == 2.0 and record["gif_score"] is None
+    # Regenerated alone, an identity job gives the same images (each output's own generator).
+    again = run_generate(
+        config.model_copy(update={"output": tmp_path / "b"}), only=["identity_sad_00001"], progress=False
+    )
+    assert again.written == 2
+    for k in range(2):
+        name = f"identity_sad_00001_k{k}.png"
+        assert (again.folder / IMAGES / name).read_bytes() == (result.folder / IMAGES / name).read_bytes()
+    pixels = [
+        np.asarray(Image.open(result.folder / IMAGES / f"identity_fear_0000{i}_k{k}.png"))
+        for i in range(2)
+        for k in range(2)
+    ]
+    assert all(p.std() > 0 for p in pixels) and len({p.tobytes() for p in pixels}) == 4
+    merged = run_merge(config, num_shards=1, progress=False)
+    manifest = read_manifest(merged.output).manifest
+    assert merged.images == 12
+    assert manifest["gen_kind"].value_counts().to_dict() == {"identity": 8, "expand": 4}
+    train = read_manifest(config.data).manifest.query("split == 'train'")
+    new = manifest[manifest["gen_kind"] == "identity"]
+    median = (int(train["width"].astype(int).median()), int(train["height"].astype(int).median()))
+    assert set(zip(new["width"].astype(int), new["height"].astype(int), strict=True)) == {median}
+    assert (new["seed_id"] == "").all() and (new["source_id"] == "").all()
+    assert (merged.output / "samples_sad.png").is_file()  # identities only: a sheet all the same
+    assert_seed_sizes(manifest[manifest["gen_kind"] != "identity"], merged.output, config.data)
+
+
+def test_gif_sd_draws_new_identities_with_varied_prompts(world, tmp_path):
+    config = sd_settings(
+        world,
+        tmp_path / "gen",
+        build_random(sample_size=64).save(tmp_path / "sd"),
+        steps=4,
+        classes=[],
+        k=2,
+        identities={"per_class": 2, "classes": ["disgust"]},
+    )
+    result = run_generate(config, progress=False)
+    assert result.written == 2
+    records = json.loads((result.folder / RECORDS / "identity_disgust_00000.json").read_text())
+    assert all("with a disgusted expression" in r["prompt"] for r in records)
+    assert records[0]["prompt"] != records[1]["prompt"]
+    assert {(r["scale"], r["steps"]) for r in records} == {
+        (7.5, 4)
+    }  # text-to-image guidance, not img2img's 50
+    from fersynth.generate import build_backend
+
+    backend, size = build_backend(config, torch.device("cpu"))
+    prompts = [records[0]["prompt"]] * 2
+
+    def draw(seed: int, prompts=prompts) -> list[np.ndarray]:
+        generators = [torch.Generator().manual_seed(seed) for _ in prompts]
+        return backend.identities(["disgust"] * 2, prompts, generators, size=size, steps=4, scale=7.5)
+
+    first = draw(1)
+    assert first[0].shape == (64, 64, 3) and np.array_equal(first[0], first[1])  # same seed and prompt
+    assert not np.array_equal(first[0], draw(2)[0])  # the noise is the output's own
+    other = draw(1, ["a close-up photo of a child with a happy expression"] * 2)
+    assert not np.array_equal(first[0], other[0])  # the prompt reaches the UNet
+
+
+def test_gif_unclip_in_float16_keeps_gif_in_float32_and_only_text_embeddings_of_the_guide(world, tmp_path):
+    """generate.half on CUDA loads Stable unCLIP in float16; GIF's step stays float32 on its own
+    normaliser, and the guide's CLIP leaves the device (its text tower is gone altogether)."""
+    from fersynth.generate import _guide
+    from fersynth.generate.backends import Batch
+    from fersynth.generate.unclip import GifUnclip, load_unclip
+
+    config = unclip_settings(world, tmp_path, steps=2, k=2, max_seeds_per_class=1)
+    pipe = load_unclip(config.unclip_model, torch.device("cpu"), torch.float16)
+    assert pipe.unet.dtype == torch.float16 and pipe.image_normalizer.mean.dtype == torch.float16
+    guide = _guide(config, torch.device("cpu"))
+    assert guide.model.text_model is None and guide.text.shape == (7, 16)
+    guide.model.to("meta")  # where nothing can run: the backend must not use the CLIP after its check
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        GifUnclip(pipe, guide, torch.device("cpu"), size=64, steps=2, scale=3.0, step_size=0.1, eps=0.8)
+    guide = _guide(config, torch.device("cpu"))
+    backend = GifUnclip(pipe, guide, torch.device("cpu"), size=64, steps=2, scale=3.0, step_size=0.1, eps=0.8)
+    assert backend.normaliser.mean.dtype == torch.float32
+    assert next(guide.model.parameters()).device.type == "cpu"
+    guide.model.to("meta")
+    seed = np.full((64, 64, 3), 120, np.uint8)
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = backend.generate(Batch([seed], ["fear"], [0, 0], generators, ["a photo of a fearful face"] * 2))
+    assert len(out.images) == 2 and out.images[0].dtype == np.uint8 and np.isfinite(out.scores).all()

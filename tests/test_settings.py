@@ -52,6 +52,14 @@ def test_the_grid_names_what_each_row_beats_and_its_variants():
     assert ("Expanded_SL", "Original_SL_balanced") in settings.report.changes
 
 
+def test_a_grid_row_on_new_identities():
+    row = "experiment.grid.synthetic.identities_sl={variant: identities, beats: [original_sl_balanced]}"
+    settings = load_settings(None, [row, "generate.backend=gif-ldm", "generate.identities.per_class=50"])
+    assert settings.experiment.grid.variants() == ["identities"]
+    assert ("Identities_SL", "Original_SL_balanced") in settings.report.changes
+    assert settings.generate.identities.per_class == 50 and settings.generate.strength == 0.5
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -77,6 +85,10 @@ def test_the_grid_names_what_each_row_beats_and_its_variants():
         ("experiment.grid.synthetic.expanded_sl.beats=[expanded_sl]", "cannot beat itself"),
         ("experiment.grid.original.original_mek.beats=[original_sl]", "only rows on synthetic data"),
         ("experiment.grid.synthetic.expanded_sl.label=Original_SL", "two rows share the label 'Original_SL'"),
+        (
+            "experiment.grid.synthetic.identities_sl={variant: identities, beats: [original_sl]}",
+            "identities_sl: trains on new identities, but generate.identities.per_class is 0",
+        ),
     ],
 )
 def test_an_inconsistent_experiment_is_one_clear_error(override, message):

@@ -327,21 +327,19 @@ def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
     assert "do not recognise fear on validation" in report["no_accepted_because"]["fear"]
 
 
+def small_verify(data, reference, voters, output, **changes) -> VerifySettings:
+    """Verify settings for the tiny voters: a low tau, small batches, no worker processes."""
+    values = dict(min_probability=0.3, batch_size=16, workers=0, kid_subset_size=4)
+    return VerifySettings(
+        data=data, reference=reference, output=output, voters=voters, **{**values, **changes}
+    )
+
+
 def test_verify_relabel_mode_takes_the_majority(voters, synthetic, tmp_path):
     reference, paths = voters
     rows, images = synthetic
     data = write_dataset(tmp_path / "synthetic", rows, images)
-    settings = VerifySettings(
-        data=data,
-        reference=reference,
-        output=tmp_path / "relabelled",
-        voters=paths,
-        mode="relabel",
-        min_probability=0.3,
-        batch_size=16,
-        workers=0,
-        kid_subset_size=4,
-    )
+    settings = small_verify(data, reference, paths, tmp_path / "relabelled", mode="relabel")
     frame = run_verify(
         settings, GuardSettings(test_sets=[], workers=1), seed=0, progress=False
     ).manifest.set_index("id")
@@ -349,6 +347,35 @@ def test_verify_relabel_mode_takes_the_majority(voters, synthetic, tmp_path):
     assert (frame.loc[[f"good{i}" for i in range(6)], "label"] == "fear").all()
     assert (frame["v_intended"] == "fear").all()
     assert (frame["v_accepted"] == "true").all()
+
+
+def test_new_identities_are_labelled_by_the_vote_and_expansions_keep_theirs(voters, synthetic, tmp_path):
+    reference, paths = voters
+    rows, images = synthetic
+    rows = [{**row, "gen_kind": "expand"} for row in rows]
+    for i in range(3):  # prompted as fear, drawn happy: the vote decides
+        rows.append(
+            {
+                "id": f"face{i}",
+                "label": "fear",
+                "split": "train",
+                "origin": "synthetic",
+                "gen_kind": "identity",
+            }
+        )
+        images.append(colour_image(HAPPY, 700 + i))
+    data = write_dataset(tmp_path / "synthetic", rows, images)
+    frame = run_verify(
+        small_verify(data, reference, paths, tmp_path / "verified"),
+        GuardSettings(test_sets=[], workers=1),
+        seed=0,
+        progress=False,
+    ).manifest.set_index("id")
+    faces = frame.loc[[f"face{i}" for i in range(3)]]
+    assert (faces["label"] == "happy").all() and (faces["v_intended"] == "fear").all()
+    assert (faces["v_accepted"] == "true").all()
+    lost = frame.loc[[f"lost{i}" for i in range(4)]]  # an expansion keeps its seed's label
+    assert (lost["label"] == "fear").all() and (lost["v_accepted"] == "false").all()
 
 
 def test_verify_refuses_more_required_votes_than_voters(voters, tmp_path):

@@ -15,6 +15,9 @@ Variants (the thesis' training sets):
                      largest class' count after step 1, from what is left of its pool.
   balanced           rho = 1, as far as the pools allow
   rho                rho from the settings
+  identities         original + new identities (`generate.identities`: faces drawn from noise,
+                     labelled by the vote) toward rho from the settings; the identities enter
+                     no other variant, and the other variants' images do not enter this one
 Every variant keeps the original's val and test splits unchanged and adds synthetic images to
 `train` only; a synthetic image whose seed image is not a training image of the original (its
 seed is in val or test, or was removed by the guard) never enters (counted in the report).
@@ -154,14 +157,18 @@ def seeded_from_training(
     else:
         seeds = pd.Series("", index=candidates.index)
 
-    def reason(seed: str) -> str:
-        if split_of.get(seed) == TRAIN_SPLIT:
-            return ""
+    kinds = (
+        candidates["gen_kind"] if "gen_kind" in candidates.columns else pd.Series("", index=candidates.index)
+    )
+
+    def reason(seed: str, kind: str) -> str:
+        if split_of.get(seed) == TRAIN_SPLIT or (kind == "identity" and not seed):
+            return ""  # seeded from a training image, or a new identity (no seed at all)
         if not seed:
             return "no_seed"
         return f"seed_in_{split_of[seed]}" if seed in split_of else "seed_not_in_original"
 
-    reasons = [reason(seed) for seed in seeds]
+    reasons = [reason(seed, kind) for seed, kind in zip(seeds, kinds.fillna("").astype(str), strict=True)]
     keep = np.array([reason == "" for reason in reasons], dtype=bool)
     dropped = Counter(reason for reason in reasons if reason)
     return candidates[keep], dict(sorted(dropped.items()))
@@ -208,6 +215,12 @@ def run_augment(
     candidates = synthetic.manifest[synthetic.manifest["split"] == TRAIN_SPLIT]
     # Only images seeded from the original's training images: none from a val or test image.
     candidates, dropped_seeds = seeded_from_training(candidates, original.manifest)
+    # New identities are the `identities` variant's pool and no other's.
+    if "gen_kind" in candidates.columns:
+        identity = (candidates["gen_kind"] == "identity").to_numpy()
+        candidates = candidates[identity if settings.variant == "identities" else ~identity]
+    elif settings.variant == "identities":
+        candidates = candidates.head(0)
     before = original.class_counts(TRAIN_SPLIT)
     pool = _counts(candidates[candidates["v_accepted"] == "true"])
     variant = settings.variant
@@ -267,7 +280,9 @@ def _write_report(folder: Path, result: AugmentResult, settings: AugmentSettings
     check = origin_check(folder, seeds=settings.original) if (folder / "manifest.csv").is_file() else None
     summary = {
         "variant": settings.variant,
-        "rho": settings.rho if settings.variant == "rho" else VARIANT_RHO.get(settings.variant),
+        "rho": settings.rho
+        if settings.variant in ("rho", "identities")
+        else VARIANT_RHO.get(settings.variant),
         "ratio_before": result.ratio_before,
         "ratio_after": result.ratio_after,
         "per_class": json.loads(table.to_json(orient="index")),

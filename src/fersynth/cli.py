@@ -18,6 +18,7 @@ from fersynth.errors import FersynthError, one_line
 from fersynth.settings import (
     DEFAULT_PARAMS,
     SEED_PREFIX,
+    AugmentVariant,
     Backend,
     Settings,
     Source,
@@ -537,20 +538,27 @@ def train_prior_command(obj: _Context, data, output, steps, force: bool, quiet: 
 @click.option("--backend", type=click.Choice(get_args(Backend)), help="[generate.backend]")
 @click.option("--shard", type=int, default=0, show_default=True, help="This shard's index.")
 @click.option("--num-shards", type=int, default=1, show_default=True, help="How many shards in all.")
-@click.option("--only", multiple=True, help="Regenerate only this seed id (repeatable).")
+@click.option("--only", multiple=True, help="Regenerate only this seed id or job key (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_obj
 def generate_command(
     obj: _Context, data, output, backend, shard: int, num_shards: int, only, quiet: bool
 ) -> None:
-    """Expand training images K times with GIF guided imagination (one shard; resumable).
+    """Expand training images K times with GIF guided imagination, and draw new identities
+    (generate.identities; one shard; resumable).
 
     Run shards 0..N-1 anywhere (e.g. one GPU each), then `fersynth merge --num-shards N`.
     """
     from fersynth.generate import run_generate
 
     settings = obj.settings(
-        _option_overrides(**{"generate.data": data, "generate.output": output, "generate.backend": backend})
+        _option_overrides(
+            **{
+                "generate.data": data,
+                "generate.output": output,
+                "generate.backend": backend,
+            }
+        )
     )
     result = run_generate(
         settings.generate,
@@ -676,9 +684,7 @@ def verify_command(obj: _Context, data, reference, output, voters, relabel, forc
 @click.option("--output", type=click.Path(path_type=Path), help="Output dataset folder [augment.output].")
 @click.option(
     "--variant",
-    type=click.Choice(
-        ["original", "synthetic", "synthetic_matched", "expanded", "expanded_balanced", "balanced", "rho"]
-    ),  # settings.AugmentVariant
+    type=click.Choice(list(get_args(AugmentVariant))),
     help="Training set to build [augment.variant].",
 )
 @click.option("--rho", type=float, help="Largest/smallest class ratio to reach [augment.rho].")

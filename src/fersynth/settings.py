@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
@@ -400,6 +408,8 @@ class PriorSettings(Strict):
 
 
 Backend = Literal["gif-ldm", "gif-prior", "gif-sd", "gif-unclip"]
+# The backends that also draw new identities from noise (an autoencoder and unCLIP img2img cannot).
+IDENTITY_BACKENDS = ("gif-sd", "gif-ldm")
 # Per backend, the img2img strength and classifier-free guidance scale that `generate.strength`
 # and `generate.scale` default to: gif-sd's are the thesis' (K=5, scale 50, strength 0.1);
 # gif-ldm's were measured on the demo by benchmarks/ldm_strength.py (docs/benchmarks.md).
@@ -434,6 +444,39 @@ class EditSettings(Strict):
         return value
 
 
+def _known_classes(value: list[str]) -> list[str]:
+    from fersynth.classes import CLASSES
+
+    unknown = sorted(set(value) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"unknown classes {unknown}; expected {', '.join(CLASSES)}")
+    return value
+
+
+ClassNames = Annotated[list[str], AfterValidator(_known_classes)]  # canonical class names only
+
+
+# gif-sd's text-to-image guidance scale for new identities: diffusers' default (img2img's 50
+# would oversaturate a face drawn from pure noise).
+IDENTITY_SD_SCALE = 7.5
+
+
+class IdentitySettings(Strict):
+    """New identities (the thesis' Syn-FER; SynFace / SynFER style): text-to-image from random
+    latents, no seed image. gif-sd prompts Stable Diffusion with an expression and a face
+    varied over age, gender, ethnicity, lighting, pose and accessories; gif-ldm samples its
+    class-conditional latent diffusion model from noise. The prompted class is only a wish:
+    `fersynth verify` labels every identity image by the voters' majority (as `--relabel`)."""
+
+    # New faces prompted per class, drawn K (generate.k) per job: rounded up to a multiple of K.
+    per_class: Annotated[int, Field(ge=0)] = 0  # 0: no new identities
+    classes: ClassNames | None = None  # prompted classes; null: every class
+    # Classifier-free guidance of the text-to-image; null: IDENTITY_SD_SCALE for gif-sd,
+    # generate.scale for gif-ldm.
+    scale: Annotated[float, Field(ge=1.0)] | None = None
+    steps: Positive | None = None  # denoising steps from pure noise; null: generate.steps
+
+
 class GenerateSettings(Strict):
     """`fersynth generate`: GIF guided imagination, K outputs per training image, in shards."""
 
@@ -442,7 +485,7 @@ class GenerateSettings(Strict):
     # gif-prior and gif-ldm need no external weights (docs/stages.md#generation-gif-guided-imagination).
     backend: Backend = "gif-prior"
     k: Positive = 5  # outputs per seed image (thesis K=5)
-    classes: list[str] | None = None  # seed classes to expand; null = every class, [] = none (edits only)
+    classes: ClassNames | None = None  # seed classes to expand; null = every class, [] = none (edits only)
     max_seeds_per_class: Positive | None = None
     seeds_per_batch: Positive = 1  # seed images per forward batch (x K outputs)
     guide: Literal["fer", "clip"] = "fer"
@@ -471,20 +514,12 @@ class GenerateSettings(Strict):
     prompt_variants: bool = True  # GIF-style domain and adjective variants of the class prompt
     device: Device = "auto"
     cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads
-    half: bool = True  # on CUDA: fp16 UNet and text encoder, bf16 autocast VAE decode
+    half: bool = True  # on CUDA: fp16 UNet and text encoder, bf16 autocast VAE decode (gif-unclip: all fp16)
     # Cross-class editing, per target class: {fear: {sources: [neutral, happy], strength: 0.6}};
     # K outputs per edited seed image, besides the within-class expansion of `classes`.
     edit: dict[str, EditSettings] = {}
-
-    @field_validator("classes")
-    @classmethod
-    def _known(cls, value: list[str] | None) -> list[str] | None:
-        from fersynth.classes import CLASSES
-
-        unknown = sorted(set(value or []) - set(CLASSES))
-        if unknown:
-            raise ValueError(f"unknown classes {unknown}; expected {', '.join(CLASSES)}")
-        return value
+    # New identities, besides the seed images' expansion and edits (gif-sd and gif-ldm).
+    identities: IdentitySettings = IdentitySettings()
 
     @model_validator(mode="before")
     @classmethod
@@ -508,6 +543,15 @@ class GenerateSettings(Strict):
                 )
             if self.image_size % 8:
                 raise ValueError(f"image_size: gif-unclip needs a multiple of 8, not {self.image_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _identities_need_a_generator(self) -> GenerateSettings:
+        if self.identities.per_class and self.backend not in IDENTITY_BACKENDS:
+            raise ValueError(
+                f"identities: {self.backend} cannot draw a face from noise; use "
+                f"{' or '.join(IDENTITY_BACKENDS)}, or set identities.per_class: 0"
+            )
         return self
 
     @field_validator("edit")
@@ -568,7 +612,14 @@ class VerifySettings(Strict):
 
 
 AugmentVariant = Literal[
-    "original", "synthetic", "synthetic_matched", "expanded", "expanded_balanced", "balanced", "rho"
+    "original",
+    "synthetic",
+    "synthetic_matched",
+    "expanded",
+    "expanded_balanced",
+    "balanced",
+    "rho",
+    "identities",
 ]
 
 
@@ -885,6 +936,12 @@ class Settings(Strict):
                         "generation guide (generate.guide_model); pick other voters "
                         "(experiment.voters) or set verify.allow_guide_voter: true"
                     )
+        for key, row in grid.synthetic.items():
+            if row.variant == "identities" and not self.generate.identities.per_class:
+                raise ValueError(
+                    f"experiment.grid.synthetic.{key}: trains on new identities, but "
+                    "generate.identities.per_class is 0 (none are drawn)"
+                )
         for name, values in self.demo.sets.items():
             if name in RESERVED_FOLDERS:
                 raise ValueError(

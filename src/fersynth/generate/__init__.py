@@ -1,15 +1,17 @@
 """`fersynth generate` and `fersynth merge`: GIF expansion of the training split, in shards.
 
 A job is one seed image and the class its K outputs are meant to show: its own (within-class
-expansion) or an edit's target (`generate.edit`). Seeds are training images only (never test
-images). Jobs are sorted by key (the seed id, or `<seed id>_to_<target>` for an edit); shard
-i of n takes every n-th one. Each output is named `<key>_k<k>` and drawn from its own
-generator, seeded by (global seed, key, k), so it can be regenerated exactly and a rerun never
-duplicates it; its image and record do not depend on the other seeds of its batch or shard. A
-job is done when its record file exists: written after its K images, atomically. A shard
-killed half-way and started again skips the finished jobs and redoes the unfinished one,
-ending with exactly the files an uninterrupted run writes; a shard folder made with other
-settings is refused, never mixed.
+expansion) or an edit's target (`generate.edit`); or K new identities (`generate.identities`)
+drawn from noise with no seed image, stored at the training images' median size. Seeds are
+training images only (never test images). Jobs are sorted by key (the seed id,
+`<seed id>_to_<target>` for an edit, `identity_<class>_<n>`); shard i of n takes every n-th
+one. Each output is named `<key>_k<k>` and drawn from its own generator, seeded by (global
+seed, key, k), so it can be regenerated exactly and a rerun never duplicates it; its image
+and record do not depend on the other seeds of its batch or shard. A job is done when its
+record file exists: written after its K images, atomically. A shard killed half-way and
+started again skips the finished jobs and redoes the unfinished one, ending with exactly the
+files an uninterrupted run writes; a shard folder made with other settings is refused, never
+mixed.
 
     <output>/shards/shard-000-of-004/images/<key>_k<k>.png
                                      records/<key>.json
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -35,8 +39,9 @@ from fersynth.evaluate import pick_device
 from fersynth.figures import contact_sheet, save_png
 from fersynth.files import atomic_write_text, staged_folder
 from fersynth.generate.backends import Batch, GifPrior, GifSD, make_prompts, resize_seed, to_seed_size
+from fersynth.generate.prompts import identity_prompt
 from fersynth.parallel import pins_torch_threads
-from fersynth.settings import GenerateSettings, resolved_dict
+from fersynth.settings import IDENTITY_SD_SCALE, GenerateSettings, resolved_dict
 
 RECORDS = "records"
 IMAGES = "images"
@@ -56,6 +61,10 @@ def output_seed(global_seed: int, seed_id: str, k: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def identity_key(label: str, index: int) -> str:
+    return f"identity_{label}_{index:05d}"
+
+
 def job_key(seed_id: str, target: str, edit_from: str) -> str:
     """What names a job's records and outputs: the seed id for within-class expansion (as
     before edits existed), `<seed id>_to_<target>` for a cross-class edit."""
@@ -65,8 +74,10 @@ def job_key(seed_id: str, target: str, edit_from: str) -> str:
 def select_seeds(settings: GenerateSettings, seed: int) -> pd.DataFrame:
     """The jobs, sorted by key (the same list on every machine): one per training image to
     expand within its class (`classes`; null: every class), then one per (source image, target)
-    of each cross-class edit (`edit`). Columns: the manifest's, plus `target` (the intended
-    label), `edit_from` (the source class of an edit, else ""), `strength` and `key`."""
+    of each cross-class edit (`edit`), then `identities.per_class` new identities per prompted
+    class (no seed: empty manifest columns). Columns: the manifest's, plus `target` (the
+    intended label), `edit_from` (the source class of an edit, else ""), `strength`, `kind`
+    (expand, edit or identity) and `key`."""
     frame = read_manifest(settings.data).manifest
     train = frame[frame["split"] == TRAIN_SPLIT]
     train = train.sort_values("id")  # sampling from the same order on every machine
@@ -76,17 +87,30 @@ def select_seeds(settings: GenerateSettings, seed: int) -> pd.DataFrame:
         expand = pd.concat(
             [g.sample(n=min(len(g), limit), random_state=seed) for _, g in expand.groupby("label")]
         )
-    jobs = [expand.assign(target=expand["label"], edit_from="", strength=settings.strength)]
+    jobs = [expand.assign(target=expand["label"], edit_from="", strength=settings.strength, kind="expand")]
     for target, edit in sorted(settings.edit.items()):
         pool = train[train["label"].isin(edit.sources)]
         if edit.max_seeds is not None and len(pool) > edit.max_seeds:
             pool = pool.sample(n=edit.max_seeds, random_state=seed + CLASSES.index(target))
-        jobs.append(pool.assign(target=target, edit_from=pool["label"], strength=edit.strength))
+        jobs.append(pool.assign(target=target, edit_from=pool["label"], strength=edit.strength, kind="edit"))
+    identities = settings.identities
+    prompted = [name for name in CLASSES if identities.classes is None or name in identities.classes]
+    jobs_per_class = math.ceil(identities.per_class / settings.k)  # K faces per job
+    keys = [identity_key(name, i) for name in prompted for i in range(jobs_per_class)]
+    if keys:
+        targets = [name for name in prompted for _ in range(jobs_per_class)]
+        blank = {column: "" for column in train.columns}
+        jobs.append(
+            pd.DataFrame([blank] * len(keys)).assign(
+                target=targets, edit_from="", strength=None, kind="identity", key=keys
+            )
+        )
     selected = pd.concat(jobs, ignore_index=True)
     if selected.empty:
-        raise FersynthError(f"{settings.data}: no training images to expand or edit")
-    selected["key"] = [
-        job_key(*row) for row in selected[["id", "target", "edit_from"]].itertuples(index=False)
+        raise FersynthError(f"{settings.data}: no training images to expand or edit, and no identities")
+    seeded = selected["kind"] != "identity"
+    selected.loc[seeded, "key"] = [
+        job_key(*row) for row in selected.loc[seeded, ["id", "target", "edit_from"]].itertuples(index=False)
     ]
     return selected.sort_values("key").reset_index(drop=True)
 
@@ -138,7 +162,8 @@ def build_backend(settings: GenerateSettings, device: torch.device):
     if settings.backend == "gif-unclip":
         from fersynth.generate.unclip import GifUnclip, load_unclip
 
-        pipe = load_unclip(settings.unclip_model, device)
+        half = settings.half and device.type == "cuda"
+        pipe = load_unclip(settings.unclip_model, device, torch.float16 if half else torch.float32)
         backend = GifUnclip(
             pipe, guide, device, size=settings.image_size, steps=settings.steps, scale=settings.scale, **gif
         )
@@ -244,7 +269,12 @@ def run_generate(
         unit="img",
         disable=not progress,
     )
-    rows = list(todo.itertuples(index=False))
+    new_faces = todo[todo["kind"] == "identity"]
+    if not new_faces.empty:
+        written += _generate_identities(
+            settings, backend, size, new_faces, dataset, folder, seed, params, bar
+        )
+    rows = list(todo[todo["kind"] != "identity"].itertuples(index=False))
     # One strength per batch (gif-sd noises the whole batch alike): batches never mix them.
     chunks = [
         group[start : start + settings.seeds_per_batch]
@@ -286,6 +316,7 @@ def run_generate(
                         "seed_id": row.id,
                         "label": row.target,
                         "edit_from": row.edit_from,  # a cross-class edit's source class, else ""
+                        "kind": row.kind,  # expand or edit
                         "k": k,
                         "random_seed": out_seeds[j],
                         "prompt": batch.prompts[j] if getattr(backend, "text_conditioned", True) else None,
@@ -304,6 +335,74 @@ def run_generate(
             bar.update(settings.k)
     bar.close()
     return ShardResult(folder, len(seeds), skipped, written)
+
+
+def identity_size(dataset) -> tuple[int, int]:
+    """(width, height) of a new identity: the training images' median size, so that, like an
+    expanded image at its seed's size, its resolution does not show its origin."""
+    train = dataset.manifest[dataset.manifest["split"] == TRAIN_SPLIT]
+    if train.empty or "width" not in train.columns:
+        raise FersynthError(f"{dataset.root}: no training images to take the new identities' size from")
+    return (
+        int(pd.to_numeric(train["width"]).median()),
+        int(pd.to_numeric(train["height"]).median()),
+    )
+
+
+def _generate_identities(settings, backend, size, jobs, dataset, folder, seed, params, bar) -> int:
+    """New identities, K per job, each from its own generator and prompt (text-to-image from
+    noise, no GIF step: there is no seed to stay close to). A batch holds `seeds_per_batch`
+    jobs, as an expansion batch does. Returns how many images were written."""
+    if not hasattr(backend, "identities"):
+        raise FersynthError(f"generate.identities: {settings.backend} cannot draw new identities")
+    width, height = identity_size(dataset)
+    text = getattr(backend, "text_conditioned", True)
+    steps = settings.identities.steps or settings.steps
+    scale = settings.identities.scale or (
+        IDENTITY_SD_SCALE if settings.backend == "gif-sd" else settings.scale
+    )
+    written = 0
+    rows = list(jobs.itertuples(index=False))
+    for start in range(0, len(rows), settings.seeds_per_batch):
+        chunk = rows[start : start + settings.seeds_per_batch]
+        outputs = [(row, k, output_seed(seed, row.key, k)) for row in chunk for k in range(settings.k)]
+        prompts = [identity_prompt(row.target, np.random.default_rng(s)) for row, _, s in outputs]
+        images = backend.identities(
+            [row.target for row, _, _ in outputs],
+            prompts,
+            [torch.Generator().manual_seed(s) for _, _, s in outputs],
+            size=size,
+            steps=steps,
+            scale=scale,
+        )
+        records: dict[str, list[dict]] = {}
+        for (row, k, random_seed), image, text_prompt in zip(outputs, images, prompts, strict=True):
+            name = output_name(row.key, k)
+            save_png(folder / IMAGES / f"{name}.png", to_seed_size(image, width, height))
+            records.setdefault(row.key, []).append(
+                {
+                    "id": name,
+                    "seed_id": "",
+                    "label": row.target,  # the prompted class; verify relabels by the vote
+                    "edit_from": "",
+                    "kind": "identity",
+                    "k": k,
+                    "random_seed": random_seed,
+                    "prompt": text_prompt if text else None,
+                    "gif_score": None,
+                    "clipped_fraction": None,
+                    "seed_path": "",
+                    **params,
+                    "steps": steps,
+                    "scale": scale,
+                    "strength": None,
+                }
+            )
+        for key, job_records in records.items():
+            atomic_write_text(folder / RECORDS / f"{key}.json", json.dumps(job_records, indent=1) + "\n")
+            written += len(job_records)
+            bar.update(len(job_records))
+    return written
 
 
 @dataclass
@@ -364,7 +463,7 @@ def run_merge(
             params = {
                 k: v
                 for k, v in record.items()
-                if k not in ("id", "seed_id", "label", "file", "seed_path", "edit_from")
+                if k not in ("id", "seed_id", "label", "file", "seed_path", "edit_from", "kind")
             }
             rows.append(
                 {
@@ -384,6 +483,8 @@ def run_merge(
                     "gen_random_seed": str(record["random_seed"]),
                     "gen_prompt": record["prompt"],
                     "gen_edit_from": record.get("edit_from", ""),
+                    # expand, edit or identity (a new face with no seed image)
+                    "gen_kind": record.get("kind") or ("edit" if record.get("edit_from") else "expand"),
                     "gif_score": record["gif_score"],
                     "gen_params": json.dumps(params, sort_keys=True),
                 }
@@ -407,11 +508,17 @@ def run_merge(
 def write_contact_sheets(
     folder: Path, synthetic: pd.DataFrame, seeds_dataset, k: int, seeds_per_class: int = 6
 ) -> None:
-    """One PNG per class: each seed image, then its K generated images."""
+    """One PNG per class: each seed image, then its K generated images; then a row of the new
+    identities prompted with the class, if any."""
     seed_rows = seeds_dataset.manifest.set_index("id")
     for name in CLASSES:
         group = synthetic[synthetic["label"] == name]
+        faces = group[group["gen_kind"] == "identity"]
+        group = group[group["gen_kind"] != "identity"]
         rows = []
+        if not faces.empty:
+            images = [load_image(folder / p) for p in faces["path"].head(k + 1)]
+            rows.append((f"{name}: new identities (prompted, before the vote)", images))
         for seed_id in sorted(group["seed_id"].unique())[:seeds_per_class]:
             outputs = group[group["seed_id"] == seed_id].sort_values("gen_k")
             images = [load_image(seeds_dataset.image_path(seed_rows.at[seed_id, "path"]))]

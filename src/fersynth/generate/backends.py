@@ -242,6 +242,39 @@ class GifSD(GifBackend):
             )
         return result.images.float().clone()  # a normal tensor, usable by autograd
 
+    @torch.no_grad()
+    def identities(
+        self,
+        labels: Sequence[str],
+        prompts: Sequence[str],
+        generators: Sequence[torch.Generator],
+        *,
+        size: int,
+        steps: int,
+        scale: float,
+    ) -> list[np.ndarray]:
+        """New faces, text-to-image from pure noise (the thesis' Syn-FER, SynFace / SynFER
+        style): one image per prompt (uint8 RGB, size x size), its initial latent drawn from its
+        own generator so that it can be regenerated alone. `labels` are carried by the prompts."""
+        from diffusers import StableDiffusionPipeline
+
+        text_to_image = StableDiffusionPipeline(**self.pipe.components)
+        text_to_image.set_progress_bar_config(disable=True)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        shape = (self.pipe.unet.config.in_channels, size // factor, size // factor)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        with torch.inference_mode():
+            result = text_to_image(
+                prompt=list(prompts),
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                guidance_scale=scale,
+                latents=noise.to(self.device, self.pipe.unet.dtype),
+                output_type="latent",
+            )
+        return to_uint8(self.decode(result.images.float()))
+
 
 class GifPrior(GifBackend):
     def latents(self, batch: Batch) -> torch.Tensor:

@@ -56,6 +56,9 @@ class ClipGuide(torch.nn.Module):
         with torch.no_grad():
             text = projected(self.model.get_text_features(**tokens))
         self.register_buffer("text", F.normalize(text.float(), dim=1))
+        # The class prompts' embeddings are all the text tower was needed for: free its memory.
+        self.model.text_model = None
+        self.model.text_projection = None
         config = self.model.config.vision_config
         self.size = config.image_size
         self.register_buffer(

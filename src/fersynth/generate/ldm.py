@@ -17,11 +17,15 @@ reconstruction (the `gif-prior` backend) does, so the accepted images vary like 
 
 The prior folder then holds `unet/` and `scheduler/` (save_pretrained) besides `vae/`, and
 `prior.json` records the diffusion model's training.
+
+New identities (`generate.identities`) are class-conditional samples from pure noise: all
+`steps` DDIM steps towards the prompted class, no seed and no GIF step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,7 @@ from tqdm import tqdm
 
 from fersynth.classes import CLASS_INDEX, CLASSES
 from fersynth.errors import FersynthError
-from fersynth.generate.backends import Batch, GifBackend
+from fersynth.generate.backends import Batch, GifBackend, to_uint8
 from fersynth.generate.gif import Guide
 from fersynth.settings import LatentDiffusionSettings
 from fersynth.train.data import SampleStream
@@ -178,6 +182,28 @@ class GifLatentDiffusion(GifBackend):
         labels = torch.tensor([CLASS_INDEX[batch.labels[i]] for i in batch.seed_index], device=self.device)
         return denoise(self.unet, self.scheduler, x, timesteps, labels, self.scale).float().clone()
 
+    @torch.no_grad()
+    def identities(
+        self,
+        labels: Sequence[str],
+        prompts: Sequence[str],
+        generators: Sequence[torch.Generator],
+        *,
+        size: int,
+        steps: int,
+        scale: float,
+    ) -> list[np.ndarray]:
+        """New faces: class-conditional samples from pure noise (all `steps` DDIM steps, guidance
+        `scale` towards each label), one per generator, decoded by the prior's autoencoder at
+        its own size. `prompts` and `size` are unused (no text; the latent fixes the size)."""
+        shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+        self.scheduler.set_timesteps(steps)
+        x = x * self.scheduler.init_noise_sigma
+        classes = torch.tensor([CLASS_INDEX[label] for label in labels], device=self.device)
+        x = denoise(self.unet, self.scheduler, x, self.scheduler.timesteps, classes, scale)
+        return to_uint8(self.decode(x))
+
 
 def denoise(unet, scheduler, x: torch.Tensor, timesteps, labels: torch.Tensor, scale: float) -> torch.Tensor:
     """DDIM (eta 0: deterministic) from x at timesteps[0] to a clean latent, towards `labels`
@@ -201,7 +227,6 @@ def class_samples(
     """A contact sheet of samples from pure noise (50 DDIM steps), one captioned row per class:
     what the diffusion model learnt of each class, before GIF or a seed is involved."""
     from fersynth.figures import contact_sheet
-    from fersynth.generate.backends import to_uint8
 
     generator = torch.Generator().manual_seed(seed)
     scheduler.set_timesteps(50)

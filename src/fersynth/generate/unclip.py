@@ -21,6 +21,7 @@ step's gradients never pass through the diffusion model. The folder is what
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -45,8 +46,9 @@ PARTS = (
 )
 
 
-def load_unclip(uri: str, device: torch.device):
-    """A Stable unCLIP img2img pipeline from a local folder or s3:// prefix (no hub)."""
+def load_unclip(uri: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """A Stable unCLIP img2img pipeline from a local folder or s3:// prefix (no hub), its weights
+    in `dtype` (float16 on CUDA with generate.half, as diffusers runs Stable unCLIP)."""
     from diffusers import DDIMScheduler, StableUnCLIPImg2ImgPipeline
 
     from fersynth.generate.components import quiet_diffusers
@@ -56,7 +58,7 @@ def load_unclip(uri: str, device: torch.device):
     missing = [name for name in PARTS if not (Path(folder) / name).is_dir()]
     if missing:
         raise FersynthError(f"{uri}: not a Stable unCLIP folder (missing {', '.join(missing)})")
-    pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(folder, local_files_only=True)
+    pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # GIF samples with DDIM
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -160,6 +162,9 @@ class GifUnclip:
         self.pipe, self.guide, self.device = pipe, guide, device
         self.size, self.steps, self.scale, self.step_size, self.eps = size, steps, scale, step_size, eps
         self.seed_rotation, self.seed_hflip = seed_rotation, seed_hflip
+        # GIF's step runs in float32 on its own copy of the normaliser; the pipeline keeps its
+        # own in the weights' dtype (float16 on CUDA), since its UNet takes what it returns.
+        self.normaliser = copy.deepcopy(pipe.image_normalizer).float()
         agreement = self.encoder_agreement()
         if agreement < SAME_ENCODER:
             raise FersynthError(
@@ -167,6 +172,10 @@ class GifUnclip:
                 f"of one probe image have cosine similarity {agreement:.2f}, need {SAME_ENCODER}); GIF's "
                 "score must read the embedding space it perturbs"
             )
+        # From here the score needs only the guide's text embeddings (7 x D): its CLIP leaves
+        # the device, which then holds one image encoder (the pipeline's), not two.
+        if getattr(guide, "model", None) is not None:
+            guide.model.to("cpu")
 
     @torch.no_grad()
     def encoder_agreement(self) -> float:
@@ -198,10 +207,10 @@ class GifUnclip:
         seeds = to_tensor(batch.seeds, self.device)
         views = seed_views(batch, seeds, self.seed_rotation, self.seed_hflip)
         index = torch.tensor(batch.seed_index, device=self.device)
-        normaliser = self.pipe.image_normalizer
+        normaliser = self.normaliser
         with torch.no_grad():
             per_seed = self.score_inputs(self.embed(seeds))[0].softmax(dim=1)
-            base = normaliser.scale(self.embed(views).to(normaliser.mean.dtype)).float()
+            base = normaliser.scale(self.embed(views))
         # GIF's step in the normaliser's space; the guide scores the unscaled embedding.
         step = guided_latents(
             base,

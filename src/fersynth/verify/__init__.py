@@ -199,9 +199,17 @@ def run_verify(
     # 3. The vote.
     probabilities = vote(synthetic.root, frame)
     frame = frame.reset_index(drop=True)
-    if settings.mode == "relabel":
+    # relabel mode: every image's label is the voters' majority. New identities are always
+    # relabelled: their prompted class is only a wish (no seed image carries a label).
+    relabel = (
+        np.ones(len(frame), dtype=bool)
+        if settings.mode == "relabel"
+        else (frame.get("gen_kind", pd.Series("", index=frame.index)) == "identity").to_numpy()
+    )
+    if relabel.any():
         frame["v_intended"] = frame["label"]
-        frame["label"] = [CLASSES[k] for k in majority(probabilities)]
+        voted = np.array([CLASSES[k] for k in majority(probabilities)], dtype=object)
+        frame["label"] = np.where(relabel, voted, frame["label"].to_numpy())
     votes = decide(
         probabilities,
         label_indices(frame["label"]),
