@@ -1,6 +1,7 @@
 """Which generation settings give the demo's accepted images the real images' variety: per
 setting and class, how many images the vote accepts and their feature diversity as a share of
-the real images' (issue 18 asks for at least 80% in every class that gets accepted images).
+the real images' (issue 18 asks for at least 80% in every class that gets accepted images),
+and their distance to their own seed image on the same scale (0: near-copies of the seeds).
 
 Each setting is a JSON object of `generate.*` values laid over the profile's (for example
 `{"max_seeds_per_class": 150}` or `{"eps": 1.6}`); it runs through `run_generate`, `run_merge`
@@ -46,7 +47,7 @@ def main() -> None:
         "profile": str(profile),
         "profile_generate": {
             k: settings.generate.model_dump(mode="json")[k]
-            for k in ("backend", "k", "max_seeds_per_class", "eps", "seed_rotation", "seeds_per_batch")
+            for k in ("backend", "k", "max_seeds_per_class", "eps", "seed_rotation", "keep_detail")
         },
         "runs": rows,
     }

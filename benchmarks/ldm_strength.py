@@ -54,6 +54,10 @@ def one_setting(settings, scratch: Path, name: str, **generate) -> dict:
             else round(row["diversity_synthetic"], 3),
             "diversity_real": round(row["diversity_real"], 3),
             "diversity_share": None if share is None or pd.isna(share) else round(share, 3),
+            # how far an accepted image is from its own seed, on the same scale (0: a copy)
+            "seed_distance_share": None
+            if not row["accepted"] or pd.isna(row.get("seed_distance", float("nan")))
+            else round(row["seed_distance"] / row["diversity_real"], 3),
         }
     shares = [c["diversity_share"] for c in per_class.values() if c["diversity_share"] is not None]
     result = {

@@ -752,3 +752,26 @@ def test_gif_unclip_in_float16_keeps_gif_in_float32_and_only_text_embeddings_of_
     generators = [torch.Generator().manual_seed(i) for i in range(2)]
     out = backend.generate(Batch([seed], ["fear"], [0, 0], generators, ["a photo of a fearful face"] * 2))
     assert len(out.images) == 2 and out.images[0].dtype == np.uint8 and np.isfinite(out.scores).all()
+
+
+def test_gif_prior_keeps_the_seeds_detail_that_the_prior_loses(world, tmp_path):
+    """keep_detail: an output is its seed view plus what GIF's perturbation changes in the
+    decoded image. With a vanishing step and no seed augmentation that is the seed itself, while
+    the tiny prior's plain decoding is far from it."""
+    still = dict(eps=1e-6, step_size=1e-6, seed_rotation=0.0, seed_hflip=False, classes=["fear"])
+    kept = run_generate(settings(world, tmp_path / "kept", keep_detail=True, **still), progress=False)
+    plain = run_generate(settings(world, tmp_path / "plain", keep_detail=False, **still), progress=False)
+    _, data = world
+    seeds = read_manifest(data).manifest.set_index("id")
+
+    def error_to_seed(folder: Path) -> float:
+        errors = []
+        for path in sorted((folder / IMAGES).glob("*.png")):
+            seed_id = path.stem.rsplit("_k", 1)[0]
+            seed = np.asarray(Image.open(data / seeds.at[seed_id, "path"]).convert("RGB"), dtype=float)
+            errors.append(np.abs(np.asarray(Image.open(path), dtype=float) - seed).mean())
+        return float(np.mean(errors))
+
+    kept_error, plain_error = error_to_seed(kept.folder), error_to_seed(plain.folder)
+    assert kept_error < 0.3 * plain_error, (kept_error, plain_error)
+    assert kept_error < 12  # only the resizing to the prior's 32 px and back

@@ -23,6 +23,7 @@ from fersynth.quality.report import QualityResult, flagged_per_class
 from fersynth.quality.report import write_report as write_quality_report
 from fersynth.quality.scores import SCORE_NAMES
 from fersynth.report import (
+    acceptance_table,
     augment_class_table,
     changes_markdown,
     quality_class_table,
@@ -78,7 +79,7 @@ def test_run_report_builders_read_the_stage_json():
     row = {"generated": 10, "accepted": 4, "acceptance_rate": 0.4, "frechet_distance": 12.5}
     verify = {
         "per_class": {
-            "happy": {**row, "diversity_real": 3.0, "diversity_synthetic": 2.5},
+            "happy": {**row, "diversity_real": 3.0, "diversity_synthetic": 2.5, "seed_distance": 1.25},
             "fear": {
                 "generated": 0,
                 "accepted": 0,
@@ -95,7 +96,8 @@ def test_run_report_builders_read_the_stage_json():
     assert table.loc["happy", "acceptance %"] == pytest.approx(40.0)
     assert table.loc["happy", "diversity synthetic"] == pytest.approx(2.5)
     assert np.isnan(table.loc["fear", "acceptance %"]) and np.isnan(table.loc["fear", "Frechet distance"])
-    assert ["fear", "0", "0", "-", "-", "1.50", "-"] in markdown_rows(
+    assert table.loc["happy", "distance to seed"] == pytest.approx(1.25)
+    assert ["fear", "0", "0", "-", "-", "1.50", "-", "-"] in markdown_rows(
         markdown.table(table, {"diversity real": ".2f"})
     )
 
@@ -317,6 +319,7 @@ def test_quality_guard_verify_and_augment_pages_have_every_section(tmp_path):
             "kid_mean": [0.002] * 7,
             "diversity_real": [0.5] * 7,
             "diversity_synthetic": [0.4] * 7,
+            "seed_distance": [0.3] * 7,
         },
         index=pd.Index(list(CLASSES), name="class"),
     )
@@ -330,7 +333,7 @@ def test_quality_guard_verify_and_augment_pages_have_every_section(tmp_path):
         "too few of 3 voters agree (need 2) (7), "
         "mean probability below its class' threshold (at most 0.50) (7)." in page
     )
-    assert ["fear", "2", "1", "50.0", "1.00", "2.00", "0.50", "0.40"] in markdown_rows(page)
+    assert ["fear", "2", "1", "50.0", "1.00", "2.00", "0.50", "0.40", "0.30"] in markdown_rows(page)
     summary = json.loads((tmp_path / "verify_report.json").read_text())
     assert summary["rejected_by"] == {"votes": 7, "probability": 7, "unrecognised": 0}
     assert summary["rejected"] == 7
@@ -345,3 +348,23 @@ def test_quality_guard_verify_and_augment_pages_have_every_section(tmp_path):
     page = (tmp_path / "augment_report.md").read_text()
     assert "# Augmented training set: rho" in page and "1.00 before, 1.00 after (target rho 2.0)." in page
     assert ["happy", "10", "3", "0", "10"] in markdown_rows(page) and "![counts](augment_counts.png)" in page
+
+
+def test_results_page_acceptance_shows_diversity_and_distance_to_seed_as_shares_of_real(tmp_path):
+    common = {"generated": 10, "diversity_real": 4.0}
+    per_class = {
+        "fear": {**common, "accepted": 5, "diversity_synthetic": 3.0, "seed_distance": 1.0},
+        "sad": {**common, "accepted": 0, "diversity_synthetic": None, "seed_distance": None},
+    }
+    (tmp_path / "verify_report.json").write_text(json.dumps({"per_class": per_class}))
+    table = acceptance_table(tmp_path)
+    assert table.loc["fear"].tolist() == [10, 5, 50.0, 75.0, 25.0]
+    assert table.loc["sad", "acceptance %"] == 0.0 and np.isnan(table.loc["sad", "diversity % of real"])
+    old = {name: {k: v for k, v in row.items() if k != "seed_distance"} for name, row in per_class.items()}
+    (tmp_path / "verify_report.json").write_text(json.dumps({"per_class": old}))  # an older run's
+    assert list(acceptance_table(tmp_path).columns) == [
+        "generated",
+        "accepted",
+        "acceptance %",
+        "diversity % of real",
+    ]

@@ -270,6 +270,10 @@ def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
     test_image = read_manifest(reference).split("test").iloc[0]
     rows.append({"id": "leak", "label": test_image["label"], "split": "train", "origin": "synthetic"})
     images.append(np.asarray(Image.open(reference / test_image["path"]).convert("RGB")))
+    seeds = read_manifest(reference).split("train").query("label == 'fear'").head(3)
+    for i, seed_row in enumerate(seeds.itertuples()):
+        rows[i]["seed_id"] = seed_row.id
+        images[i] = np.asarray(Image.open(reference / seed_row.path).convert("RGB"))
     data = write_dataset(tmp_path / "synthetic", rows, images)
     settings = VerifySettings(
         data=data,
@@ -302,6 +306,8 @@ def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
     assert fear["acceptance_rate"] == pytest.approx(0.6)
     assert np.isfinite(fear["frechet_distance"]) and fear["frechet_distance"] >= 0
     assert np.isfinite(fear["diversity_synthetic"]) and fear["diversity_synthetic"] > 0
+    # good0-2 copy their seed image (a real training image); the others have no seed.
+    assert fear["seed_distance"] == pytest.approx(0.0, abs=1e-4)
     report = json.loads((tmp_path / "verified" / "verify_report.json").read_text())
     assert report["accepted"] == 6 and report["leaks"]["removed"] == 1
     assert report["rejected"] == 4 and report["rejected_by"]["votes"] == 4

@@ -148,7 +148,7 @@ def verify_class_table(report: dict) -> pd.DataFrame:
     """Generated and accepted images, Frechet distance and diversity per class (from
     verify_report.json); an empty value (a class with nothing to compare) stays NaN."""
     columns = ["generated", "accepted", "acceptance_rate", "frechet_distance"]
-    columns += ["diversity_real", "diversity_synthetic"]
+    columns += ["diversity_real", "diversity_synthetic", "seed_distance"]
     rows = pd.DataFrame.from_dict(_per_class(report), orient="index").reindex(columns=columns)
     table = pd.DataFrame(
         {
@@ -158,6 +158,7 @@ def verify_class_table(report: dict) -> pd.DataFrame:
             "Frechet distance": rows["frechet_distance"].astype(float),
             "diversity real": rows["diversity_real"].astype(float),
             "diversity synthetic": rows["diversity_synthetic"].astype(float),
+            "distance to seed": rows["seed_distance"].astype(float),
         }
     )
     table.index.name = "class"
@@ -183,7 +184,9 @@ def _quality(folder: Path | None, out: Path) -> dict:
 def _verify(folder: Path | None, out: Path) -> dict:
     stage = _stage(folder, "verify_report.json")
     if stage["report"] is not None:
-        decimals = {"Frechet distance": ".2f", "diversity real": ".2f", "diversity synthetic": ".2f"}
+        decimals = dict.fromkeys(
+            ["Frechet distance", "diversity real", "diversity synthetic", "distance to seed"], ".2f"
+        )
         stage["table"] = markdown.table(
             verify_class_table(stage["report"]), {"acceptance %": ".1f", **decimals}
         )
@@ -246,14 +249,22 @@ def _samples(generated: Path | None, out: Path) -> list[dict]:
 
 
 def acceptance_table(verify_folder: Path | None) -> pd.DataFrame | None:
-    """Generated and accepted synthetic images per class (from verify_report.json)."""
+    """Generated and accepted synthetic images per class, and the accepted images' diversity and
+    distance to their seed images as % of the real images' diversity (from verify_report.json;
+    a report written before seed distances existed leaves that column out)."""
     report = _read_json(verify_folder / "verify_report.json") if verify_folder else None
     if report is None:
         return None
-    table = pd.DataFrame.from_dict(report["per_class"], orient="index")[["generated", "accepted"]]
+    per_class = pd.DataFrame.from_dict(report["per_class"], orient="index")
+    table = per_class[["generated", "accepted"]].copy()
     table["acceptance %"] = (
         100 * table["accepted"] / table["generated"].where(table["generated"] > 0)
     ).round(1)
+    real = per_class["diversity_real"].astype(float)
+    table["diversity % of real"] = (100 * per_class["diversity_synthetic"].astype(float) / real).round(1)
+    if "seed_distance" in per_class:
+        distance = per_class["seed_distance"].astype(float)
+        table["distance to seed % of real diversity"] = (100 * distance / real).round(1)
     table.index.name = "class"
     return table
 
@@ -318,7 +329,9 @@ def write_results_page(
         ],
         changes=changes_markdown(paired, list(in_domain.columns)) if not paired.empty else "",
         changes_footnote=spread_footnote(seeds_of(in_domain)),
-        acceptance=markdown.table(acceptance, {"acceptance %": ".1f"}) if acceptance is not None else "",
+        acceptance=markdown.table(acceptance, dict.fromkeys(acceptance.columns[2:], ".1f"))
+        if acceptance is not None
+        else "",
         rejections=markdown.table(rejections) if rejections is not None and not rejections.empty else "",
         none_accepted=none_accepted,
         confusion_test_set=test_set,

@@ -511,6 +511,9 @@ class GenerateSettings(Strict):
     # (the official GIF code's augmentation: RandomRotation(15), RandomHorizontalFlip).
     seed_rotation: Annotated[float, Field(ge=0.0, le=180.0)] = 15.0
     seed_hflip: bool = True
+    # gif-prior: add the seed view's reconstruction error back to each output, so that the small
+    # prior's blur does not make the outputs near-copies of a class average (backends.GifPrior).
+    keep_detail: bool = True
     prompt_variants: bool = True  # GIF-style domain and adjective variants of the class prompt
     device: Device = "auto"
     cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads

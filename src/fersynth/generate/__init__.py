@@ -151,7 +151,7 @@ def build_backend(settings: GenerateSettings, device: torch.device):
         from fersynth.generate.prior import load_prior
 
         vae, size = load_prior(settings.prior)
-        return GifPrior(vae, guide, device, half=settings.half, **gif), size
+        return GifPrior(vae, guide, device, half=settings.half, keep_detail=settings.keep_detail, **gif), size
     if settings.backend == "gif-ldm":
         from fersynth.generate.ldm import GifLatentDiffusion, load_latent_diffusion
         from fersynth.generate.prior import load_prior

@@ -150,10 +150,10 @@ class GifBackend:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
-    def encode(self, batch: Batch) -> torch.Tensor:
-        """Scaled latents of each output's augmented seed, one posterior sample per output from
-        that output's generator."""
-        views = self.views(batch) * 2 - 1
+    def encode(self, batch: Batch, views: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled latents of each output's augmented seed (`views`: already drawn, else drawn
+        here), one posterior sample per output from that output's generator."""
+        views = (self.views(batch) if views is None else views) * 2 - 1
         distribution = self.vae.encode(views).latent_dist
         mean, std = distribution.mean, distribution.std
         noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in batch.generators]).to(
@@ -163,6 +163,10 @@ class GifBackend:
 
     def latents(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - per backend
         raise NotImplementedError
+
+    def render(self, latents: torch.Tensor) -> torch.Tensor:
+        """The images that the guide scores and that are written (B x 3 x H x W in [0, 1])."""
+        return self.decode(latents)
 
     def generate(self, batch: Batch) -> Generated:
         """Images (uint8 RGB), the GIF score per output and the clipped share of the batch.
@@ -177,7 +181,7 @@ class GifBackend:
         latents = self.latents(batch)
         step = guided_latents(
             latents,
-            self.decode,
+            self.render,
             self.guide,
             seed_probabilities[index],
             index,
@@ -187,7 +191,7 @@ class GifBackend:
             classes,
         )
         with torch.no_grad():
-            images = self.decode(step.latents)
+            images = self.render(step.latents)
         return Generated(to_uint8(images), step.scores.tolist(), step.clipped.tolist())
 
 
@@ -277,8 +281,32 @@ class GifSD(GifBackend):
 
 
 class GifPrior(GifBackend):
+    """GIF on the latent of an offline autoencoder (`fersynth train-prior`).
+
+    With `keep_detail`, each output is its seed view plus what GIF's perturbation changes in
+    the decoded image, `view + decode(s*) - decode(s)` (s: the view's latent, s*: perturbed),
+    instead of `decode(s*)` alone: the small prior's reconstruction error (blur, lost texture:
+    about 13 grey levels on the demo) is added back, so that outputs keep their seed's detail
+    and do not drift towards a blurred class average. The guide scores the same images."""
+
+    def __init__(self, *args, keep_detail: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_detail = keep_detail
+        self._detail: torch.Tensor | None = None  # this batch's view - decode(latent)
+
     def latents(self, batch: Batch) -> torch.Tensor:
-        return self.encode(batch)
+        if not self.keep_detail:
+            return self.encode(batch)
+        views = self.views(batch)  # drawn once: encode must see the same views
+        latents = self.encode(batch, views)
+        with torch.no_grad():
+            self._detail = views - self.decode(latents)
+        return latents
+
+    def render(self, latents: torch.Tensor) -> torch.Tensor:
+        if self._detail is None:
+            return self.decode(latents)
+        return (self.decode(latents) + self._detail).clamp(0, 1)
 
 
 def make_prompts(labels: Sequence[str], generators_seeds: Sequence[int], variants: bool) -> list[str]:

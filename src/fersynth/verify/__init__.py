@@ -32,7 +32,7 @@ from fersynth.files import link_or_copy, staged_folder
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import SEED_PREFIX, GuardSettings, VerifySettings, save_resolved
 from fersynth.train.models import load_model
-from fersynth.verify.fidelity import extract_features, fidelity_table
+from fersynth.verify.fidelity import distance_to_seed, extract_features, fidelity_table
 from fersynth.verify.leakage import LEAK_COLUMNS, TestImages, find_leaks, hash_images
 from fersynth.verify.voting import (
     calibrated_thresholds,
@@ -235,13 +235,29 @@ def run_verify(
             for name, group in rows.items()
         }
 
+    synthetic_features = features(synthetic.root, synthetic_rows)
+    # Each sampled image with a seed among the real images (not a new identity), against it.
+    by_id = reference.manifest.drop_duplicates("id").set_index("id")
+    seed_ids = frame.get("seed_id", pd.Series("", index=frame.index)).fillna("").astype(str)
+    seeded = {name: seed_ids.loc[r.index].isin(by_id.index).to_numpy() for name, r in synthetic_rows.items()}
+    seed_features = features(
+        reference.root,
+        {
+            name: by_id.loc[seed_ids.loc[rows.index][seeded[name]]].reset_index()
+            for name, rows in synthetic_rows.items()
+        },
+    )
     table = fidelity_table(
         features(reference.root, real_rows),
-        features(synthetic.root, synthetic_rows),
+        synthetic_features,
         frame["label"].value_counts().to_dict(),
         frame.loc[frame["v_accepted"] == "true", "label"].value_counts().to_dict(),
         kid_subset_size=settings.kid_subset_size,
         seed=seed,
+        seed_distance={
+            name: distance_to_seed(synthetic_features[name][seeded[name]], seed_features[name])
+            for name in synthetic_rows
+        },
     )
     names = [_voter_name(v) for v in settings.voters]
     if len(set(names)) < len(names):  # e.g. KFP artifact folders, all called `model`

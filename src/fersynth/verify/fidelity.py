@@ -4,7 +4,10 @@ Inception weights cannot be fetched offline, and a FER model's features say more
 anyway: features are the pre-logit layer of a trained FER model (the first voter). torchmetrics
 computes the Frechet distance and KID from them (through an identity "feature extractor" fed
 with the precomputed features); diversity is the mean pairwise Euclidean feature distance
-within a class' synthetic images and within its real ones.
+within a class' synthetic images and within its real ones. Seed distance is the mean feature
+distance of each accepted image to its own seed image: a near-copy of its seed scores about 0,
+an image as different from its seed as two real faces of the class are from each other scores
+about the real diversity.
 """
 
 from __future__ import annotations
@@ -57,6 +60,13 @@ def extract_features(
     return torch.cat(outputs).numpy()
 
 
+def distance_to_seed(synthetic: np.ndarray, seeds: np.ndarray) -> float:
+    """Mean Euclidean distance between rows of two N x D feature arrays (an image and its seed)."""
+    if len(synthetic) == 0:
+        return float("nan")
+    return float(np.linalg.norm(synthetic - seeds, axis=1).mean())
+
+
 def frechet_distance(real: np.ndarray, synthetic: np.ndarray) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance  # 6 s to import: only when used
 
@@ -100,8 +110,10 @@ def fidelity_table(
     *,
     kid_subset_size: int,
     seed: int,
+    seed_distance: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """One row per class: counts, acceptance rate, Frechet distance, KID, and diversity."""
+    """One row per class: counts, acceptance rate, Frechet distance, KID, diversity and the
+    synthetic images' distance to their seeds (`seed_distance`, per class; NaN where absent)."""
     rows = []
     for name in CLASSES:
         r, s = real.get(name), synthetic.get(name)
@@ -120,6 +132,7 @@ def fidelity_table(
                 "kid_std": kid[1],
                 "diversity_real": mean_pairwise_distance(r) if r is not None else np.nan,
                 "diversity_synthetic": mean_pairwise_distance(s) if s is not None else np.nan,
+                "seed_distance": (seed_distance or {}).get(name, np.nan),
             }
         )
     return pd.DataFrame(rows).set_index("class")

@@ -135,8 +135,10 @@ def _class_chart(table: pd.DataFrame, path: Path) -> Path:
     left.set_ylim(0, 100)
     left.set_ylabel("accepted %")
     left.set_title("acceptance by the voters")
-    right.bar(x - 0.2, table["diversity_real"].fillna(0), 0.4, label="real")
-    right.bar(x + 0.2, table["diversity_synthetic"].fillna(0), 0.4, label="synthetic")
+    right.bar(x - 0.27, table["diversity_real"].fillna(0), 0.27, label="real")
+    right.bar(x, table["diversity_synthetic"].fillna(0), 0.27, label="synthetic")
+    seed_distance = table.get("seed_distance", pd.Series(np.nan, index=table.index))
+    right.bar(x + 0.27, seed_distance.fillna(0), 0.27, label="synthetic to its seed")
     right.set_xticks(x, table.index, rotation=30)
     right.set_ylabel("mean pairwise feature distance")
     right.set_title("diversity")
@@ -160,7 +162,8 @@ def _examples(root: Path, frame: pd.DataFrame, path: Path, per_kind: int = 4) ->
 
 def verify_class_table(fidelity: pd.DataFrame) -> pd.DataFrame:
     """Per class: generated and accepted images, acceptance in percent, Frechet distance, KID
-    (x1000) and the diversity of real and synthetic images, from the fidelity table."""
+    (x1000), the diversity of real and synthetic images and the synthetic images' distance to
+    their seed images, from the fidelity table."""
     table = pd.DataFrame(
         {
             "generated": fidelity["generated"].astype(int),
@@ -170,6 +173,7 @@ def verify_class_table(fidelity: pd.DataFrame) -> pd.DataFrame:
             "KID x1000": 1000 * fidelity["kid_mean"],
             "diversity real": fidelity["diversity_real"],
             "diversity synthetic": fidelity["diversity_synthetic"],
+            "distance to seed": fidelity.get("seed_distance", np.nan),
         }
     )
     table.index.name = "class"
@@ -275,7 +279,7 @@ def write_verify_report(
         "unreadable": [{"path": p, "reason": r} for p, r in result.unreadable],
     }
     atomic_write_text(folder / VERIFY_JSON, json.dumps(summary, indent=2) + "\n")
-    decimals = ["Frechet distance", "KID x1000", "diversity real", "diversity synthetic"]
+    decimals = ["Frechet distance", "KID x1000", "diversity real", "diversity synthetic", "distance to seed"]
     text = markdown.render(
         VERIFY_TEMPLATE,
         settings=settings,
