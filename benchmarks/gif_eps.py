@@ -65,7 +65,9 @@ def prior_runs(seeds_per_class: int, eps_values=EPS) -> dict:
     labels = list(chosen["label"])
     results = {}
     for eps in eps_values:
-        backend = GifPrior(vae, guide, device, settings.generate.step_size, eps)
+        backend = GifPrior(
+            vae, guide, device, settings.generate.step_size, eps, keep_detail=settings.generate.keep_detail
+        )
         clipped, moved, spread, kept = [], [], [], []
         started = time.perf_counter()
         for pixels, label, seed_id in zip(seeds, labels, chosen["id"], strict=True):

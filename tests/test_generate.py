@@ -649,6 +649,8 @@ def test_identities_need_a_backend_that_draws_from_noise():
         GenerateSettings(backend="gif-prior", identities={"per_class": 2})
     with pytest.raises(ValueError, match="unknown classes"):
         GenerateSettings(backend="gif-ldm", identities={"per_class": 2, "classes": ["joy"]})
+    with pytest.raises(ValueError, match="no new identity would be drawn"):
+        GenerateSettings(backend="gif-ldm", identities={"per_class": 2, "classes": []})
     assert GenerateSettings(backend="gif-prior").identities.per_class == 0  # off by default
 
 

@@ -476,6 +476,12 @@ class IdentitySettings(Strict):
     scale: Annotated[float, Field(ge=1.0)] | None = None
     steps: Positive | None = None  # denoising steps from pure noise; null: generate.steps
 
+    @model_validator(mode="after")
+    def _some_class(self) -> IdentitySettings:
+        if self.per_class and self.classes == []:
+            raise ValueError("classes: empty, so no new identity would be drawn; list some, or null for all")
+        return self
+
 
 class GenerateSettings(Strict):
     """`fersynth generate`: GIF guided imagination, K outputs per training image, in shards."""

@@ -344,8 +344,8 @@ def identity_size(dataset) -> tuple[int, int]:
     if train.empty or "width" not in train.columns:
         raise FersynthError(f"{dataset.root}: no training images to take the new identities' size from")
     return (
-        int(pd.to_numeric(train["width"]).median()),
-        int(pd.to_numeric(train["height"]).median()),
+        round(pd.to_numeric(train["width"]).median()),
+        round(pd.to_numeric(train["height"]).median()),
     )
 
 
@@ -508,8 +508,8 @@ def run_merge(
 def write_contact_sheets(
     folder: Path, synthetic: pd.DataFrame, seeds_dataset, k: int, seeds_per_class: int = 6
 ) -> None:
-    """One PNG per class: each seed image, then its K generated images; then a row of the new
-    identities prompted with the class, if any."""
+    """One PNG per class: first a row of the new identities prompted with the class, if any;
+    then each seed image followed by its K generated images."""
     seed_rows = seeds_dataset.manifest.set_index("id")
     for name in CLASSES:
         group = synthetic[synthetic["label"] == name]

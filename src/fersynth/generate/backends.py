@@ -289,7 +289,7 @@ class GifPrior(GifBackend):
     about 13 grey levels on the demo) is added back, so that outputs keep their seed's detail
     and do not drift towards a blurred class average. The guide scores the same images."""
 
-    def __init__(self, *args, keep_detail: bool = False, **kwargs) -> None:
+    def __init__(self, *args, keep_detail: bool, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.keep_detail = keep_detail
         self._detail: torch.Tensor | None = None  # this batch's view - decode(latent)
