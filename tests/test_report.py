@@ -67,6 +67,7 @@ def test_report_page_has_every_section_and_logs_the_changes(tmp_path):
                         "frechet_distance": 12.5,
                         "diversity_real": 3.0,
                         "diversity_synthetic": 2.5,
+                        "seed_distance": 1.25,
                     }
                 },
             }
@@ -90,7 +91,7 @@ def test_report_page_has_every_section_and_logs_the_changes(tmp_path):
         assert heading in page
     assert "| Expanded_SL - Original_SL (raf) |" in page and "+15.00" in page
     assert "| Expanded_SL - Original_SL (fer) |" in page and "+4.00" in page
-    assert ["fear", "10", "4", "40.0", "12.50", "3.00", "2.50"] in markdown_rows(page)
+    assert ["fear", "10", "4", "40.0", "12.50", "3.00", "2.50", "1.25"] in markdown_rows(page)
     assert "Quality stage output not found" in page  # an absent stage is said, not skipped silently
     assert (result.output / "changes.png").stat().st_size > 1000
     summary = json.loads((result.output / "report.json").read_text())
