@@ -552,13 +552,7 @@ def generate_command(
     from fersynth.generate import run_generate
 
     settings = obj.settings(
-        _option_overrides(
-            **{
-                "generate.data": data,
-                "generate.output": output,
-                "generate.backend": backend,
-            }
-        )
+        _option_overrides(**{"generate.data": data, "generate.output": output, "generate.backend": backend})
     )
     result = run_generate(
         settings.generate,
