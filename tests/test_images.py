@@ -1,0 +1,274 @@
+"""The built images (docker/), proven where they run: `make image-check` builds the CPU and CUDA
+targets and runs these tests against them (docker/image-check.sh). Without built images (the
+environment variables below unset) they are skipped; `make test` deselects them (marker `image`).
+
+- FERSYNTH_IMAGE, FERSYNTH_GPU_IMAGE: the CPU and CUDA images under test.
+- FERSYNTH_BASE_IMAGE: the Python base image they were built on.
+- FERSYNTH_CA_BUNDLE: the CA bundle given to the build (`--secret id=ca_bundle`), if any.
+- DOCKER: the docker client (default `docker`).
+
+Containers here run with no network, or on the host's network for the loopback S3 and MLflow
+servers: never on a bridge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.image
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = os.environ.get("DOCKER", "docker")
+IMAGE = os.environ.get("FERSYNTH_IMAGE", "")
+GPU_IMAGE = os.environ.get("FERSYNTH_GPU_IMAGE", "")
+BASE_IMAGE = os.environ.get("FERSYNTH_BASE_IMAGE", "")
+CA_BUNDLE = os.environ.get("FERSYNTH_CA_BUNDLE", "")
+SITE = "/opt/venv/lib/python3.11/site-packages"
+PEM = re.compile(rb"-----BEGIN CERTIFICATE-----\s+(.+?)-----END CERTIFICATE-----", re.S)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _images_built():
+    if not (IMAGE and GPU_IMAGE):
+        pytest.skip("no built images: run `make image-check` (FERSYNTH_IMAGE and FERSYNTH_GPU_IMAGE unset)")
+
+
+def _docker(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, f"docker {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def _offline(image: str, *command: str, volume: Path | None = None, timeout: float = 900) -> str:
+    """`command` in `image` as its own user (10001), with no network at all."""
+    mount = ["-v", f"{volume}:/work", "-w", "/work"] if volume else []
+    return _docker("run", "--rm", "--network", "none", *mount, image, *command, timeout=timeout).stdout
+
+
+def _shared_dir(prefix: str) -> Path:
+    """A folder the container's user (uid 10001) may write: outside pytest's root-only tmp."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o777)
+    return path
+
+
+def test_the_cpu_image_runs_the_demo_stages_offline_as_uid_10001():
+    """Demo data, ingest, the test sets, quality (with a tiny SwinIR), guard, a 5-step training
+    run tracked in a local MLflow store, evaluation and predict: the commands of dvc.yaml, in
+    the CPU image, as uid 10001, with no network."""
+    from helpers import write_tiny_swinir
+
+    work = _shared_dir("fersynth-image-stages-")
+    profile = yaml.safe_load((ROOT / "profiles" / "demo.yaml").read_text())
+    profile["demo"]["sets"] = {
+        "raw": {"train_size": 70, "test_size": 35, "image_size": 40, "blurred_fraction": 0.2},
+        "cross_raw": {"seed": 7, "train_size": 7, "test_size": 21, "image_size": 40},
+    }
+    profile["experiment"]["grid"]["seeds"] = [2048]
+    profile["train"].update(image_size=32, steps=5, batch_size=8, eval_every=5, checkpoint_every=5, workers=0)
+    profile["evaluate"] = {"workers": 0, "batch_size": 32}
+    profile["quality"] = {"workers": 1}
+    profile["guard"] = {"workers": 1}
+    (work / "params.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    write_tiny_swinir(work / "swinir_x2.pth").chmod(0o644)
+    script = """set -eux
+id -u
+export MLFLOW_TRACKING_URI=sqlite:////work/mlflow.db FERSYNTH_ARTIFACT_LOCATION=/work/mlartifacts
+fersynth demo-data --set raw
+fersynth demo-data --set cross_raw
+fersynth ingest --quiet
+fersynth test-set in_domain
+fersynth test-set cross --quiet
+fersynth quality --sr-model /work/swinir_x2.pth --quiet
+fersynth guard --quiet
+fersynth train --row original_sl --quiet
+fersynth evaluate --row original_sl --quiet
+fersynth predict --model runs/demo/models/original/original_sl/seed_2048 \
+  --output predictions.csv data/demo/test_sets/in_domain
+"""
+    out = _offline(IMAGE, "bash", "-c", script, volume=work, timeout=1200)
+    assert out.splitlines()[0] == "10001"
+
+    import pandas as pd
+
+    from fersynth.classes import CLASSES
+
+    quality = pd.read_csv(work / "data/demo/quality/manifest.csv")
+    assert len(quality) == 70 + 35 and (quality["origin"] == "enhanced").sum() > 0  # SwinIR ran
+    model = work / "runs/demo/models/original/original_sl/seed_2048"
+    summary = json.loads((model / "train_summary.json").read_text())
+    assert summary["steps"] == 5
+    metrics = {
+        p.parent.name: json.loads(p.read_text()) for p in (work / "runs/demo/eval").rglob("metrics.json")
+    }
+    assert set(metrics) == {"in_domain", "cross"}, f"evaluate wrote {sorted(metrics)}"
+    assert metrics["in_domain"]["images"] == 35 and sum(map(sum, metrics["in_domain"]["confusion"])) == 35
+    assert 0.0 <= metrics["in_domain"]["mean_accuracy"] <= 1.0
+    predictions = pd.read_csv(work / "predictions.csv")
+    assert len(predictions) == 35 and set(predictions["predicted"]) <= set(CLASSES)
+    assert predictions["error"].isna().all()
+    assert (work / "mlflow.db").stat().st_size > 0  # the run was tracked, offline
+
+
+def _certificates(pem: bytes) -> set[bytes]:
+    """The base64 bodies of a PEM bundle's certificates, whitespace removed."""
+    return {re.sub(rb"\s+", b"", body) for body in PEM.findall(pem)}
+
+
+def _file_contents(image: str, max_bytes: int = 8 << 20):
+    """(path, bytes) of every regular file up to `max_bytes` in `image`'s final filesystem."""
+    container = _docker("create", image).stdout.strip()
+    try:
+        export = subprocess.Popen([DOCKER, "export", container], stdout=subprocess.PIPE)
+        with tarfile.open(fileobj=export.stdout, mode="r|") as tar:
+            for member in tar:
+                if member.isfile() and member.size <= max_bytes:
+                    yield member.name, tar.extractfile(member).read()
+        assert export.wait() == 0
+    finally:
+        _docker("rm", container)
+
+
+@pytest.mark.parametrize("which", ["cpu", "cuda"])
+def test_the_images_hold_no_ca_certificate_of_the_build_machine(which):
+    """The build's CA bundle reached pip as a build secret: no certificate of it that the base
+    image lacks (the build machine's own or its proxy's) is in any file, and no variable names it."""
+    image = IMAGE if which == "cpu" else GPU_IMAGE
+    if not CA_BUNDLE:
+        pytest.skip("the images were built without a CA bundle (FERSYNTH_CA_BUNDLE unset)")
+    bundle = _certificates(Path(CA_BUNDLE).read_bytes())
+    public = _certificates(
+        _docker(
+            "run", "--rm", "--network", "none", BASE_IMAGE, "cat", "/etc/ssl/certs/ca-certificates.crt"
+        ).stdout.encode()
+    )
+    private = bundle - public
+    assert private, f"{CA_BUNDLE}: every certificate is also in {BASE_IMAGE}: nothing to look for"
+    # A certificate's body may be wrapped at any width: look for a run of 60 characters of it.
+    needles = {cert[100:160]: cert for cert in private}
+    found, public_seen = [], False
+    for name, data in _file_contents(image):
+        flat = re.sub(rb"\s+", b"", data) if b"CERTIFICATE" in data else b""
+        found += [name for needle in needles if needle in flat]
+        public_seen |= bool(flat) and any(cert[100:160] in flat for cert in list(public)[:5])
+    assert not found, f"{image}: the build machine's CA certificates are in {found}"
+    assert public_seen, "the scan found not even the base image's own certificates: it is broken"
+    config = json.loads(_docker("image", "inspect", image).stdout)[0]["Config"]
+    names = {entry.split("=", 1)[0] for entry in config.get("Env") or []}
+    assert not names & {"PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE"}
+
+
+def test_the_cpu_image_leaves_out_only_what_a_gpu_loads_and_the_cuda_image_has_it_all():
+    probe = (
+        "import glob, importlib.util, json, torch; "
+        f"print(json.dumps({{'triton': importlib.util.find_spec('triton') is not None, "
+        f"'cudnn': sorted(p.rsplit('/', 1)[1] for p in glob.glob('{SITE}/nvidia/cudnn/lib/*.so*')), "
+        "'torch': torch.__version__, 'cuda': torch.version.cuda}))"
+    )
+    cpu = json.loads(_offline(IMAGE, "python", "-c", probe).strip().splitlines()[-1])
+    cuda = json.loads(_offline(GPU_IMAGE, "python", "-c", probe).strip().splitlines()[-1])
+    assert cpu["torch"] == cuda["torch"] and cpu["cuda"] == cuda["cuda"]  # the same locked torch
+    assert not cpu["triton"] and cpu["cudnn"] == ["libcudnn.so.9"]
+    assert cuda["triton"] and "libcudnn_engines_precompiled.so.9" in cuda["cudnn"] and len(cuda["cudnn"]) >= 8
+    # The CUDA image is what the GPU pool runs: the NVIDIA toolkit's variables, the image's user.
+    config = json.loads(_docker("image", "inspect", GPU_IMAGE).stdout)[0]["Config"]
+    assert "NVIDIA_VISIBLE_DEVICES=all" in config["Env"] and config["User"] == "10001:10001"
+    # No test or lint tool ships: the lock's runtime part only.
+    tools = _offline(
+        IMAGE,
+        "python",
+        "-c",
+        "import importlib.util as u; "
+        "print([m for m in ('pytest', 'ruff', 'kubernetes_validate') if u.find_spec(m)])",
+    )
+    assert tools.strip() == "[]"
+
+
+def test_the_pipeline_runs_in_its_images_with_kfp_docker_runner(s3_env, mlflow_env):
+    """The compiled pipeline's steps, each in the image it ships in (kfp.local.DockerRunner),
+    on the host's network for the loopback S3 and MLflow servers: every grid row is trained and
+    evaluated, the shards are merged, and the best model is registered."""
+    from docker.types import Mount
+    from kfp import local
+    from mlflow import MlflowClient
+
+    from fersynth.settings import load_settings
+    from pipelines.fersynth_pipeline import build_pipeline
+    from test_kfp_pipeline import DEMO, TINY, _data_project
+
+    work = _shared_dir("fersynth-image-kfp-")
+    repo = _data_project(work, s3_env)
+    root = work / "pipeline-root"
+    root.mkdir()
+    root.chmod(0o777)
+    environment = {
+        key: os.environ[key] for key in (*s3_env.env(), "MLFLOW_TRACKING_URI", "FERSYNTH_EXPERIMENT")
+    }
+    # On a cluster the data project is cloned from a git server; here it is a folder of the
+    # host's, which git refuses to read unless the reader owns it.
+    if os.geteuid() == 0:
+        for path in (repo, *repo.rglob("*")):
+            os.lchown(path, 10001, 10001)
+        user = {}  # the image's own user, 10001
+    else:
+        user = {"user": f"{os.getuid()}:{os.getgid()}"}
+    runner = local.DockerRunner(
+        network_mode="host",
+        environment=environment,
+        **user,
+        mounts=[Mount(target=str(repo), source=str(repo), type="bind", read_only=True)],
+    )
+    local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
+    tag = IMAGE.rsplit(":", 1)[1]
+    settings = load_settings(DEMO)
+    assert f"{settings.kfp.image}:{tag}" == IMAGE and f"{settings.kfp.gpu_image}:{tag}" == GPU_IMAGE
+    old_umask = os.umask(0)  # folders kfp.local makes for the steps' outputs: writable by uid 10001
+    try:
+        build_pipeline(settings, tag)(
+            data_repo=str(repo),
+            data_rev="HEAD",
+            data_path="data/raw",
+            test_sets_path="data/test_sets",
+            source="rafdb",
+            train_arch="resnet18",
+            train_image_size=32,
+            train_steps=4,
+            train_batch_size=8,
+            generate_shards=2,
+            overrides=[*TINY[:-1], "experiment.grid.seeds=[2048]"],
+        )
+    finally:
+        os.umask(old_umask)
+    tables = sorted(root.rglob("comparisons/in_domain/comparison.csv"))
+    assert len(tables) == 1
+    for row in (
+        "Original_SL",
+        "Original_SL_balanced",
+        "Original_MEK",
+        "Expanded_SL",
+        "Synthetic_MEK",
+        "Expanded_MEK",
+    ):
+        assert f"\n{row}," in tables[0].read_text()
+    merged = [p for p in root.rglob("manifest.csv") if "merge" in str(p)]
+    assert merged and sum(1 for _ in merged[0].open()) - 1 == 14  # 7 classes x 1 seed x k=2
+    status = json.loads(next(iter(sorted(root.rglob("register/**/outcome")))).read_text())
+    assert status["registered"]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(os.environ["FERSYNTH_EXPERIMENT"])
+    runs = client.search_runs([experiment.experiment_id], "tags.grid_row = 'original_sl'")
+    assert (
+        runs
+        and all(r.data.tags["git_commit"] for r in runs)
+        and "in_domain.mean_accuracy" in runs[0].data.metrics
+    )
