@@ -24,6 +24,7 @@ if ! command -v debootstrap >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >>"$log" 2>&1
 fi
 root=$(mktemp -d /tmp/fersynth-rootfs.XXXXXX)
+chmod 755 "$root"  # apt in the chroot downloads as the _apt user
 trap 'rm -rf "$root"' EXIT
 echo "debian-base: debootstrap bookworm into $root (log: $log)" >&2
 {

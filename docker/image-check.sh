@@ -138,6 +138,7 @@ result = {
     "images": {k: {"ref": v, "size_mb": size(v), "largest_packages_mb": largest(v)} for k, v in images.items()},
     "build_seconds": {"cpu": $cpu_seconds, "cuda": $gpu_seconds},
     "test_seconds": $test_seconds,
+    "total_seconds": $SECONDS,  # engine, base image, builds and tests
     "tests": summary[-1].strip("= ") if summary else "no summary",
 }
 Path("benchmarks/results/images.json").write_text(json.dumps(result, indent=2) + "\n")

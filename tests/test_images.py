@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -139,11 +140,8 @@ def _file_contents(image: str, max_bytes: int = 8 << 20):
         _docker("rm", container)
 
 
-@pytest.mark.parametrize("which", ["cpu", "cuda"])
-def test_the_images_hold_no_ca_certificate_of_the_build_machine(which):
-    """The build's CA bundle reached pip as a build secret: no certificate of it that the base
-    image lacks (the build machine's own or its proxy's) is in any file, and no variable names it."""
-    image = IMAGE if which == "cpu" else GPU_IMAGE
+def _build_machine_certificates() -> tuple[set[bytes], set[bytes]]:
+    """(certificates of the build's CA bundle that the base image lacks, the base image's own)."""
     if not CA_BUNDLE:
         pytest.skip("the images were built without a CA bundle (FERSYNTH_CA_BUNDLE unset)")
     bundle = _certificates(Path(CA_BUNDLE).read_bytes())
@@ -154,18 +152,61 @@ def test_the_images_hold_no_ca_certificate_of_the_build_machine(which):
     )
     private = bundle - public
     assert private, f"{CA_BUNDLE}: every certificate is also in {BASE_IMAGE}: nothing to look for"
-    # A certificate's body may be wrapped at any width: look for a run of 60 characters of it.
-    needles = {cert[100:160]: cert for cert in private}
+    return private, public
+
+
+def _scan(image: str, private: set[bytes], public: set[bytes]) -> tuple[list[str], bool]:
+    """(files of `image` holding one of `private`, whether any file holds one of `public`).
+    A certificate's body may be wrapped at any width: a run of 60 characters of it is looked for
+    in each file that says CERTIFICATE, whitespace removed."""
+    needles = [cert[100:160] for cert in private]
+    known = [cert[100:160] for cert in sorted(public)[:5]]
     found, public_seen = [], False
     for name, data in _file_contents(image):
-        flat = re.sub(rb"\s+", b"", data) if b"CERTIFICATE" in data else b""
+        if b"CERTIFICATE" not in data:
+            continue
+        flat = re.sub(rb"\s+", b"", data)
         found += [name for needle in needles if needle in flat]
-        public_seen |= bool(flat) and any(cert[100:160] in flat for cert in list(public)[:5])
+        public_seen |= any(needle in flat for needle in known)
+    return found, public_seen
+
+
+@pytest.mark.parametrize("which", ["cpu", "cuda"])
+def test_the_images_hold_no_ca_certificate_of_the_build_machine(which):
+    """The build's CA bundle reached pip as a build secret: no certificate of it that the base
+    image lacks (the build machine's own or its proxy's) is in any file, and no variable names it."""
+    image = IMAGE if which == "cpu" else GPU_IMAGE
+    private, public = _build_machine_certificates()
+    found, public_seen = _scan(image, private, public)
     assert not found, f"{image}: the build machine's CA certificates are in {found}"
     assert public_seen, "the scan found not even the base image's own certificates: it is broken"
     config = json.loads(_docker("image", "inspect", image).stdout)[0]["Config"]
     names = {entry.split("=", 1)[0] for entry in config.get("Env") or []}
     assert not names & {"PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE"}
+
+
+def test_the_ca_scan_finds_a_bundle_copied_into_an_image():
+    """The scan above can fail: an image that copies the bundle in (the mistake it guards
+    against), re-wrapped at 76 columns, is caught."""
+    private, public = _build_machine_certificates()
+    context = Path(tempfile.mkdtemp(prefix="fersynth-ca-leak-"))
+    try:
+        bodies = [cert.decode() for cert in sorted(private)]
+        wrapped = "".join(
+            "-----BEGIN CERTIFICATE-----\n"
+            + "\n".join(body[i : i + 76] for i in range(0, len(body), 76))
+            + "\n-----END CERTIFICATE-----\n"
+            for body in bodies
+        )
+        (context / "proxy-ca.pem").write_text(wrapped)
+        dockerfile = f"FROM {BASE_IMAGE}\nCOPY proxy-ca.pem /usr/lib/ssl/proxy-ca.pem\n"
+        (context / "Dockerfile").write_text(dockerfile)
+        _docker("build", "--network", "none", "-t", "fersynth-test/ca-leak:1", str(context))
+        found, _ = _scan("fersynth-test/ca-leak:1", private, public)
+        assert found and all(name.endswith("usr/lib/ssl/proxy-ca.pem") for name in found)
+    finally:
+        _docker("rmi", "-f", "fersynth-test/ca-leak:1", check=False)
+        shutil.rmtree(context, ignore_errors=True)
 
 
 def test_the_cpu_image_leaves_out_only_what_a_gpu_loads_and_the_cuda_image_has_it_all():
