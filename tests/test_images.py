@@ -56,20 +56,23 @@ def _offline(image: str, *command: str, volume: Path | None = None, timeout: flo
     return _docker("run", "--rm", "--network", "none", *mount, image, *command, timeout=timeout).stdout
 
 
-def _shared_dir(prefix: str) -> Path:
-    """A folder the container's user (uid 10001) may write: outside pytest's root-only tmp."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+@pytest.fixture
+def shared_dir():
+    """A folder the container's user (uid 10001) may write: outside pytest's root-only tmp,
+    removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="fersynth-image-", dir="/tmp"))
     path.chmod(0o777)
-    return path
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
-def test_the_cpu_image_runs_the_demo_stages_offline_as_uid_10001():
+def test_the_cpu_image_runs_the_demo_stages_offline_as_uid_10001(shared_dir):
     """Demo data, ingest, the test sets, quality (with a tiny SwinIR), guard, a 5-step training
     run tracked in a local MLflow store, evaluation and predict: the commands of dvc.yaml, in
     the CPU image, as uid 10001, with no network."""
     from helpers import write_tiny_swinir
 
-    work = _shared_dir("fersynth-image-stages-")
+    work = shared_dir
     profile = yaml.safe_load((ROOT / "profiles" / "demo.yaml").read_text())
     profile["demo"]["sets"] = {
         "raw": {"train_size": 70, "test_size": 35, "image_size": 40, "blurred_fraction": 0.2},
@@ -235,7 +238,7 @@ def test_the_cpu_image_leaves_out_only_what_a_gpu_loads_and_the_cuda_image_has_i
     assert tools.strip() == "[]"
 
 
-def test_the_pipeline_runs_in_its_images_with_kfp_docker_runner(s3_env, mlflow_env):
+def test_the_pipeline_runs_in_its_images_with_kfp_docker_runner(s3_env, mlflow_env, shared_dir):
     """The compiled pipeline's steps, each in the image it ships in (kfp.local.DockerRunner),
     on the host's network for the loopback S3 and MLflow servers: every grid row is trained and
     evaluated, the shards are merged, and the best model is registered."""
@@ -244,10 +247,9 @@ def test_the_pipeline_runs_in_its_images_with_kfp_docker_runner(s3_env, mlflow_e
     from mlflow import MlflowClient
 
     from fersynth.settings import load_settings
-    from pipelines.fersynth_pipeline import build_pipeline
-    from test_kfp_pipeline import DEMO, TINY, _data_project
+    from test_kfp_pipeline import DEMO, TINY, _data_project, check_pipeline_outputs, run_tiny_pipeline
 
-    work = _shared_dir("fersynth-image-kfp-")
+    work = shared_dir
     repo = _data_project(work, s3_env)
     root = work / "pipeline-root"
     root.mkdir()
@@ -275,36 +277,10 @@ def test_the_pipeline_runs_in_its_images_with_kfp_docker_runner(s3_env, mlflow_e
     assert f"{settings.kfp.image}:{tag}" == IMAGE and f"{settings.kfp.gpu_image}:{tag}" == GPU_IMAGE
     old_umask = os.umask(0)  # folders kfp.local makes for the steps' outputs: writable by uid 10001
     try:
-        build_pipeline(settings, tag)(
-            data_repo=str(repo),
-            data_rev="HEAD",
-            data_path="data/raw",
-            test_sets_path="data/test_sets",
-            source="rafdb",
-            train_arch="resnet18",
-            train_image_size=32,
-            train_steps=4,
-            train_batch_size=8,
-            generate_shards=2,
-            overrides=[*TINY[:-1], "experiment.grid.seeds=[2048]"],
-        )
+        run_tiny_pipeline(repo, tag, [*TINY[:-1], "experiment.grid.seeds=[2048]"])
     finally:
         os.umask(old_umask)
-    tables = sorted(root.rglob("comparisons/in_domain/comparison.csv"))
-    assert len(tables) == 1
-    for row in (
-        "Original_SL",
-        "Original_SL_balanced",
-        "Original_MEK",
-        "Expanded_SL",
-        "Synthetic_MEK",
-        "Expanded_MEK",
-    ):
-        assert f"\n{row}," in tables[0].read_text()
-    merged = [p for p in root.rglob("manifest.csv") if "merge" in str(p)]
-    assert merged and sum(1 for _ in merged[0].open()) - 1 == 14  # 7 classes x 1 seed x k=2
-    status = json.loads(next(iter(sorted(root.rglob("register/**/outcome")))).read_text())
-    assert status["registered"]
+    check_pipeline_outputs(root)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(os.environ["FERSYNTH_EXPERIMENT"])
     runs = client.search_runs([experiment.experiment_id], "tags.grid_row = 'original_sl'")

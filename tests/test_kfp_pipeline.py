@@ -168,6 +168,54 @@ TINY = [
 ]  # fmt: skip
 
 
+def run_tiny_pipeline(repo: Path, image_tag: str, overrides: list[str]) -> None:
+    """The demo profile's pipeline on `_data_project`'s tiny data, under the runner that
+    `kfp.local.init` set: 4 steps of ResNet-18 at 32 px, two generation shards."""
+    from fersynth.settings import load_settings
+    from pipelines.fersynth_pipeline import build_pipeline
+
+    build_pipeline(load_settings(DEMO), image_tag)(
+        data_repo=str(repo),
+        data_rev="HEAD",
+        data_path="data/raw",
+        test_sets_path="data/test_sets",
+        source="rafdb",
+        train_arch="resnet18",
+        train_image_size=32,
+        train_steps=4,
+        train_batch_size=8,
+        generate_shards=2,
+        overrides=overrides,
+    )
+
+
+def check_pipeline_outputs(root: Path) -> None:
+    """What a tiny pipeline run under `root` must leave: every grid row trained and evaluated on
+    both test sets, the two shards merged (7 classes x 1 seed x k=2, nothing lost or doubled),
+    the report, and the best row registered."""
+    tables = sorted(root.rglob("comparisons/in_domain/comparison.csv"))
+    assert len(tables) == 1
+    table = tables[0].read_text()
+    for row in (
+        "Original_SL",
+        "Original_SL_balanced",
+        "Original_MEK",
+        "Expanded_SL",
+        "Synthetic_MEK",
+        "Expanded_MEK",
+    ):
+        assert f"\n{row}," in table
+    assert sorted(root.rglob("comparisons/cross/comparison.csv"))
+    merged = [p for p in root.rglob("merge/*/dataset/manifest.csv")] or [
+        p for p in root.rglob("manifest.csv") if "merge" in str(p)
+    ]
+    assert merged and sum(1 for _ in merged[0].open()) - 1 == 14
+    report = sorted(root.rglob("report/**/report.md"))
+    assert report and "What the synthetic data changed" in report[0].read_text()
+    status = json.loads(next(iter(sorted(root.rglob("register/**/outcome")))).read_text())
+    assert status["registered"] and status["metric"] == "in_domain.mean_accuracy"
+
+
 @pytest.mark.slow
 def test_a_synthetic_row_with_no_images_is_skipped_by_the_pipeline_steps(tmp_path):
     """What the train, evaluate and compare components do when the vote accepted nothing."""
@@ -224,49 +272,11 @@ def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, mlflow_env, tmp_pat
     tags as a local run of the same profile through the CLI, against the real MLflow server."""
     from kfp import local
 
-    from fersynth.settings import load_settings
-    from pipelines.fersynth_pipeline import build_pipeline
-
     repo = _data_project(tmp_path, s3_env)
     root = tmp_path / "pipeline-root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    pipeline = build_pipeline(load_settings(DEMO), "test")
-    pipeline(
-        data_repo=str(repo),
-        data_rev="HEAD",
-        data_path="data/raw",
-        test_sets_path="data/test_sets",
-        source="rafdb",
-        train_arch="resnet18",
-        train_image_size=32,
-        train_steps=4,
-        train_batch_size=8,
-        generate_shards=2,
-        overrides=TINY,
-    )
-    # Every grid row was trained and evaluated on both test sets, and the table has them all.
-    tables = sorted(root.rglob("comparisons/in_domain/comparison.csv"))
-    assert len(tables) == 1
-    table = tables[0].read_text()
-    for row in (
-        "Original_SL",
-        "Original_SL_balanced",
-        "Original_MEK",
-        "Expanded_SL",
-        "Synthetic_MEK",
-        "Expanded_MEK",
-    ):
-        assert f"\n{row}," in table
-    assert sorted(root.rglob("comparisons/cross/comparison.csv"))
-    # The two shards were merged: 7 classes x 1 seed x k=2, nothing lost or doubled.
-    merged = [p for p in root.rglob("merge/*/dataset/manifest.csv")] or [
-        p for p in root.rglob("manifest.csv") if "merge" in str(p)
-    ]
-    assert merged and sum(1 for _ in merged[0].open()) - 1 == 14
-    report = sorted(root.rglob("report/**/report.md"))
-    assert report and "What the synthetic data changed" in report[0].read_text()
-    status = json.loads(next(iter(sorted(root.rglob("register/**/outcome")))).read_text())
-    assert status["registered"] and status["metric"] == "in_domain.mean_accuracy"
+    run_tiny_pipeline(repo, "test", TINY)
+    check_pipeline_outputs(root)
 
     # The same row run locally through the CLI (as DVC runs it) logs the same keys and tags.
     profile = yaml.safe_load((ROOT / "profiles" / "demo.yaml").read_text())
