@@ -4,10 +4,11 @@
 #
 #   base=$(bash docker/debian-base.sh) && docker build --build-arg PYTHON_IMAGE=$base ...
 #
-# The same Debian release (bookworm) and Python minor version (3.11) as the pinned
-# python:3.11.*-slim-bookworm: `debootstrap --variant=minbase`, then python3.11, its venv module
-# and the public CA certificates (as the slim image has), `python` linked to python3.11, and the
-# apt lists removed. Needs root and debootstrap (installed from Debian when missing).
+# The same Debian release (bookworm) and Python minor version as the pinned
+# python:3.11.*-slim-bookworm, though with Debian's own patch release (3.11.2):
+# `debootstrap --variant=minbase`, then python3.11, its venv module and the public CA
+# certificates (as the slim image has), `python` linked to python3.11, and the apt lists removed.
+# Needs root and debootstrap (installed from Debian when missing).
 set -euo pipefail
 DOCKER=${DOCKER:-docker}
 IMAGE=${FERSYNTH_DEBIAN_BASE:-fersynth-local/python:3.11-bookworm}
@@ -33,6 +34,8 @@ echo "debian-base: debootstrap bookworm into $root (log: $log)" >&2
 } >>"$log" 2>&1 || { echo "debian-base: debootstrap failed: $log" >&2; exit 1; }
 ln -sf /usr/bin/python3.11 "$root/usr/local/bin/python"
 ln -sf /usr/bin/python3.11 "$root/usr/local/bin/python3"
+# The build machine's resolver and name stay out (Docker mounts its own at run time).
+rm -f "$root/etc/resolv.conf" "$root/etc/hostname"
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
 tar -C "$root" -c . | "$DOCKER" import -c 'CMD ["python3"]' - "$IMAGE" >/dev/null
 echo "$IMAGE"

@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# Build the CPU and CUDA images and prove them on this machine: `make image-check`.
+# Build the CPU and CUDA images and prove them on this machine: `make image-check`
+# (`make image` is its first four steps). What each step does and why: docs/deployment.md#images.
 #
-#   docker/image-check.sh               build both targets, then run tests/test_images.py on them
-#   docker/image-check.sh --build-only  build both targets (`make image`)
+#   bash docker/image-check.sh               build both targets, then run tests/test_images.py
+#   bash docker/image-check.sh --build-only  build both targets
 #
-# 1. A Docker engine: when none answers, Debian's docker.io is installed (as root) and dockerd
-#    is started with no bridge network (containers here use the host's network or none), and
-#    stopped again at the end.
-# 2. A BuildKit client (`RUN --mount` in docker/Dockerfile): docker with buildx, or Debian's
-#    docker.io client (/usr/bin/docker), whose BuildKit is built in.
-# 3. The Python base image pinned in docker/Dockerfile; where it cannot be pulled (no registry
-#    access), docker/debian-base.sh makes an equivalent one from Debian's packages.
-# 4. Both targets, tagged with the git commit, on the host's network; CA_BUNDLE (a file) reaches
-#    pip as a build secret (default: the bundle this machine's pip uses, PIP_CERT).
-# 5. tests/test_images.py (pytest marker `image`): the CPU image's stages offline as uid 10001,
-#    no CA certificate of this machine in either image, the pipeline under kfp.local's
-#    DockerRunner. Sizes, build times and the outcome go to benchmarks/results/images.json.
+# 1. A Docker engine; where none runs: Debian's docker.io installed and dockerd started with no
+#    bridge network, then stopped at the end (both need root).
+# 2. A client that builds with BuildKit.
+# 3. The pinned Python base image, or docker/debian-base.sh's where it cannot be pulled.
+# 4. Both targets, tagged with the git commit (`-dirty` for a tree with uncommitted changes),
+#    on the host's network, with the CA bundle (CA_BUNDLE, default the one this machine's pip
+#    or OpenSSL uses) as a build secret.
+# 5. tests/test_images.py; sizes, build times and the outcome go to benchmarks/results/images.json.
+#    The check adds a throwaway canary CA to the bundle it passes, so that the test that looks
+#    for the bundle in the images always has a certificate no image may hold.
 set -euo pipefail
+# CA_BUNDLE may be relative to where make was called.
+if [ -n "${CA_BUNDLE:-}" ]; then CA_BUNDLE=$(realpath -m -- "$CA_BUNDLE"); fi
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 OUT=build/image-check
@@ -40,14 +41,16 @@ trap stop_dockerd EXIT
 
 engine_up() { "${DOCKER:-docker}" info >/dev/null 2>&1 || /usr/bin/docker info >/dev/null 2>&1; }
 if ! engine_up; then
+  if [ -S /var/run/docker.sock ] && [ ! -w /var/run/docker.sock ]; then
+    die "no permission on /var/run/docker.sock: run as root, or join the docker group"
+  fi
+  [ "$(id -u)" = 0 ] || die "no Docker engine answers, and installing or starting one needs root"
   if ! command -v dockerd >/dev/null; then
-    [ "$(id -u)" = 0 ] || die "no Docker engine and not root: install Docker (or run as root to install Debian's docker.io)"
-    say "installing Debian's docker.io"
+    say "installing Debian's docker.io (log: $OUT/apt.log)"
     apt-get update -qq >"$OUT/apt.log" 2>&1
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io >>"$OUT/apt.log" 2>&1 \
       || die "apt-get install docker.io failed: $OUT/apt.log"
   fi
-  [ "$(id -u)" = 0 ] || die "dockerd is installed but not running, and starting it needs root"
   say "starting dockerd (no bridge network; log: $OUT/dockerd.log)"
   dockerd --bridge=none --iptables=false --ip6tables=false >"$OUT/dockerd.log" 2>&1 &
   started_dockerd=$!
@@ -55,17 +58,28 @@ if ! engine_up; then
   engine_up || die "dockerd did not answer within 60 s: $OUT/dockerd.log"
 fi
 
-# --- 2. a client that builds with BuildKit ---------------------------------------------------
-if [ -z "${DOCKER:-}" ]; then
+# --- 2. a client that builds with BuildKit (`RUN --mount` in docker/Dockerfile) --------------
+# docker with the buildx plugin; or Debian bookworm's docker.io client (20.10), whose BuildKit
+# is built in; newer distributions' docker.io wants the docker-buildx package.
+buildkit_client() {
+  local candidate
   for candidate in docker /usr/bin/docker; do
     command -v "$candidate" >/dev/null || continue
     if "$candidate" buildx version >/dev/null 2>&1 \
       || "$candidate" version --format '{{.Client.Version}}' 2>/dev/null | grep -qE '^20\.'; then
-      DOCKER=$candidate; break
+      echo "$candidate"; return 0
     fi
   done
+  return 1
+}
+if [ -z "${DOCKER:-}" ]; then
+  if ! DOCKER=$(buildkit_client) && [ "$(id -u)" = 0 ]; then
+    say "installing docker-buildx"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-buildx >>"$OUT/apt.log" 2>&1 || true
+    DOCKER=$(buildkit_client) || true
+  fi
 fi
-[ -n "${DOCKER:-}" ] || die "no docker client that builds with BuildKit: install buildx (or Debian's docker.io)"
+[ -n "${DOCKER:-}" ] || die "no docker client that builds with BuildKit: install buildx (docker-buildx)"
 export DOCKER DOCKER_BUILDKIT=1
 
 # --- 3. the base image -----------------------------------------------------------------------
@@ -81,15 +95,33 @@ fi
 
 # --- 4. the images ---------------------------------------------------------------------------
 TAG=$(git rev-parse --short=12 HEAD)
+[ -z "$(git status --porcelain)" ] || TAG="$TAG-dirty"
 CPU_IMAGE="$($BIN/fersynth params kfp.image):$TAG"
 GPU_IMAGE="$($BIN/fersynth params kfp.gpu_image):$TAG"
-CA_BUNDLE=${CA_BUNDLE-${PIP_CERT:-}}
-secret=()
-if [ -n "$CA_BUNDLE" ]; then
-  [ -s "$CA_BUNDLE" ] || die "CA_BUNDLE=$CA_BUNDLE: no such file"
-  secret=(--secret "id=ca_bundle,src=$CA_BUNDLE")
+if [ -z "${CA_BUNDLE+set}" ]; then
+  for candidate in "${PIP_CERT:-}" "${REQUESTS_CA_BUNDLE:-}" "${SSL_CERT_FILE:-}" /etc/ssl/certs/ca-certificates.crt; do
+    if [ -n "$candidate" ] && [ -s "$candidate" ]; then CA_BUNDLE=$candidate; break; fi
+  done
 fi
-build() {  # build TARGET IMAGE: seconds taken on stdout
+CA_BUNDLE=${CA_BUNDLE:-}
+secret_file=""
+if [ -n "$CA_BUNDLE" ]; then
+  [ -s "$CA_BUNDLE" ] || die "CA_BUNDLE=$CA_BUNDLE: no such file, or empty"
+  secret_file=$CA_BUNDLE
+fi
+if ! $build_only; then
+  # The canary: a CA made here, now, that no image may hold (tests/test_images.py looks for it).
+  openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=fersynth image-check canary CA" \
+    -keyout /dev/null -out "$OUT/canary-ca.pem" 2>/dev/null || die "openssl could not make the canary CA"
+  cat ${CA_BUNDLE:+"$CA_BUNDLE"} "$OUT/canary-ca.pem" >"$OUT/build-ca-bundle.pem"
+  secret_file="$PWD/$OUT/build-ca-bundle.pem"
+fi
+secret=()
+if [ -n "$secret_file" ]; then
+  case "$secret_file" in *,*) die "CA bundle path $secret_file: a comma cannot be passed to --secret";; esac
+  secret=(--secret "id=ca_bundle,src=$secret_file")
+fi
+build() {  # build TARGET IMAGE: the seconds taken, on stdout
   local start=$SECONDS
   say "building $1 -> $2 (log: $OUT/build-$1.log)"
   "$DOCKER" build --progress plain --network host "${secret[@]}" \
@@ -108,40 +140,12 @@ $build_only && exit 0
 # --- 5. the proof ----------------------------------------------------------------------------
 start=$SECONDS
 set +e
-FERSYNTH_IMAGE=$CPU_IMAGE FERSYNTH_GPU_IMAGE=$GPU_IMAGE FERSYNTH_BASE_IMAGE=$base FERSYNTH_CA_BUNDLE=$CA_BUNDLE \
+FERSYNTH_IMAGE=$CPU_IMAGE FERSYNTH_GPU_IMAGE=$GPU_IMAGE FERSYNTH_BASE_IMAGE=$base FERSYNTH_CA_BUNDLE=$secret_file \
   "$BIN/python" -m pytest -m image -p no:cacheprovider tests/test_images.py 2>&1 | tee "$OUT/pytest.log"
 status=${PIPESTATUS[0]}
 set -e
-test_seconds=$((SECONDS - start))
-"$BIN/python" - "$OUT/pytest.log" <<EOF
-import json, re, subprocess, sys
-from pathlib import Path
-
-docker, images = "$DOCKER", {"cpu": "$CPU_IMAGE", "cuda": "$GPU_IMAGE"}
-site = "/opt/venv/lib/python3.11/site-packages"
-
-def largest(image):  # what takes the space: the venv's ten largest packages, MB
-    out = subprocess.run([docker, "run", "--rm", "--network", "none", image, "sh", "-c", f"du -sm {site}/* | sort -rn | head -10"],
-                         capture_output=True, text=True, check=True).stdout
-    return {line.split()[1].rsplit("/", 1)[1]: int(line.split()[0]) for line in out.splitlines()}
-
-def size(image):
-    return int(subprocess.run([docker, "image", "inspect", "--format", "{{.Size}}", image],
-                              capture_output=True, text=True, check=True).stdout) // 10**6
-
-summary = [l for l in Path(sys.argv[1]).read_text().splitlines() if re.search(r"\d+ (passed|failed)", l)]
-result = {
-    "command": "make image-check",
-    "git_commit": "$TAG",
-    "base_image": "$base",
-    "ca_bundle_given": bool("$CA_BUNDLE"),
-    "images": {k: {"ref": v, "size_mb": size(v), "largest_packages_mb": largest(v)} for k, v in images.items()},
-    "build_seconds": {"cpu": $cpu_seconds, "cuda": $gpu_seconds},
-    "test_seconds": $test_seconds,
-    "total_seconds": $SECONDS,  # engine, base image, builds and tests
-    "tests": summary[-1].strip("= ") if summary else "no summary",
-}
-Path("benchmarks/results/images.json").write_text(json.dumps(result, indent=2) + "\n")
-print("image-check: benchmarks/results/images.json:", result["tests"])
-EOF
+FERSYNTH_IMAGE=$CPU_IMAGE FERSYNTH_GPU_IMAGE=$GPU_IMAGE FERSYNTH_BASE_IMAGE=$base \
+  "$BIN/python" docker/image_report.py --out "$OUT" --tag "$TAG" --ca-bundle-given "$([ -n "$CA_BUNDLE" ] && echo yes || echo no)" \
+  --build-seconds "$cpu_seconds" "$gpu_seconds" --test-seconds $((SECONDS - start)) --total-seconds "$SECONDS" \
+  || say "could not write benchmarks/results/images.json"
 exit "$status"

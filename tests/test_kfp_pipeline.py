@@ -155,7 +155,7 @@ def test_a_failed_fetch_names_dvc_s_error_not_its_support_footer(tmp_path):
     with pytest.raises(FersynthError) as failed:
         fetch_data(str(tmp_path / "no-project"), "data/raw", "HEAD", tmp_path / "out")
     message = str(failed.value)
-    assert "ERROR" in message and "no-project" in message and "Having any troubles" not in message
+    assert "ERROR: failed to get 'data/raw'" in message and "Having any troubles" not in message
 
 
 TINY = [
