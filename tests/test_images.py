@@ -138,10 +138,35 @@ def _certificates(pem: bytes) -> set[bytes]:
     return {re.sub(rb"\s+", b"", body) for body in PEM.findall(pem)}
 
 
+def _layer_dirs(image: str) -> list[Path] | None:
+    """The folders of every layer of `image` on this machine (overlay2: the top layer and the
+    ones below it), or None where the engine stores images otherwise or elsewhere."""
+    driver = json.loads(_docker("image", "inspect", image).stdout)[0]["GraphDriver"]
+    if driver["Name"] != "overlay2":
+        return None
+    data = driver["Data"]
+    dirs = [Path(d) for d in [data.get("UpperDir", ""), *data.get("LowerDir", "").split(":")] if d]
+    return dirs if dirs and all(d.is_dir() for d in dirs) else None
+
+
 def _file_contents(image: str, max_bytes: int = 8 << 20):
-    """(name, bytes) of every regular file up to `max_bytes` in every layer of `image` (so a
-    file that a later layer deletes is still seen), and of its configuration and history
-    (`docker save`: manifest, config JSON, one tar per layer)."""
+    """(name, bytes) of the files up to `max_bytes` that say CERTIFICATE in any layer of
+    `image` (a file that a later layer deletes is still seen), and of its configuration and
+    history. From the layers' folders where the engine is local (grep finds the candidates, a
+    minute faster per image than reading `docker save`), else from `docker save`."""
+    yield "image config", _docker("image", "inspect", image).stdout.encode()
+    yield "image history", _docker("history", "--no-trunc", image).stdout.encode()
+    dirs = _layer_dirs(image)
+    if dirs is not None:
+        found = subprocess.run(
+            ["grep", "-rlZ", "-D", "skip", "-F", "CERTIFICATE", "--", *map(str, dirs)], capture_output=True
+        )
+        assert found.returncode in (0, 1), found.stderr.decode()[-2000:]
+        for name in filter(None, found.stdout.split(b"\0")):
+            path = Path(os.fsdecode(name))
+            if path.is_file() and not path.is_symlink() and path.stat().st_size <= max_bytes:
+                yield str(path), path.read_bytes()
+        return
     save = subprocess.Popen([DOCKER, "save", image], stdout=subprocess.PIPE)
     try:
         with tarfile.open(fileobj=save.stdout, mode="r|") as outer:
@@ -184,7 +209,7 @@ def _scan(image: str, private: set[bytes], public: set[bytes]) -> tuple[list[str
     known = [cert[100:160] for cert in sorted(public)[:5]]
     found, public_seen = [], False
     for name, data in _file_contents(image):
-        if b"CERTIFICATE" not in data:
+        if b"CERTIFICATE" not in data and not name.startswith("image "):  # config, history: always
             continue
         flat = re.sub(rb"\s+", b"", data)
         found += [name for needle in needles if needle in flat]
@@ -201,14 +226,19 @@ def test_the_images_hold_no_ca_certificate_of_the_build_machine(which):
     found, public_seen = _scan(image, private, public)
     assert not found, f"{image}: the build machine's CA certificates are in {found}"
     assert public_seen, "the scan found not even the base image's own certificates: it is broken"
+    metadata = _docker("image", "inspect", image).stdout + _docker("history", "--no-trunc", image).stdout
+    assert CA_BUNDLE not in metadata and "BEGIN CERTIFICATE" not in metadata
     config = json.loads(_docker("image", "inspect", image).stdout)[0]["Config"]
     names = [entry.split("=", 1)[0] for entry in config.get("Env") or []]
     assert not [n for n in names if re.search(r"CERT|CA_BUNDLE|SSL", n)], f"{image}: {names}"
 
 
-def test_the_ca_scan_finds_a_bundle_copied_into_an_image():
+@pytest.mark.parametrize("via", ["layer folders", "docker save"])
+def test_the_ca_scan_finds_a_bundle_copied_into_an_image(via, monkeypatch):
     """The scan above can fail: an image that copies the bundle in (the mistake it guards
-    against), re-wrapped at 76 columns, is caught."""
+    against), re-wrapped at 76 columns, is caught, by either way of reading the layers."""
+    if via == "docker save":
+        monkeypatch.setattr(f"{__name__}._layer_dirs", lambda image: None)
     private, public = _build_machine_certificates()
     context = Path(tempfile.mkdtemp(prefix="fersynth-ca-leak-"))
     try:
@@ -224,7 +254,7 @@ def test_the_ca_scan_finds_a_bundle_copied_into_an_image():
         (context / "Dockerfile").write_text(dockerfile)
         _docker("build", "--network", "none", "-t", "fersynth-test/ca-leak:1", str(context))
         found, _ = _scan("fersynth-test/ca-leak:1", private, public)
-        assert found and all(name.endswith("usr/lib/ssl/proxy-ca.pem") for name in found)
+        assert found and all(name.endswith("usr/lib/ssl/proxy-ca.pem") for name in found), found
     finally:
         _docker("rmi", "-f", "fersynth-test/ca-leak:1", check=False)
         shutil.rmtree(context, ignore_errors=True)
