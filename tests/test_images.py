@@ -226,9 +226,10 @@ def test_the_images_hold_no_ca_certificate_of_the_build_machine(which):
     found, public_seen = _scan(image, private, public)
     assert not found, f"{image}: the build machine's CA certificates are in {found}"
     assert public_seen, "the scan found not even the base image's own certificates: it is broken"
-    metadata = _docker("image", "inspect", image).stdout + _docker("history", "--no-trunc", image).stdout
+    inspect = _docker("image", "inspect", image).stdout
+    metadata = inspect + _docker("history", "--no-trunc", image).stdout
     assert CA_BUNDLE not in metadata and "BEGIN CERTIFICATE" not in metadata
-    config = json.loads(_docker("image", "inspect", image).stdout)[0]["Config"]
+    config = json.loads(inspect)[0]["Config"]
     names = [entry.split("=", 1)[0] for entry in config.get("Env") or []]
     assert not [n for n in names if re.search(r"CERT|CA_BUNDLE|SSL", n)], f"{image}: {names}"
 
