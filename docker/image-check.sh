@@ -82,6 +82,18 @@ fi
 [ -n "${DOCKER:-}" ] || die "no docker client that builds with BuildKit: install buildx (docker-buildx)"
 export DOCKER DOCKER_BUILDKIT=1
 
+# --- disk: fail now, with the numbers, rather than in the middle of a 10-minute build ---------
+# Both targets with their build cache take about 20 GB under the engine's data folder; an image
+# already built (same tag) needs nothing more. IMAGE_CHECK_MIN_FREE_GB=0 turns the check off.
+docker_root=$("$DOCKER" info --format '{{.DockerRootDir}}' 2>/dev/null || true)
+if [ -d "${docker_root:-/nonexistent}" ]; then
+  free_gb=$(df --output=avail -BG "$docker_root" | tail -1 | tr -dc 0-9)
+  need_gb=${IMAGE_CHECK_MIN_FREE_GB:-20}
+  if [ "$free_gb" -lt "$need_gb" ] && ! "$DOCKER" image inspect "$($BIN/fersynth params kfp.image):$(git rev-parse --short=12 HEAD)" >/dev/null 2>&1; then
+    die "only ${free_gb} GB free under $docker_root, and building both images needs about ${need_gb} GB: free some (docker system prune), or set IMAGE_CHECK_MIN_FREE_GB"
+  fi
+fi
+
 # --- 3. the base image -----------------------------------------------------------------------
 PYTHON_IMAGE=$(sed -n 's/^ARG PYTHON_IMAGE=//p' docker/Dockerfile)
 if "$DOCKER" image inspect "$PYTHON_IMAGE" >/dev/null 2>&1; then
