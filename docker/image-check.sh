@@ -82,14 +82,20 @@ fi
 [ -n "${DOCKER:-}" ] || die "no docker client that builds with BuildKit: install buildx (docker-buildx)"
 export DOCKER DOCKER_BUILDKIT=1
 
+# The images' names: the git commit (`-dirty` for a tree with uncommitted changes).
+TAG=$(git rev-parse --short=12 HEAD)
+[ -z "$(git status --porcelain)" ] || TAG="$TAG-dirty"
+CPU_IMAGE="$($BIN/fersynth params kfp.image):$TAG"
+GPU_IMAGE="$($BIN/fersynth params kfp.gpu_image):$TAG"
+
 # --- disk: fail now, with the numbers, rather than in the middle of a 10-minute build ---------
-# Both targets with their build cache take about 20 GB under the engine's data folder; an image
-# already built (same tag) needs nothing more. IMAGE_CHECK_MIN_FREE_GB=0 turns the check off.
+# Both targets with their build cache take about 20 GB under the engine's data folder; images
+# already built (same tag) need nothing more. IMAGE_CHECK_MIN_FREE_GB=0 turns the check off.
 docker_root=$("$DOCKER" info --format '{{.DockerRootDir}}' 2>/dev/null || true)
 if [ -d "${docker_root:-/nonexistent}" ]; then
   free_gb=$(df --output=avail -BG "$docker_root" | tail -1 | tr -dc 0-9)
   need_gb=${IMAGE_CHECK_MIN_FREE_GB:-20}
-  if [ "$free_gb" -lt "$need_gb" ] && ! "$DOCKER" image inspect "$($BIN/fersynth params kfp.image):$(git rev-parse --short=12 HEAD)" >/dev/null 2>&1; then
+  if [ "$free_gb" -lt "$need_gb" ] && ! "$DOCKER" image inspect "$CPU_IMAGE" "$GPU_IMAGE" >/dev/null 2>&1; then
     die "only ${free_gb} GB free under $docker_root, and building both images needs about ${need_gb} GB: free some (docker system prune), or set IMAGE_CHECK_MIN_FREE_GB"
   fi
 fi
@@ -106,10 +112,6 @@ else
 fi
 
 # --- 4. the images ---------------------------------------------------------------------------
-TAG=$(git rev-parse --short=12 HEAD)
-[ -z "$(git status --porcelain)" ] || TAG="$TAG-dirty"
-CPU_IMAGE="$($BIN/fersynth params kfp.image):$TAG"
-GPU_IMAGE="$($BIN/fersynth params kfp.gpu_image):$TAG"
 if [ -z "${CA_BUNDLE+set}" ]; then
   for candidate in "${PIP_CERT:-}" "${REQUESTS_CA_BUNDLE:-}" "${SSL_CERT_FILE:-}" /etc/ssl/certs/ca-certificates.crt; do
     if [ -n "$candidate" ] && [ -s "$candidate" ]; then CA_BUNDLE=$candidate; break; fi
