@@ -30,7 +30,7 @@ import torch
 
 from fersynth.dataset import TRAIN_SPLIT, load_image, read_manifest
 from fersynth.generate import output_seed
-from fersynth.generate.backends import Batch, GifPrior, make_prompts, resize_seed, to_tensor
+from fersynth.generate.backends import Batch, GifPrior, make_prompts, resize_seed, rewarded_classes, to_tensor
 from fersynth.generate.gif import clipped_fraction, guided_latents
 from fersynth.generate.guide import FerGuide
 from fersynth.generate.prior import load_prior
@@ -91,6 +91,7 @@ def prior_runs(seeds_per_class: int, eps_values=EPS) -> dict:
                 batch.generators,
                 backend.step_size,
                 eps,
+                classes=rewarded_classes(batch),
             )
             with torch.no_grad():
                 before, after = backend.decode(latents), backend.decode(step.latents)

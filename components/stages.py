@@ -237,13 +237,13 @@ def verify(
 def augment(
     original: Input[Dataset],
     synthetic: Input[Dataset],
-    variants: list[str],
     settings: Input[Artifact],
     datasets: Output[Dataset],
 ):
+    """Every training set of the grid's rows on synthetic data (their copy twins' included)."""
     from fersynth.pipeline_steps import augment as step
 
-    datasets.metadata["ratios"] = step(original.path, synthetic.path, datasets.path, variants, settings.path)
+    datasets.metadata["ratios"] = step(original.path, synthetic.path, datasets.path, settings.path)
 
 
 def compare(

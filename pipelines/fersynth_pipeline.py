@@ -26,12 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def grid_rows(settings: Settings) -> tuple[list[dict], list[dict]]:
     """(rows on the original data, rows on synthetic data) of the experiment grid: key, table
-    label and the augmented variant they train on (empty for the original data)."""
+    label and the augmented set they train on (its folder in the augment step's output: the
+    variant, `copies_<variant>` for a copy twin; empty for the original data)."""
     grid = settings.experiment.grid
+
+    def folder(row) -> str:
+        return settings.layout.augmented(str(row.variant), "copies" if row.twin_of else "generated").name
 
     def rows(table: dict, on_synthetic: bool) -> list[dict]:
         return [
-            {"key": key, "label": row_label(key, row), "variant": str(row.variant) if on_synthetic else ""}
+            {"key": key, "label": row_label(key, row), "variant": folder(row) if on_synthetic else ""}
             for key, row in table.items()
         ]
 
@@ -214,7 +218,6 @@ def build_pipeline(settings: Settings, image_tag: str):
                 ops.augment(
                     original=clean,
                     synthetic=verified.outputs["dataset"],
-                    variants=settings.experiment.grid.variants(),
                     settings=every,
                 )
             )

@@ -346,3 +346,52 @@ def test_every_variant_keeps_val_and_test_and_no_image_seeded_outside_training(l
         "no_seed 1, seed_in_test 2, seed_in_val 3, seed_not_in_original 1."
         in (output / "augment_report.md").read_text()
     )
+
+
+def test_a_copy_twins_set_takes_the_same_count_per_class_preferring_the_copies_of_the_rows_images(tmp_path):
+    rows, images = [], []
+    for name, n in (("happy", 8), ("fear", 2), ("sad", 4)):
+        for i in range(n):
+            rows.append({"id": f"{name}{i}", "label": name, "split": "train"})
+            images.append(colour_image(CLASSES.index(name), len(rows)))
+    original = write_dataset(tmp_path / "original", rows, images)
+    generated = [{**row, "gen_kind": "expand"} for row in synthetic_rows("fear", [3, 2, 2, 2, 1])]
+    # Copy twins: fear_s0's copy was rejected by the vote, so a twin of another image fills in.
+    copies = [
+        {**row, "id": f"{row['id']}_copy", "gen_kind": "copy", "v_accepted": accepted}
+        for row, accepted in zip(generated, ["false", "true", "true", "true", "true"], strict=True)
+    ]
+    syn = generated + copies
+    synthetic = write_dataset(
+        tmp_path / "synthetic", syn, [colour_image(CLASSES.index("fear"), 300 + i) for i in range(len(syn))]
+    )
+
+    def run(pool: str):
+        settings = AugmentSettings(
+            original=original, synthetic=synthetic, output=tmp_path / pool, variant="rho", rho=2.0, pool=pool
+        )
+        result = run_augment(settings, seed=1, progress=False)
+        return result, set(result.manifest.loc[result.manifest["origin"] == "synthetic", "id"])
+
+    real, real_ids = run("generated")
+    twin, twin_ids = run("copies")
+    assert real.added["fear"] == 2 and twin.added == real.added  # rho 2 on happy 8: fear +2
+    assert all(not i.endswith("_copy") for i in real_ids)  # the generated pool never takes a copy
+    assert all(i.endswith("_copy") for i in twin_ids)
+    # Its row took fear_s0 (agree 3) and one of fear_s1..s3; fear_s0's twin was rejected.
+    taken_copies = {f"{i}_copy" for i in real_ids} - {"fear_s0_copy"}
+    assert taken_copies <= twin_ids and "fear_s0_copy" not in twin_ids
+    report = json.loads((tmp_path / "copies" / "augment_report.json").read_text())
+    assert report["pool"] == "copies" and report["per_class"]["fear"]["added"] == 2
+    with pytest.raises(FersynthError, match="no copy twins"):
+        run_augment(
+            AugmentSettings(
+                original=original,
+                synthetic=synthetic,
+                output=tmp_path / "x",
+                variant="identities",
+                pool="copies",
+            ),
+            seed=1,
+            progress=False,
+        )

@@ -22,14 +22,17 @@ PROFILE = ROOT / "profiles" / "fer2013.yaml"
 REDUCED = {
     "train": {"steps": 12, "warmup_steps": 2, "eval_every": 6, "checkpoint_every": 6, "log_every": 6},
     "prior": {"steps": 10},
-    "generate": {"max_seeds_per_class": 2},
+    # Sized to the need as in the profile, capped: 40 outputs per class from 2 seed images.
+    "generate": {"max_seeds_per_class": 2, "max_per_class": 40},
 }
+SEEDS = [2048, 2049]  # two training seeds: the paired statistics run, in a third of the time
 
 
 def _reduced_profile() -> str:
     profile = yaml.safe_load(PROFILE.read_text())
     for section, values in REDUCED.items():
         profile[section] = {**(profile.get(section) or {}), **values}
+    profile["experiment"]["grid"]["seeds"] = SEEDS
     return yaml.safe_dump(profile, sort_keys=False)
 
 
@@ -89,9 +92,25 @@ def test_the_reduced_fer2013_profile_runs_every_stage_on_the_real_file(fer2013_c
     # The results page: tables, the changes against the cheapest competitor, the acceptance table
     # where every seeded class has accepted images or a stated reason, and the stage times.
     page = (project / "docs/results/fer2013.md").read_text()
-    for label in ("Original_SL", "Original_SL_balanced", "Original_MEK", "Expanded_SL", "Expanded_MEK"):
+    for label in ("Original_SL", "Original_SL_balanced", "Expanded_SL", "Expanded_SL_balanced"):
         assert f"| {label} " in page
     assert "Expanded_SL - Original_SL_balanced" in page
+    # What the generator added: each row minus its copy twin; the counts per class behind it.
+    assert "| Expanded_SL - Expanded_SL_copies (in_domain)" in page
+    assert "| Expanded_SL_balanced - Expanded_SL_balanced_copies (in_domain)" in page
+    sizing = json.loads((project / "data/fer2013/generated/dataset/sizing.json").read_text())
+    assert sizing["copy_twins"] is True
+    # rho 2 on happy: only disgust and surprise need images (each capped at 40 outputs).
+    needy = {name for name, plan in sizing["per_class"].items() if plan["generated"]}
+    assert needy == {"disgust", "surprise"}, sizing["per_class"]
+    assert (
+        sizing["per_class"]["disgust"]["needed"]
+        == -(-sizing["per_class"]["happy"]["real"] // 2) - (sizing["per_class"]["disgust"]["real"])
+    )
+    counts_section = page.split("## Synthetic images per class", 1)[1].split(
+        "## Synthetic images accepted", 1
+    )[0]
+    assert "| disgust " in counts_section and "Expanded_SL_balanced_copies" in counts_section
     verify = json.loads((project / "data/fer2013/verified/verify_report.json").read_text())
     for name, counts in verify["per_class"].items():
         if counts["generated"] > 0 and counts["accepted"] == 0:

@@ -104,6 +104,14 @@ def test_prior_is_reproducible_and_trains_from_disk_when_too_big_for_memory(worl
 
 
 def test_gif_step_stays_in_the_eps_ball_and_raises_the_score():
+    """`scores` is S at the perturbed latent s' before the step; the step ascends the batch's S
+    (first order, a small step), and the projection is the closest point of the eps-ball.
+
+    S on decode(projected) is above S before the step where the ball clips nothing (then the
+    projected latent is the stepped one). Where it clips, the projection moves the latent by
+    far more than the step (s' is s * (1 + z) + b, of the latent's own scale) and S there has
+    no order to S before the step: what holds then is that the projection is the per-entry
+    clamp of the stepped latent, and the step itself does not depend on eps."""
     torch.manual_seed(0)
     decoder = torch.nn.Sequential(
         torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(4, 3, 3, padding=1), torch.nn.Sigmoid()
@@ -117,31 +125,110 @@ def test_gif_step_stays_in_the_eps_ball_and_raises_the_score():
 
     latents = torch.randn(6, 4, 8, 8)
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    classes = torch.tensor([1, 1, 1, 2, 2, 2])  # each seed's label: fear, disgust
     seed_probs = torch.softmax(torch.randn(2, 7), dim=1)[groups]
-    generators = [torch.Generator().manual_seed(i) for i in range(6)]
-    final, before, stepped, clipped = guided_latents(
-        latents, decoder, guide, seed_probs, groups, generators, step_size=1e-3, eps=0.1
-    )
+
+    def step(eps: float, step_size: float = 1e-3):
+        generators = [torch.Generator().manual_seed(i) for i in range(6)]
+        return guided_latents(
+            latents,
+            decoder,
+            guide,
+            seed_probs,
+            groups,
+            generators,
+            step_size=step_size,
+            eps=eps,
+            classes=classes,
+        )
+
+    def score(points: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return gif_score(*guide(decoder(points)), seed_probs, groups, classes)
+
+    # A ball that clips nothing: the written (projected) latent is the stepped one, S rose.
+    wide, before, stepped, clipped = step(eps=1e3)
+    assert before.shape == (6,) and float(clipped.max()) == 0.0
+    assert torch.equal(wide, stepped) and (wide - latents).abs().max() <= 1e3
+    assert score(wide) > before.mean()
+    # The same step (it does not depend on eps) clipped by a small ball: the closest point of
+    # the ball to the stepped latent, entry by entry, and the share of clipped entries reported.
+    final, before_small, stepped_small, clipped = step(eps=0.1)
+    assert torch.equal(stepped_small, stepped) and torch.equal(before_small, before)
+    assert (final - latents).abs().max() <= 0.1 + 1e-6
+    overshoot = ((stepped - latents).abs() - 0.1).clamp_min(0)
+    assert torch.allclose((final - stepped).abs(), overshoot, atol=1e-6)
     assert clipped.shape == (6,) and torch.allclose(
         clipped, ((stepped - latents).abs() > 0.1).flatten(1).float().mean(1)
     )
-    assert (final - latents).abs().max() <= 0.1 + 1e-6
-    with torch.no_grad():
-        after = gif_score(*guide(decoder(stepped)), seed_probs, groups)
-    assert before.shape == (6,) and after > before.mean()
+    assert float(clipped.min()) > 0  # s' is far outside a 0.1 ball: the projection acts
     # The large default step still respects the ball.
-    final, _, _, _ = guided_latents(
-        latents,
-        decoder,
-        guide,
-        seed_probs,
-        groups,
-        [torch.Generator().manual_seed(i) for i in range(6)],
-        step_size=0.1,
-        eps=0.05,
-    )
+    final, _, _, _ = step(eps=0.05, step_size=0.1)
     assert (final - latents).abs().max() <= 0.05 + 1e-6
     assert torch.equal(perturb(latents, torch.zeros(6, 4, 1, 1), torch.zeros(6, 4, 1, 1)), latents)
+
+
+def test_gif_step_raises_the_probability_of_a_minor_class_seeds_own_label():
+    """A disgust seed that the guide takes for happy (the minor-class case: a guide trained on a
+    long tail is wrong on exactly these): the class term rewards disgust, the seed's label, so
+    the projected latent decodes to an image with more disgust than the seed's own decoding.
+    With the official code's rule (the guide's prediction on the seed) the same step lowers it.
+
+    The guide is linear in the mean colour and separates disgust from happy only (the other
+    classes have logits of -10), the decoder linear (a 1 x 1 convolution, upsampled): S_inf's
+    gradient then points one way, towards disgust while p(disgust) < 0.73 (the gain of
+    p(disgust) outweighs the entropy's loss). The step (5) is larger than the random
+    perturbation s * z + b, so that its sign, not the draw, decides where each entry of the
+    projected latent lands: on the ball's edge, eps from s (with the default 0.1 the draw
+    mostly decides; see `clipped_fraction`)."""
+    from fersynth.classes import CLASS_INDEX
+    from fersynth.generate.backends import Batch, rewarded_classes
+
+    disgust, happy = CLASS_INDEX["disgust"], CLASS_INDEX["happy"]
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(4, 3, 1))
+    with torch.no_grad():
+        decoder[1].weight.copy_(torch.randn(3, 4, 1, 1) * 0.03)
+        decoder[1].bias.fill_(0.5)
+    fer = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 7))
+    with torch.no_grad():
+        fer[2].weight.zero_()
+        fer[2].weight[disgust] = torch.tensor([1.0, -0.5, 0.8])
+        fer[2].weight[happy] = -fer[2].weight[disgust]
+        fer[2].bias.fill_(-10.0)
+        fer[2].bias[disgust], fer[2].bias[happy] = 0.0, 1.7  # p(disgust) about 0.4 on the seeds
+
+    def guide(images):
+        return fer(images), images.mean(dim=(2, 3))
+
+    def p_disgust(latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return guide(decoder(latents))[0].softmax(dim=1)[:, disgust]
+
+    count = 4
+    latents = 0.2 + 0.8 * torch.rand(count, 4, 2, 2)  # four disgust seeds, one output each
+    seeds = decoder(latents).detach()  # the seed images, as the guide sees them
+    seed_probabilities = guide(seeds)[0].softmax(dim=1)
+    assert (seed_probabilities.argmax(dim=1) == happy).all()  # the guide is wrong on every seed
+    assert (seed_probabilities[:, disgust] > 0.3).all() and (seed_probabilities[:, disgust] < 0.5).all()
+    groups = torch.arange(count)  # K = 1: no S_div, the class term's direction alone
+    batch = Batch([np.zeros((8, 8, 3), np.uint8)] * count, ["disgust"] * count, list(range(count)), [], [])
+    classes = rewarded_classes(batch)
+    assert classes.tolist() == [disgust] * count  # the label, not the prediction (happy)
+
+    def projected(rewarded: torch.Tensor) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(100 + i) for i in range(count)]
+        step = guided_latents(
+            latents, decoder, guide, seed_probabilities, groups, generators, 5.0, 1.0, classes=rewarded
+        )
+        assert torch.allclose((step.latents - latents).abs(), torch.ones_like(latents))  # on the edge
+        return step.latents
+
+    before = p_disgust(latents)
+    towards_label = p_disgust(projected(classes))
+    assert (towards_label > before + 0.01).all(), (before, towards_label)
+    towards_prediction = p_disgust(projected(seed_probabilities.argmax(dim=1)))  # the official rule
+    assert (towards_prediction < before - 0.01).all(), (before, towards_prediction)
 
 
 def test_k_outputs_per_seed_only_from_training_images(world, tmp_path):
@@ -193,6 +280,8 @@ def _cli(output: Path, world, shard: int, num_shards: int) -> list[str]:
         "generate.prior": str(root / "prior"),
         "generate.device": "cpu",
         "generate.classes": "[fear, disgust, angry]",
+        "generate.sizing": "fixed",  # every seed image x K, as `settings` (no grid to size for)
+        "generate.copy_twins": "false",
     }
     args = [sys.executable, "-m", "fersynth.cli"]
     for key, value in overrides.items():
@@ -246,7 +335,45 @@ def sd_settings(world, output: Path, sd_folder: Path, **changes) -> GenerateSett
     return settings(world, output, backend="gif-sd", sd_model=str(sd_folder), image_size=64, **changes)
 
 
-def test_tiny_stable_diffusion_round_trip_and_gif_sd(world, tmp_path):
+def calls_of(owner, name: str) -> list[tuple[tuple, dict]]:
+    """Wraps the real method `owner.name` (it still runs) so that each call's arguments are
+    recorded; functools.wraps keeps its signature for the callers that inspect it."""
+    import functools
+
+    method = getattr(owner, name)
+    calls: list[tuple[tuple, dict]] = []
+
+    @functools.wraps(method)
+    def recorded(*args, **kwargs):
+        calls.append((args, kwargs))
+        return method(*args, **kwargs)
+
+    setattr(owner, name, recorded)
+    return calls
+
+
+def rewarded_per_call(monkeypatch) -> list[list[int]]:
+    """The classes S_inf rewards in each guided step that a backend runs (gif-prior, gif-ldm and
+    gif-sd call it from backends.py, gif-unclip from unclip.py); the step itself runs as is."""
+    import fersynth.generate.backends
+    import fersynth.generate.unclip
+
+    rewarded: list[list[int]] = []
+
+    def step(*args, classes, **kwargs):
+        rewarded.append(classes.tolist())
+        return guided_latents(*args, classes=classes, **kwargs)
+
+    monkeypatch.setattr(fersynth.generate.backends, "guided_latents", step)
+    monkeypatch.setattr(fersynth.generate.unclip, "guided_latents", step)
+    return rewarded
+
+
+def test_tiny_stable_diffusion_round_trip_and_gif_sd(world, tmp_path, monkeypatch):
+    from fersynth.generate import build_backend
+    from fersynth.generate.backends import Batch, to_uint8
+    from helpers import face_like
+
     components = build_random(sample_size=64)
     assert len(components.tokenizer) > 2
     folder = components.save(tmp_path / "sd")
@@ -255,7 +382,11 @@ def test_tiny_stable_diffusion_round_trip_and_gif_sd(world, tmp_path):
     for a, b in zip(components.unet.state_dict().values(), loaded.unet.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     config = sd_settings(world, tmp_path / "gen", folder, steps=10, strength=0.2, k=2, max_seeds_per_class=1)
-    result = run_generate(config, progress=False)
+    backend, size = build_backend(config, torch.device("cpu"))
+    unet_calls = calls_of(backend.pipe.unet, "forward")
+    scheduler_steps = calls_of(backend.pipe.scheduler, "step")
+    rewarded = rewarded_per_call(monkeypatch)
+    result = run_generate(config, backend=(backend, size), progress=False)
     assert result.written == 2 * 2
     merged = run_merge(config, num_shards=1, progress=False)
     synthetic = read_manifest(merged.output).manifest
@@ -264,6 +395,59 @@ def test_tiny_stable_diffusion_round_trip_and_gif_sd(world, tmp_path):
     records = json.loads(next((result.folder / RECORDS).glob("*.json")).read_text())
     assert records[0]["backend"] == "gif-sd" and records[0]["strength"] == 0.2
     assert "face" in records[0]["prompt"]
+
+    # The job's strength reached the denoising: int(0.2 * 10) = 2 DDIM steps per batch (one seed
+    # of K = 2 per batch, two batches), the last two timesteps of a 10-step schedule, each one
+    # UNet call on the K noised latents and their unconditional twins (guidance scale 50).
+    schedule = type(backend.pipe.scheduler).from_config(backend.pipe.scheduler.config)
+    schedule.set_timesteps(10)
+    last_two = [int(t) for t in schedule.timesteps[-2:]]
+    timesteps = [
+        int(kwargs.get("timestep", args[1] if len(args) > 1 else -1)) for args, kwargs in scheduler_steps
+    ]
+    assert timesteps == last_two * 2
+    assert [args[0].shape[0] for args, _ in unet_calls] == [2 * 2] * 4
+    assert sorted(rewarded) == [[1, 1], [2, 2]]  # the fear seed's and the disgust seed's own labels
+
+    # One fear seed, K = 2, each run with fresh generators (the same draws): the output is neither
+    # the seed view encoded and decoded (the denoising changed the latent) nor the denoised
+    # latent decoded (GIF's step moved it, within its eps-ball).
+    def batch() -> Batch:
+        generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
+        return Batch([face_like(3, size)], ["fear"], [0, 0], generators, ["a photo of a fearful face"] * 2)
+
+    with torch.no_grad():
+        encoded = backend.encode(batch())
+        denoised = backend.latents(batch())
+        plain, unguided = to_uint8(backend.decode(encoded)), to_uint8(backend.decode(denoised))
+    assert (denoised - encoded).abs().mean() > 0.1 * encoded.abs().mean()
+    calls = len(unet_calls)
+    generated = backend.generate(batch())
+    assert len(unet_calls) - calls == 2 and rewarded[-1] == [1, 1]
+    for image, seed_view, denoised_only in zip(generated.images, plain, unguided, strict=True):
+        assert np.abs(image.astype(int) - seed_view.astype(int)).mean() > 1.0
+        assert not np.array_equal(image, denoised_only)
+
+
+def test_gif_prior_and_gif_ldm_reward_each_outputs_intended_class(world, tmp_path, monkeypatch):
+    """S_inf's class is each output's label: its seed's own for an expansion, the target for an
+    edit, whatever the guide predicts on the seed (gif-sd: the round trip above; gif-unclip: its
+    tests below)."""
+    from fersynth.generate import build_backend
+    from fersynth.generate.backends import Batch, to_tensor
+    from helpers import face_like
+
+    rewarded = rewarded_per_call(monkeypatch)
+    for config in (settings(world, tmp_path / "prior"), ldm_settings(world, tmp_path / "ldm")):
+        backend, size = build_backend(config, torch.device("cpu"))
+        seeds = [face_like(1, size), face_like(2, size)]
+        with torch.no_grad():
+            predicted = backend.guide(to_tensor(seeds, torch.device("cpu")))[0].argmax(dim=1)
+        assert int(predicted[0]) != 2  # the guide does not take the disgust seed for disgust
+        generators = [torch.Generator().manual_seed(i) for i in range(3)]
+        batch = Batch(seeds, ["disgust", "fear"], [0, 0, 1], generators, [""] * 3, edits=[False, True])
+        assert len(backend.generate(batch).images) == 3
+    assert rewarded == [[2, 2, 1]] * 2  # disgust, disgust (the seed's label), fear (the edit's target)
 
 
 def test_stable_diffusion_folder_errors(tmp_path):
@@ -389,16 +573,22 @@ def test_edit_jobs_draw_source_images_for_each_target(world, tmp_path):
     assert select_seeds(config.model_copy(update={"classes": []}), 2048)["edit_from"].ne("").all()
 
 
-def test_gif_score_rewards_an_edits_target_class():
+def test_gif_score_rewards_the_class_it_is_given_never_the_guides_prediction():
     logits = torch.tensor([[0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0]] * 2)
     features = torch.randn(2, 8)
-    seed_probabilities = torch.softmax(torch.tensor([[4.0, 0, 0, 0, 0, 0, 0]] * 2), dim=1)
+    seed_probabilities = torch.softmax(torch.tensor([[4.0, 0, 0, 0, 0, 0, 0]] * 2), dim=1)  # predicts 0
     groups = torch.zeros(2, dtype=torch.long)
-    own = gif_score(logits, features, seed_probabilities, groups)
-    towards_disgust = gif_score(logits, features, seed_probabilities, groups, torch.tensor([2, 2]))
-    assert float(towards_disgust - own) == pytest.approx(
+    surprise = gif_score(logits, features, seed_probabilities, groups, torch.tensor([0, 0]))
+    disgust = gif_score(logits, features, seed_probabilities, groups, torch.tensor([2, 2]))
+    assert float(disgust - surprise) == pytest.approx(
         float(torch.softmax(logits[0], 0)[2] - torch.softmax(logits[0], 0)[0])
     )
+    with pytest.raises(TypeError, match="classes"):  # no default: no fallback to the prediction
+        gif_score(logits, features, seed_probabilities, groups)
+    with pytest.raises(TypeError, match="classes"):
+        guided_latents(torch.zeros(2, 4), lambda x: x, lambda x: (x, x), seed_probabilities, groups, [])
+    with pytest.raises(ValueError, match="one intended class per output"):
+        gif_score(logits, features, seed_probabilities, groups, torch.tensor([2]))
 
 
 def test_cross_class_edits_with_the_prior_and_tiny_stable_diffusion(world, tmp_path):
@@ -483,12 +673,16 @@ def unclip_settings(world, tmp_path: Path, **changes) -> GenerateSettings:
     return settings(world, tmp_path / "gen", **{**values, **changes})
 
 
-def test_gif_unclip_perturbs_the_clip_image_embedding_and_decodes_with_stable_unclip(world, tmp_path):
+def test_gif_unclip_perturbs_the_clip_image_embedding_and_decodes_with_stable_unclip(
+    world, tmp_path, monkeypatch
+):
     """GIF's DALL-E 2 setting on tiny Stable unCLIP components, saved and loaded as a folder,
     scored by a tiny CLIP in the same embedding space; each output its own embedding."""
     config = unclip_settings(world, tmp_path, steps=3, k=2, max_seeds_per_class=1)
+    rewarded = rewarded_per_call(monkeypatch)
     result = run_generate(config, progress=False)
     assert result.written == 4
+    assert sorted(rewarded) == [[1, 1], [2, 2]]  # the fear seed's and the disgust seed's own labels
     images = sorted((result.folder / IMAGES).glob("*.png"))
     first, second = (np.asarray(Image.open(p)) for p in images[:2])
     assert not np.array_equal(first, second)  # two outputs of one seed: two embeddings
@@ -515,13 +709,16 @@ def test_gif_unclip_perturbs_the_clip_image_embedding_and_decodes_with_stable_un
         )
 
 
-def test_edits_reward_their_target_in_every_backend_and_unclip_needs_a_clip_guide(world, tmp_path):
+def test_edits_reward_their_target_in_every_backend_and_unclip_needs_a_clip_guide(
+    world, tmp_path, monkeypatch
+):
     from fersynth.generate.backends import Batch, rewarded_classes
 
+    # Per output: the edit's target (fear), else the seed's own label (happy), whatever the
+    # guide predicts on the seed; a batch without edits the same.
     batch = Batch([], ["fear", "happy"], [0, 0, 1], [], [], edits=[True, False])
-    probabilities = torch.tensor([[0.0, 0.1, 0.0, 0.9, 0, 0, 0], [0.0, 0.0, 0.0, 0.2, 0, 0.8, 0]])
-    assert rewarded_classes(batch, probabilities).tolist() == [1, 1, 5]  # fear for the edit, else own
-    assert rewarded_classes(Batch([], ["happy"], [0], [], []), probabilities[:1]) is None
+    assert rewarded_classes(batch).tolist() == [1, 1, 3]
+    assert rewarded_classes(Batch([], ["disgust", "fear"], [1, 0, 0], [], [])).tolist() == [1, 2, 2]
 
     with pytest.raises(ValueError, match="set guide: clip"):
         GenerateSettings(backend="gif-unclip", guide="fer")
@@ -530,12 +727,14 @@ def test_edits_reward_their_target_in_every_backend_and_unclip_needs_a_clip_guid
 
     edit = {"fear": {"sources": ["happy"], "max_seeds": 1}}
     config = unclip_settings(world, tmp_path, steps=2, k=1, classes=[], edit=edit)
+    rewarded = rewarded_per_call(monkeypatch)
     records = [
         r
         for f in (run_generate(config, progress=False).folder / RECORDS).glob("*.json")
         for r in json.loads(f.read_text())
     ]
     assert [(r["label"], r["edit_from"]) for r in records] == [("fear", "happy")]
+    assert rewarded == [[1]]  # the edit's target, fear
 
 
 def ldm_settings(world, output: Path, **changes) -> GenerateSettings:
@@ -782,3 +981,67 @@ def test_gif_prior_keeps_the_seeds_detail_that_the_prior_loses(world, tmp_path):
     kept_error, plain_error = error_to_seed(kept.folder), error_to_seed(plain.folder)
     assert kept_error < 0.3 * plain_error, (kept_error, plain_error)
     assert kept_error < 12  # only the resizing to the prior's 32 px and back
+
+
+def test_copy_twins_are_the_seed_views_the_gif_outputs_start_from_and_k_follows_the_need(world, tmp_path):
+    from fersynth.augment import COPY_SUFFIX
+    from fersynth.generate.backends import Batch, seed_views, to_tensor, to_uint8
+
+    root, data = world
+    train = read_manifest(data).manifest.query("split == 'train'")
+    counts = train["label"].value_counts()
+    # rho 1 with the whole class as acceptance: fear and disgust each need (largest - own) images.
+    config = settings(world, tmp_path / "gen", variants=["balanced"], rho=1.0, acceptance=1.0, max_k=4)
+    config = config.model_copy(update={"copy_twins": True, "seed_rotation": 15.0})
+    seeds = select_seeds(config, 2048)
+    for name in ("fear", "disgust"):
+        need = int(counts.max() - counts[name])
+        jobs = seeds[seeds["label"] == name]
+        assert jobs["k"].nunique() == 1
+        k = int(jobs["k"].iloc[0])
+        assert len(jobs) == min(counts[name], -(-need // 3))  # at K=3 first, then K up to max_k
+        assert k == (3 if len(jobs) * 3 >= need else min(4, -(-need // len(jobs))))
+    result = run_generate(config, progress=False)
+    assert result.written == 2 * int(seeds["k"].sum())  # every output and its copy twin
+    merged = run_merge(config, num_shards=1, progress=False)
+    manifest = read_manifest(merged.output).manifest
+    twins = manifest[manifest["gen_kind"] == "copy"]
+    assert len(twins) == int(seeds["k"].sum()) and set(twins["source"]) == {"seed-copy"}
+    assert set(twins["id"]) == {
+        f"{i}{COPY_SUFFIX}" for i in manifest.loc[manifest["gen_kind"] == "expand", "id"]
+    }
+    sizing = json.loads((merged.output / "sizing.json").read_text())
+    assert sizing["copy_twins"] and sizing["per_class"]["fear"]["k"] == int(
+        seeds.query("label == 'fear'")["k"].iloc[0]
+    )
+    # A twin is exactly the seed view its generated sibling started from: drawn from the same
+    # output seed at the backend's working size (the prior's 32 px), stored at the seed's size.
+    twin = twins.iloc[0]
+    record = json.loads((result.folder / RECORDS / f"{twin['seed_id']}.json").read_text())
+    sibling = next(r for r in record if r["id"] == twin["id"].removesuffix(COPY_SUFFIX))
+    seed_row = train.set_index("id").loc[twin["seed_id"]]
+    stored = np.asarray(Image.open(data / seed_row["path"]).convert("RGB"))
+    from fersynth.generate.backends import resize_seed, to_seed_size
+
+    view = seed_views(
+        Batch(
+            [resize_seed(stored, 32)],
+            [twin["label"]],
+            [0],
+            [torch.Generator().manual_seed(sibling["random_seed"])],
+            [""],
+        ),
+        to_tensor([resize_seed(stored, 32)], torch.device("cpu")),
+        15.0,
+        True,
+    )
+    expected = to_seed_size(to_uint8(view)[0], stored.shape[1], stored.shape[0])
+    assert np.array_equal(np.asarray(Image.open(merged.output / twin["path"]).convert("RGB")), expected)
+    # The null generator alone: the seed views at the seed's own size, no model loaded.
+    alone = settings(world, tmp_path / "copies", backend="seed-copy", guide_model="nowhere", prior=None)
+    copies = run_generate(alone, progress=False)
+    assert copies.written == 3 * len(select_seeds(alone, 2048))
+    records = json.loads(next((copies.folder / RECORDS).glob("*.json")).read_text())
+    assert {r["backend"] for r in records} == {"seed-copy"} and all(
+        r["gif_score"] != r["gif_score"] for r in records
+    )

@@ -162,6 +162,7 @@ TINY = [
     "train.warmup_steps=1", "train.workers=0", "train.eval_every=2", "train.checkpoint_every=2",
     "train.log_every=1", "train.lr=0.003", "evaluate.workers=0", "evaluate.batch_size=32",
     "prior.steps=3", "prior.image_size=32", "prior.batch_size=8", "generate.max_seeds_per_class=1",
+    "generate.sizing=fixed",
     "generate.k=2", "verify.fidelity_images_per_class=4", "verify.kid_subset_size=2",
     "verify.min_probability=0.0", "verify.min_votes=1", "verify.workers=0",
     "guard.workers=1", "ingest.workers=1", "quality.workers=1", "experiment.grid.seeds=[2048, 2049]",
@@ -191,8 +192,8 @@ def run_tiny_pipeline(repo: Path, image_tag: str, overrides: list[str]) -> None:
 
 def check_pipeline_outputs(root: Path) -> None:
     """What a tiny pipeline run under `root` must leave: every grid row trained and evaluated on
-    both test sets, the two shards merged (7 classes x 1 seed x k=2, nothing lost or doubled),
-    the report, and the best row registered."""
+    both test sets (the copy twins too), the two shards merged (7 classes x 1 seed x k=2 and
+    each output's copy twin, nothing lost or doubled), the report, and the best row registered."""
     tables = sorted(root.rglob("comparisons/in_domain/comparison.csv"))
     assert len(tables) == 1
     table = tables[0].read_text()
@@ -203,13 +204,17 @@ def check_pipeline_outputs(root: Path) -> None:
         "Expanded_SL",
         "Synthetic_MEK",
         "Expanded_MEK",
+        "Expanded_SL_balanced",
+        "Expanded_SL_copies",
+        "Expanded_SL_balanced_copies",
     ):
         assert f"\n{row}," in table
     assert sorted(root.rglob("comparisons/cross/comparison.csv"))
     merged = [p for p in root.rglob("merge/*/dataset/manifest.csv")] or [
         p for p in root.rglob("manifest.csv") if "merge" in str(p)
     ]
-    assert merged and sum(1 for _ in merged[0].open()) - 1 == 14
+    assert merged and sum(1 for _ in merged[0].open()) - 1 == 2 * 14
+    assert merged[0].read_text().count(",copy,") == 14  # gen_kind of the copy twins
     report = sorted(root.rglob("report/**/report.md"))
     assert report and "What the synthetic data changed" in report[0].read_text()
     status = json.loads(next(iter(sorted(root.rglob("register/**/outcome")))).read_text())

@@ -5,20 +5,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import colour_dataset, tiny_train_settings
+from tests.helpers import colour_dataset, colour_image, tiny_train_settings, write_dataset
 
 from fersynth.classes import CLASSES
+from fersynth.dataset import read_manifest
 from fersynth.demo import RAFDB_TRAIN_COUNTS
 from fersynth.errors import FersynthError
 from fersynth.settings import load_settings
-from fersynth.train.loop import effective_rates, run_train
+from fersynth.train.loop import effective_rates, mek_weight_counts, run_train
 from fersynth.train.losses import (
     attention_consistency,
     mek_class_weights,
     rebalanced_targets,
     soft_cross_entropy,
 )
-from fersynth.train.models import ModelSpec, class_activation_maps, create_model
+from fersynth.train.models import ModelSpec, class_activation_maps, create_model, load_model
 
 
 def test_class_weights_match_mek_on_rafdb_counts():
@@ -93,18 +94,28 @@ def test_cam_spatial_mean_plus_bias_equals_logits(arch, size, extra):
     assert torch.allclose(maps.mean(dim=(2, 3)) + bias, logits, atol=1e-4)
 
 
-def test_attention_consistency_zero_for_mirrored_maps_positive_otherwise():
+def test_attention_consistency_by_hand_on_an_asymmetric_map():
+    """mean_b sum_k w_k mean_hw (CAM - flip(CAM of the flipped image))^2 on B=2, K=2, H=1, W=2."""
+    maps = torch.tensor([[[[1.0, 3.0]], [[0.0, 2.0]]], [[[0.0, 0.0]], [[1.0, 1.0]]]])
+    flipped = torch.tensor([[[[5.0, -1.0]], [[2.0, 2.0]]], [[[0.0, 0.0]], [[1.0, 1.0]]]])
+    weights = torch.tensor([0.5, 3.0])
+    # Image 0: flipped back, class 0 is [-1, 5] against [1, 3]: squares 4, 4, mean 4; class 1 is
+    # [2, 2] against [0, 2]: squares 4, 0, mean 2; 0.5 * 4 + 3 * 2 = 8. Image 1 agrees: 0.
+    assert attention_consistency(maps, flipped, weights).item() == 4.0  # (8 + 0) / 2
+    # Compared without flipping back, image 0 class 0 would be [-4, 4]: 0.5 * 16 + 3 * 2 = 14.
+    assert attention_consistency(maps[:1], flipped[:1].flip(dims=(3,)), weights).item() == 14.0
+
+
+def test_attention_consistency_is_exactly_zero_on_a_flip_symmetric_map():
+    """An image equal to its mirror has maps equal to the mirror's maps: a left-right symmetric
+    map (the same for both views) costs exactly nothing, whatever the weights."""
     torch.manual_seed(0)
-    weights = torch.rand(7) + 0.1
-    maps = torch.randn(4, 7, 7, 7)
-    # The flipped view's maps are exactly the mirror of the original's: consistent.
-    assert attention_consistency(maps, maps.flip(dims=(3,)), weights).item() == 0.0
-    # Maps that do not mirror each other are penalised.
-    assert attention_consistency(maps, torch.randn(4, 7, 7, 7), weights).item() > 0.1
-    # A map that is itself left-right symmetric needs no flip back; an asymmetric one does.
-    symmetric = torch.cat([maps[..., :3], maps[..., 3:4], maps[..., :3].flip(dims=(3,))], dim=3)
-    assert attention_consistency(symmetric, symmetric, weights).item() < 1e-12
-    assert attention_consistency(maps, maps, weights).item() > 0.1
+    half = torch.randn(3, 7, 5, 3)
+    symmetric = torch.cat([half, torch.randn(3, 7, 5, 1), half.flip(dims=(3,))], dim=3)  # W = 7
+    assert torch.equal(symmetric, symmetric.flip(dims=(3,)))
+    assert attention_consistency(symmetric, symmetric.clone(), torch.rand(7) + 0.1).item() == 0.0
+    asymmetric = torch.randn(3, 7, 5, 7)  # the same comparison on an asymmetric map is not free
+    assert attention_consistency(asymmetric, asymmetric.clone(), torch.ones(7)).item() > 0.1
 
 
 def test_attention_consistency_on_model_maps_of_an_image_and_its_mirror():
@@ -183,3 +194,90 @@ def test_rates_are_as_given_unless_set_and_the_thesis_profile_follows_the_offici
         {"lr": 3.125e-05, "warmup_lr": 3.125e-08, "min_lr": 3.125e-07, "warmup_steps": 2000}
     )
     assert effective_rates(thesis)["lr"] == 5e-4  # the profile's SL rows: the thesis' rate
+
+
+REAL = [3, 1, 2, 3, 2, 1, 3]  # the original training counts of the augmented-style set below
+ADDED = [0, 2, 1, 0, 1, 2, 0]  # synthetic images added: every class ends at 3
+
+
+def _augmented(root: Path, report: bool = True) -> Path:
+    """An `expanded`-style dataset as `fersynth augment` writes it: real and synthetic training
+    images, a real val split, and augment_report.json with the original counts."""
+    rows, images = [], []
+    for k, name in enumerate(CLASSES):
+        for origin, count in (("real", REAL[k]), ("synthetic", ADDED[k])):
+            for i in range(count):
+                rows.append({"id": f"{origin}_{name}_{i}", "label": name, "split": "train", "origin": origin})
+                images.append(colour_image(k, len(rows)))
+        rows.append({"id": f"val_{name}", "label": name, "split": "val"})
+        images.append(colour_image(k, 1000 + k))
+    write_dataset(root, rows, images)
+    if report:
+        per_class = {
+            name: {"original": REAL[k], "accepted pool": ADDED[k], "added": ADDED[k], "training set": 3}
+            for k, name in enumerate(CLASSES)
+        }
+        (root / "augment_report.json").write_text(json.dumps({"variant": "expanded", "per_class": per_class}))
+    return root
+
+
+def _mek_run(data: Path, output: Path, **mek) -> tuple[dict, dict]:
+    settings = tiny_train_settings(
+        data, output, method="mek", steps=2, eval_every=2, checkpoint_every=2, mek=mek
+    )
+    run_train(settings, progress=False)
+    return json.loads((output / "train_summary.json").read_text()), load_model(output).extra
+
+
+def _rounded(counts: list[int]) -> list[float]:
+    return [round(float(w), 4) for w in mek_class_weights(counts)]
+
+
+def test_mek_class_weights_come_from_the_original_counts_of_an_augmented_set(tmp_path):
+    """A synthetic MEK row differs from Original_MEK in its data only: its class weights come
+    from augment_report.json's original counts, not from the augmented training split."""
+    data = _augmented(tmp_path / "expanded")
+    summary, extra = _mek_run(data, tmp_path / "original")
+    assert summary["train_counts"] == dict.fromkeys(CLASSES, 3)  # what it trained on
+    assert _rounded(REAL) != _rounded([3] * 7)
+    for record in (summary, extra):
+        assert record["mek_class_weights"] == _rounded(REAL)
+        assert record["mek_class_weights_from"] == "original"
+        assert record["mek_class_weight_counts_source"] == "augment_report.json"
+        assert record["mek_class_weight_counts"] == dict(zip(CLASSES, REAL, strict=True))
+    # `own`: the training split's counts, synthetic images included.
+    summary, extra = _mek_run(data, tmp_path / "own", class_weights_from="own")
+    for record in (summary, extra):
+        assert record["mek_class_weights"] == _rounded([3] * 7)
+        assert record["mek_class_weights_from"] == "own"
+        assert record["mek_class_weight_counts_source"] == "train split"
+    # A pinned set of weights wins over both.
+    pinned = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    summary, _ = _mek_run(data, tmp_path / "pinned", class_weights=pinned)
+    assert summary["mek_class_weights"] == pinned and summary["mek_class_weights_from"] == "pinned"
+
+
+def test_original_class_weights_of_a_dataset_without_augment_report_are_its_own(tmp_path):
+    data = colour_dataset(tmp_path / "data", per_class=2, test_per_class=0)
+    frame = read_manifest(data).manifest  # no augment report: the dataset is the original
+    counts, source = mek_weight_counts(data, frame[frame["split"] == "train"], "original")
+    assert counts == [2] * 7 and source == "train split"
+
+
+@pytest.mark.parametrize(
+    "report",
+    [None, "{not json", '{"per_class": {}}', '{"per_class": {"angry": {"original": "3"}}}'],
+    ids=["missing", "not-json", "no-classes", "not-a-count"],
+)
+def test_a_missing_or_malformed_augment_report_is_one_line_naming_the_file(tmp_path, report):
+    data = _augmented(tmp_path / "data", report=False)
+    if report is not None:
+        (data / "augment_report.json").write_text(report)
+    output = tmp_path / "run"
+    with pytest.raises(FersynthError) as error:
+        _mek_run(data, output)
+    message = str(error.value)
+    assert message.startswith(str(data / "augment_report.json")) and "\n" not in message
+    assert not output.exists()  # refused before the output folder is touched
+    train = read_manifest(data).manifest.query("split == 'train'")
+    assert mek_weight_counts(data, train, "own") == ([3] * 7, "train split")  # needs no report

@@ -29,7 +29,7 @@ def test_unset_paths_follow_the_experiment_layout():
     assert settings.guard.output == Path("data/other/guarded")
     assert settings.train.data == Path("data/other/guarded")
     assert settings.verify.voters == [f"runs/other/voters/voter_{k}" for k in (1, 2, 3)]
-    assert settings.generate.guide_model == "runs/other/models/original/original_sl/seed_2048"
+    assert settings.generate.guide_model == "runs/other/models/original/original_sl_balanced/seed_2048"
     assert settings.evaluate.output == Path("runs/other/eval/original_sl/seed_2048")
     assert settings.augment.output == Path("data/other/augmented/rho")
     assert settings.evaluate.data == [Path("data/other/test_sets/in_domain")]
@@ -68,16 +68,20 @@ def test_a_grid_row_on_new_identities():
         ("verify.voters=[expanded_sl]", "trains on synthetic data"),
         ("experiment.cross_sets={in_domain: {source: rafdb, input: x}}", "in-domain"),
         ("verify.voters=[voter_1, orignal_mek]", "'orignal_mek' is no row of experiment.grid.original"),
-        ("verify.voters=[original_sl, voter_1]", "'original_sl' is the guide's model"),
+        ("verify.voters=[original_sl_balanced, voter_1]", "'original_sl_balanced' is the guide's model"),
         ("experiment.voters.original_sl={seed: 9}", "voters.original_sl: also a row of the grid"),
         ("experiment.voters.voter_4={seed: 1}", "two voters are the same model"),
         ("experiment.grid.seeds=[1, 1]", "give one or more different seeds"),
         ("generate.guide_model=voter_1", "'voter_1' is a voter"),
         (
-            "experiment.voters.voter_1={seed: 2048, sampler: plain}",
-            "trains as the guide row 'original_sl' does",
+            # Voters on the whole training split (no cross-fitting) at a grid seed: the guide's model.
+            "experiment={voter_folds: 0, voters: {voter_1: {seed: 2048}}}",
+            "trains as the guide row 'original_sl_balanced' does",
         ),
-        ("verify.voters=[runs/demo/models/original/original_sl/seed_2049/model.pt]", "is the guide's model"),
+        (
+            "verify.voters=[runs/demo/models/original/original_sl_balanced/seed_2049/model.pt]",
+            "is the guide's model",
+        ),
         ("generate.guide_model=orignal_sl", "generate.guide_model: 'orignal_sl' is no row"),
         ("demo.sets.ingested={}", "demo.sets.ingested: data/<experiment>/ingested is a stage's output"),
         ("demo.sets.raw={sed: 3}", "demo.sets.raw: unknown key 'sed'"),

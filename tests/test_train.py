@@ -15,9 +15,9 @@ import torch
 from fersynth.classes import CLASSES
 from fersynth.errors import FersynthError
 from fersynth.train.data import InMemoryBatches, SampleStream, use_in_memory
-from fersynth.train.loop import CHECKPOINT, run_train, split_validation
+from fersynth.train.loop import BEST_WEIGHTS, CHECKPOINT, run_train, split_validation
 from fersynth.train.models import ModelSpec, create_model, load_model
-from helpers import make_demo_dataset, tiny_train_settings
+from helpers import colour_dataset, make_demo_dataset, tiny_train_settings
 
 
 @pytest.fixture(scope="module")
@@ -366,3 +366,46 @@ def test_a_resumed_run_logs_each_step_once(demo_dataset, tmp_path):
     speeds = [json.loads(x) for x in (output / "train_speed.jsonl").read_text().splitlines()]
     assert [r["step"] for r in speeds] == [1, 2, 3, 4, 5, 6]
     assert all(r["images_per_s"] != 1.0 for r in speeds)
+
+
+def test_model_file_holds_the_best_validation_steps_weights_not_the_last(tmp_path, monkeypatch):
+    """Validation after each of 4 steps, its score peaking at step 2: model.pt holds the weights
+    the model had at step 2, as the validation saw them, not step 4's (checkpoint.pt).
+    The run is real; only the score is scripted, so that the best step is surely not the last."""
+    import fersynth.train.loop as loop
+
+    seen: list[dict[str, torch.Tensor]] = []  # the weights at each validation, in order
+    real_predict, real_metrics = loop.predict_probabilities, loop.compute_metrics
+
+    def predict(model, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_predict(model, *args, **kwargs)
+
+    scores = iter([0.2, 0.9, 0.5, 0.3])
+
+    def metrics(y_true, y_pred):
+        score = next(scores)
+        return {**real_metrics(y_true, y_pred), "accuracy": score, "mean_accuracy": score}
+
+    monkeypatch.setattr(loop, "predict_probabilities", predict)
+    monkeypatch.setattr(loop, "compute_metrics", metrics)
+    data = colour_dataset(tmp_path / "data", per_class=3, test_per_class=0, val_per_class=1)
+    output = tmp_path / "run"
+    settings = tiny(data, output, steps=4, eval_every=1, checkpoint_every=4, log_every=1)
+    result = run_train(settings, progress=False)
+
+    assert len(seen) == 4 and result.best_step == 2
+    logged = [json.loads(x) for x in (output / "train_log.jsonl").read_text().splitlines() if x]
+    curve = [(r["step"], r["val_mean_accuracy"]) for r in logged if "val_mean_accuracy" in r]
+    assert curve == [(1, 0.2), (2, 0.9), (3, 0.5), (4, 0.3)]
+    assert json.loads((output / "train_summary.json").read_text())["best_step"] == 2
+    kept = load_model(output).model.state_dict()
+    last = torch.load(output / CHECKPOINT, weights_only=True)
+    assert last["step"] == 4 and last["best_step"] == 2
+    assert torch.load(output / BEST_WEIGHTS, weights_only=True)["step"] == 2
+    assert kept.keys() == seen[1].keys()
+    for name, tensor in kept.items():
+        assert torch.equal(tensor, seen[1][name]), name  # step 2's weights, exactly
+    assert torch.equal(seen[3]["fc.weight"], last["model"]["fc.weight"])  # what step 4 validated
+    changed = [name for name in kept if not torch.equal(kept[name], last["model"][name])]
+    assert "fc.weight" in changed and "conv1.weight" in changed  # not the last step's weights

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from tests.helpers import colour_dataset, colour_image, tiny_train_settings, write_dataset
+from tests.helpers import colour_dataset, colour_image, markdown_rows, tiny_train_settings, write_dataset
 
 from fersynth.classes import CLASSES
 from fersynth.dataset import read_manifest
 from fersynth.demo import draw_face
 from fersynth.errors import FersynthError
+from fersynth.folds import fold_of
 from fersynth.settings import GuardSettings, VerifySettings
 from fersynth.train.loop import run_train
+from fersynth.train.models import MODEL_FILE, load_model
 from fersynth.verify import run_guard, run_verify
+from fersynth.verify.crossfit import image_folds, voter_folds
+from fersynth.verify.fidelity import extract_features
 from fersynth.verify.leakage import nearest, perceptual_hash
 from fersynth.verify.voting import (
     calibrated_thresholds,
     decide,
     majority,
+    near_copy_threshold,
+    nearest_neighbour_distances,
     recognised_classes,
     voter_recall,
 )
@@ -110,6 +117,38 @@ def test_probability_thresholds_are_calibrated_per_class_on_validation():
         min_probability=np.where(tau > 0.35, 0.45, tau),
     )
     assert votes["v_accepted"].tolist() == [True, True, True, True]
+
+
+def test_near_copy_threshold_is_a_percentile_of_nearest_neighbour_distances():
+    # 1-D features 0, 1, 3, 7: nearest-neighbour distances 1, 1, 2, 4 (never the point itself).
+    line = np.array([[0.0], [1.0], [3.0], [7.0]])
+    assert nearest_neighbour_distances(line).tolist() == pytest.approx([1.0, 1.0, 2.0, 4.0])
+    # Sorted 1, 1, 2, 4 at ranks 0..3; percentile p sits at rank 3p/100, linearly interpolated.
+    assert near_copy_threshold(line, 50.0) == pytest.approx(1.5)  # rank 1.5: 1 + 0.5 * (2 - 1)
+    assert near_copy_threshold(line, 75.0) == pytest.approx(2.5)  # rank 2.25: 2 + 0.25 * (4 - 2)
+    assert near_copy_threshold(line, 5.0) == pytest.approx(1.0)  # rank 0.15, between 1 and 1
+    # 2-D: (0,0)-(3,0) 3, (3,4)-(3,0) 4, (3,0)-(0,0) 3.
+    plane = np.array([[0.0, 0.0], [3.0, 4.0], [3.0, 0.0]])
+    assert nearest_neighbour_distances(plane).tolist() == pytest.approx([3.0, 4.0, 3.0])
+    assert near_copy_threshold(plane, 100.0) == pytest.approx(4.0)
+    assert near_copy_threshold(plane, 50.0) == pytest.approx(3.0)
+    assert np.isnan(near_copy_threshold(plane[:2], 50.0))  # fewer than 3 real images: no threshold
+    assert nearest_neighbour_distances(np.array([[1.0, 2.0], [1.0, 2.0], [5.0, 5.0]]))[0] == 0.0
+
+
+def test_decide_rejects_near_copies_of_their_seed():
+    probabilities = np.stack([one_hot([FEAR] * 4), one_hot([FEAR] * 4)])
+    votes = decide(
+        probabilities,
+        np.array([FEAR] * 4),
+        min_votes=2,
+        min_probability=0.5,
+        seed_distance=np.array([0.1, 0.5, np.nan, 0.1]),  # image 2 has no seed
+        copy_threshold=np.array([0.2, 0.2, 0.2, np.nan]),  # image 3: no threshold (or exempt)
+    )
+    assert votes["v_rejected_by"].tolist() == ["near_copy", "", "", ""]
+    assert votes["v_accepted"].tolist() == [False, True, True, True]
+    assert votes["v_reason"][0] == "a near copy of its seed image (feature distance 0.100 < 0.200)"
 
 
 def test_majority_breaks_ties_by_mean_probability():
@@ -272,7 +311,8 @@ def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
     images.append(np.asarray(Image.open(reference / test_image["path"]).convert("RGB")))
     seeds = read_manifest(reference).split("train").query("label == 'fear'").head(3)
     for i, seed_row in enumerate(seeds.itertuples()):
-        rows[i]["seed_id"] = seed_row.id
+        # Seed copies (the copy-twin control): near copies by design, never rejected as such.
+        rows[i]["seed_id"], rows[i]["source"] = seed_row.id, "seed-copy"
         images[i] = np.asarray(Image.open(reference / seed_row.path).convert("RGB"))
     data = write_dataset(tmp_path / "synthetic", rows, images)
     settings = VerifySettings(
@@ -297,6 +337,9 @@ def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
     assert lost["v_reason"].str.contains("0 of 3 voters agree").all()
     assert lost["v_rejected_by"].str.split("|").map(lambda codes: "votes" in codes).all()
     assert (good["v_rejected_by"] == "").all()
+    copies = pd.to_numeric(good["v_seed_distance"].iloc[:3])
+    assert copies.max() == pytest.approx(0.0, abs=1e-4)  # recorded, and no reason to reject
+    assert good["v_seed_distance"].iloc[3:].isna().all()  # no seed: no distance
     # The written dataset keeps every verified row with its votes, images linked.
     written = read_manifest(tmp_path / "verified").manifest
     assert len(written) == 10 and (written["v_accepted"] == "true").sum() == 6
@@ -316,6 +359,10 @@ def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
     assert (tmp_path / "verified" / "verify_classes.png").is_file()
     page = (tmp_path / "verified" / "verify_report.md").read_text()
     assert "6 of 10" in page and "## What the voters recognise" in page
+    assert "Not cross-fitted: every voter was trained on the whole training split" in page
+    assert report["cross_fitted"] is False and len(report["folds"]) == 1
+    assert report["folds"][0]["fold"] is None and report["folds"][0]["images"] == 10
+    assert report["near_copy"]["exempt_images"] == 3 and report["rejected_by"]["near_copy"] == 0
     # Each voter's recall on the real validation split: the shifted voter recalls nothing.
     assert report["voter_recall"]["voter_a"]["fear"] == 100.0
     assert report["voter_recall"]["voter_shifted"]["fear"] == 0.0
@@ -382,6 +429,149 @@ def test_new_identities_are_labelled_by_the_vote_and_expansions_keep_theirs(vote
     assert (faces["v_accepted"] == "true").all()
     lost = frame.loc[[f"lost{i}" for i in range(4)]]  # an expansion keeps its seed's label
     assert (lost["label"] == "fear").all() and (lost["v_accepted"] == "false").all()
+
+
+def copy_model(source: str, folder) -> str:
+    folder.mkdir(parents=True)
+    (folder / MODEL_FILE).write_bytes((Path(source) / MODEL_FILE).read_bytes())
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def fold_voters(voters, tmp_path_factory):
+    """Two cross-fitted voters of two folds: fold 0's models are the shifted voter (every class
+    one on), fold 1's the good ones (voter a, voter b), so the votes show which fold voted."""
+    reference, (good_a, good_b, shifted) = voters
+    root = tmp_path_factory.mktemp("fold_voters")
+    for name, good in (("voter_p", good_a), ("voter_q", good_b)):
+        copy_model(shifted, root / name / "fold_0")
+        copy_model(good, root / name / "fold_1")
+    return reference, [str(root / "voter_p"), str(root / "voter_q")]
+
+
+def test_cross_fitted_images_are_voted_only_by_their_seeds_fold_models(fold_voters, tmp_path):
+    reference, paths = fold_voters
+    train = read_manifest(reference).split("train")
+    fear = train[train["label"] == "fear"].reset_index(drop=True)
+    fold = fold_of(fear, 2)
+    assert {0, 1} <= set(fold.tolist()), "the fear seeds fall in both folds"
+    rows, images = [], []
+    for i, seed_row in enumerate(fear.itertuples()):  # a new fear-coloured image per seed
+        rows.append({"id": f"img{i}", "label": "fear", "split": "train", "origin": "synthetic"})
+        rows[-1].update(seed_id=seed_row.id, gen_kind="expand")
+        images.append(colour_image(FEAR, 800 + i))
+    for i in range(2):  # new identities: no seed, so fold 0's models vote (and label) them
+        rows.append({"id": f"face{i}", "label": "happy", "split": "train", "origin": "synthetic"})
+        rows[-1]["gen_kind"] = "identity"
+        images.append(colour_image(HAPPY, 900 + i))
+    data = write_dataset(tmp_path / "synthetic", rows, images)
+    settings = small_verify(data, reference, paths, tmp_path / "verified", min_votes=2)
+    result = run_verify(settings, GuardSettings(test_sets=[], workers=1), seed=0, progress=False)
+    frame = result.manifest.set_index("id")
+    seeded = frame.loc[[f"img{i}" for i in range(len(fear))]]
+    assert seeded["v_fold"].astype(int).tolist() == fold.tolist()  # each image in its seed's fold
+    in_0, in_1 = seeded[fold == 0], seeded[fold == 1]
+    # Fold 0's (shifted) models alone vote on fold 0's images; fold 1's (good) ones on fold 1's.
+    assert (in_0["v_votes"] == "disgust,disgust").all() and (in_1["v_votes"] == "fear,fear").all()
+    assert (in_1["v_accepted"] == "true").all() and (in_0["v_accepted"] == "false").all()
+    # Fold 0's models recall nothing on validation: its images are unverifiable; fold 1's not.
+    assert in_0["v_rejected_by"].str.contains("unrecognised").all()
+    assert not in_1["v_rejected_by"].str.contains("unrecognised").any()
+    faces = frame.loc[["face0", "face1"]]
+    assert (faces["v_fold"].astype(int) == 0).all() and (faces["v_votes"] == "sad,sad").all()
+    assert (faces["label"] == "sad").all()  # relabelled by fold 0's models' majority
+    assert result.cross_fitted and [g.fold for g in result.folds] == [0, 1]
+
+    report = json.loads((tmp_path / "verified" / "verify_report.json").read_text())
+    assert report["cross_fitted"] is True
+    folds = {entry["fold"]: entry for entry in report["folds"]}
+    assert folds[0]["models"] == {
+        "voter_p / fold_0": f"{paths[0]}/fold_0",
+        "voter_q / fold_0": f"{paths[1]}/fold_0",
+    }
+    assert folds[1]["models"]["voter_q / fold_1"] == f"{paths[1]}/fold_1"
+    assert folds[0]["images"] == int((fold == 0).sum()) + 2 and folds[0]["images_without_seed"] == 2
+    assert folds[1]["images"] == int((fold == 1).sum()) and folds[1]["images_without_seed"] == 0
+    assert folds[0]["recognised"]["fear"] is False and folds[1]["recognised"]["fear"] is True
+    assert report["recognised"]["fear"] is False  # recognised only when every fold does
+    assert report["voter_recall"]["voter_p / fold_0"]["fear"] == 0.0
+    assert report["voter_recall"]["voter_p / fold_1"]["fear"] == 100.0
+    low = min(folds[f]["probability_thresholds"]["fear"] for f in (0, 1))
+    assert report["probability_thresholds"]["fear"] == low
+    page = (tmp_path / "verified" / "verify_report.md").read_text()
+    assert "Cross-fitted over 2 folds" in page and "fold 0's models vote on them" in page
+    assert any(row[0] == "voter_q / fold_1" for row in markdown_rows(page))
+    assert any(row[0] == "fold_1" and row[2] == str(folds[1]["images"]) for row in markdown_rows(page))
+
+
+def test_cross_fitted_and_plain_voters_do_not_mix(tmp_path):
+    for name, folds in (("p", [0, 1]), ("q", [0, 1]), ("r", []), ("s", [0]), ("t", [0, 2])):
+        (tmp_path / name).mkdir()
+        for fold in folds:
+            (tmp_path / name / f"fold_{fold}").mkdir()
+    p, q, r, s, t = (str(tmp_path / name) for name in "pqrst")
+    assert voter_folds([p, q]) == {0: [f"{p}/fold_0", f"{q}/fold_0"], 1: [f"{p}/fold_1", f"{q}/fold_1"]}
+    assert voter_folds([r]) == {None: [r]}
+    settings = VerifySettings(data=tmp_path, reference=tmp_path, voters=[p, r], min_votes=1)
+    with pytest.raises(FersynthError, match="mixed with plain ones") as error:
+        run_verify(settings, GuardSettings(test_sets=[]), seed=0, progress=False)
+    assert "\n" not in str(error.value) and p in str(error.value) and r in str(error.value)
+    with pytest.raises(FersynthError, match=f"different folds .*{s}: fold_0\\)"):
+        voter_folds([p, s])
+    with pytest.raises(FersynthError, match="expected fold_0 to fold_1"):
+        voter_folds([t])
+
+
+def test_an_images_fold_is_its_seeds_fold(tmp_path):
+    reference = pd.DataFrame({"id": ["a", "b", "c"], "pixel_hash": ["h1", "h2", "h1"]})
+    folds = fold_of(reference, 3)
+    assert folds[0] == folds[2]  # pixel copies share a fold
+    seed_ids = pd.Series(["b", "c", "", "zz"])
+    has_seed = np.array([True, True, False, False])
+    assert image_folds(seed_ids, has_seed, reference, 3).tolist() == [folds[1], folds[2], 0, 0]
+
+
+def test_near_copies_of_the_seed_are_rejected_unless_seed_copies(voters, tmp_path):
+    reference, paths = voters
+    fear = read_manifest(reference).split("train").query("label == 'fear'")
+    seed_row = fear.iloc[0]
+    seed_pixels = np.asarray(Image.open(reference / seed_row["path"]).convert("RGB"))
+    base = {"label": "fear", "split": "train", "origin": "synthetic", "seed_id": seed_row["id"]}
+    rows = [
+        {**base, "id": "copy"},  # its seed, unchanged: a near copy
+        {**base, "id": "twin", "source": "seed-copy"},  # the same, from the null generator
+        {**base, "id": "other"},  # another fear face: a new image of the class
+        {**base, "id": "face", "seed_id": "", "gen_kind": "identity"},  # no seed
+    ]
+    images = [seed_pixels, seed_pixels.copy(), colour_image(FEAR, 950), colour_image(FEAR, 951)]
+    data = write_dataset(tmp_path / "synthetic", rows, images)
+    settings = small_verify(data, reference, paths[:2], tmp_path / "verified", min_votes=2)
+    result = run_verify(settings, GuardSettings(test_sets=[], workers=1), seed=0, progress=False)
+    frame = result.manifest.set_index("id")
+    assert frame.at["copy", "v_rejected_by"] == "near_copy"
+    assert frame.at["copy", "v_reason"].startswith("a near copy of its seed image (feature distance 0.000 <")
+    assert frame.at["twin", "v_accepted"] == "true" and frame.at["twin", "v_rejected_by"] == ""
+    assert float(frame.at["twin", "v_seed_distance"]) == pytest.approx(0.0, abs=1e-4)
+    assert frame.at["other", "v_accepted"] == "true" and float(frame.at["other", "v_seed_distance"]) > 0
+    assert frame.at["face", "v_accepted"] == "true" and pd.isna(frame.at["face", "v_seed_distance"])
+    # The fear threshold: the 5th percentile of the real fear training images' nearest-neighbour
+    # distances on the first voter's features (all 12 sampled: fewer than 500).
+    model = load_model(paths[0], "cpu")
+    real = extract_features(model, reference, fear, device="cpu", batch_size=16, workers=0)
+    expected = near_copy_threshold(real, 5.0)
+    report = json.loads((tmp_path / "verified" / "verify_report.json").read_text())
+    assert report["folds"][0]["near_copy_thresholds"]["fear"] == pytest.approx(expected, abs=1e-4)
+    assert expected > float(frame.at["copy", "v_seed_distance"])
+    assert expected < float(frame.at["other", "v_seed_distance"])
+    assert report["rejected_by"]["near_copy"] == 1 and report["near_copy"]["exempt_images"] == 1
+    label = (
+        "a near copy of its seed image "
+        "(closer than the 5th percentile of real nearest-neighbour distances in its class)"
+    )
+    assert report["rejection_reasons"] == {label: 1}
+    assert report["rejected_by_class"]["fear"][label] == 1
+    page = (tmp_path / "verified" / "verify_report.md").read_text()
+    assert "rejected as a near copy when its distance to its own seed image" in page
 
 
 def test_verify_refuses_more_required_votes_than_voters(voters, tmp_path):

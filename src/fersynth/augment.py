@@ -70,6 +70,9 @@ def plan(original: dict[str, int], pool: dict[str, int], rho: float | None) -> d
 
 
 SYNTHETIC_ONLY = ("synthetic", "synthetic_matched")  # variants without the original's train split
+TAKES_WHOLE_POOL = ("synthetic", "expanded")  # variants that add every accepted image
+COPY_KIND = "copy"  # gen_kind of a copy twin: its seed view from the null generator (seed-copy)
+COPY_SUFFIX = "_copy"  # a copy twin's id: its generated sibling's id + this
 VARIANT_RHO = {"balanced": 1.0, "expanded_balanced": 1.0}  # the rho a variant reaches ("rho": its own)
 
 
@@ -93,7 +96,7 @@ def plan_variant(
         return {name: min(original.get(name, 0), pool.get(name, 0)) for name in CLASSES}
     if variant == "expanded_balanced":
         return plan_expanded_balanced(original, pool)
-    if variant in ("synthetic", "expanded"):
+    if variant in TAKES_WHOLE_POOL:
         return plan(original, pool, None)
     return plan(original, pool, VARIANT_RHO.get(variant, rho))
 
@@ -139,10 +142,33 @@ def ranked_pool(synthetic: pd.DataFrame, seed: int) -> pd.DataFrame:
     return ordered.drop(columns=["_tie", "_agree"])
 
 
-def select(synthetic: pd.DataFrame, additions: dict[str, int], seed: int) -> pd.DataFrame:
+def select(
+    synthetic: pd.DataFrame, additions: dict[str, int], seed: int, first: list[str] | None = None
+) -> pd.DataFrame:
+    """The `additions` per class from the accepted rows of `synthetic`, best ranked first;
+    rows whose id is in `first` go before all others (a copy twin's set: the copies of the
+    generated images its row took)."""
     pool = ranked_pool(synthetic, seed)
+    if first:
+        wanted_first = pd.Series(pool["id"].isin(set(first)).to_numpy(), index=pool.index)
+        pool = pd.concat([pool[wanted_first], pool[~wanted_first]])
     chosen = [pool[pool["label"] == name].head(additions.get(name, 0)) for name in CLASSES]
     return pd.concat(chosen) if chosen else pool.head(0)
+
+
+def split_pools(candidates: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The synthetic candidates by pool: `generated` (expansions and edits), `copies` (the copy
+    twins, gen_kind copy) and `identities` (new faces, gen_kind identity)."""
+    kind = (
+        candidates["gen_kind"].fillna("").astype(str)
+        if "gen_kind" in candidates.columns
+        else pd.Series("", index=candidates.index)
+    )
+    return {
+        "generated": candidates[~kind.isin(["identity", COPY_KIND])],
+        "copies": candidates[kind == COPY_KIND],
+        "identities": candidates[kind == "identity"],
+    }
 
 
 def seeded_from_training(
@@ -215,18 +241,27 @@ def run_augment(
     candidates = synthetic.manifest[synthetic.manifest["split"] == TRAIN_SPLIT]
     # Only images seeded from the original's training images: none from a val or test image.
     candidates, dropped_seeds = seeded_from_training(candidates, original.manifest)
-    # New identities are the `identities` variant's pool and no other's.
-    if "gen_kind" in candidates.columns:
-        identity = (candidates["gen_kind"] == "identity").to_numpy()
-        candidates = candidates[identity if settings.variant == "identities" else ~identity]
-    elif settings.variant == "identities":
-        candidates = candidates.head(0)
-    before = original.class_counts(TRAIN_SPLIT)
-    pool = _counts(candidates[candidates["v_accepted"] == "true"])
+    # New identities are the `identities` variant's pool and no other's; the copy twins are
+    # the `copies` pool's, which takes per class what the same variant takes of the generated.
+    pools = split_pools(candidates)
     variant = settings.variant
-    additions = plan_variant(variant, before, pool, settings.rho)
-    want = wanted(variant, before, pool, settings.rho)
-    added = select(candidates, additions, seed).copy()
+    before = original.class_counts(TRAIN_SPLIT)
+    generated = pools["identities" if variant == "identities" else "generated"]
+    generated_pool = _counts(generated[generated["v_accepted"] == "true"])
+    additions = plan_variant(variant, before, generated_pool, settings.rho)
+    want = wanted(variant, before, generated_pool, settings.rho)
+    if settings.pool == "copies":
+        if variant == "identities":
+            raise FersynthError("augment: new identities have no seed image, so no copy twins")
+        taken = select(generated, additions, seed)["id"]
+        candidates = pools["copies"]
+        pool = _counts(candidates[candidates["v_accepted"] == "true"])
+        want = dict(additions)  # the twin asks for what its row took
+        additions = {name: min(additions[name], pool[name]) for name in CLASSES}
+        added = select(candidates, additions, seed, first=[f"{i}{COPY_SUFFIX}" for i in taken]).copy()
+    else:
+        candidates, pool = generated, generated_pool
+        added = select(candidates, additions, seed).copy()
     clash = sorted(set(added["id"]) & set(original.manifest["id"]))
     if clash:
         raise FersynthError(f"{settings.synthetic}: ids also used by the original data, e.g. {clash[:3]}")
@@ -280,6 +315,7 @@ def _write_report(folder: Path, result: AugmentResult, settings: AugmentSettings
     check = origin_check(folder, seeds=settings.original) if (folder / "manifest.csv").is_file() else None
     summary = {
         "variant": settings.variant,
+        "pool": settings.pool,
         "rho": settings.rho
         if settings.variant in ("rho", "identities")
         else VARIANT_RHO.get(settings.variant),

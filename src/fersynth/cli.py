@@ -712,17 +712,14 @@ def augment_command(
             raise FersynthError(
                 f"--grid builds every variant of the grid in its own folder: drop {', '.join(given)}"
             )
-        base = obj.settings()
-        Path(base.layout.data / "augmented").mkdir(
-            parents=True, exist_ok=True
-        )  # the stage's output, even empty
-        for name in base.experiment.grid.variants():
-            extra = _option_overrides(
-                **{"augment.variant": name, "augment.output": base.layout.augmented(name), "augment.rho": rho}
-            )
-            result = run_augment(obj.settings(extra).augment, seed=base.seed, force=force, progress=not quiet)
+        from fersynth import stages
+
+        for name, pool, result in stages.augment_grid(
+            obj.settings(_option_overrides(**{"augment.rho": rho})), force=force, progress=not quiet
+        ):
+            twin = " (copy twins)" if pool == "copies" else ""
             click.echo(
-                f"augment ({name}): class ratio {result.ratio_before:.2f} -> {result.ratio_after:.2f}; "
+                f"augment ({name}{twin}): class ratio {result.ratio_before:.2f} -> {result.ratio_after:.2f}; "
                 f"added {sum(result.added.values())} -> {result.output}"
             )
         return

@@ -7,13 +7,15 @@ a synthetic-only set the vote left empty) stays in the table, empty, with its re
 
 A row trained with several seeds (experiment.grid.seeds: results in `seed_<s>/` folders) shows
 the mean and the standard deviation over its seeds; `paired_changes` compares two rows seed by
-seed (paired t-test) and marks a difference only when it is beyond the seed spread.
+seed (paired t-test) and marks a difference only when it is beyond the seed spread, after a
+Holm-Bonferroni correction for the number of cells compared (every change x column of one
+call is one family), and never a difference with no spread over the seeds (the same
+difference on every seed, or a single seed: p is NaN there).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +31,12 @@ from fersynth.skipped import SKIPPED_JSON, skipped_reason
 SKIPPED = "skipped"  # table.attrs key: {row: reason}
 SPREAD = "spread"  # table.attrs key: {row: {column: standard deviation over seeds}}
 PER_SEED = "per_seed"  # table.attrs key: long table run, seed, column, value
-ALPHA = 0.05  # a paired difference is marked when its two-sided p-value is below this
+ALPHA = 0.05  # a paired difference is marked when its Holm-adjusted two-sided p is below this
 MIN_SEEDS = 3  # ... and the two rows share at least this many seeds
+# Per-seed differences spread less than this (accuracy points) count as no spread: the same
+# difference on every seed up to float rounding (the CSVs keep 4 decimals) has no p-value.
+NO_SPREAD = 1e-6
+CHANGE_COLUMNS = ["change", "test_set", "column", "mean", "std", "n", "p", "p_holm", "marked"]
 # What `fersynth evaluate` writes per test set; defined here so that reading results (compare,
 # report) does not import torch (7 s on two cores).
 METRICS_JSON = "metrics.json"
@@ -149,11 +155,13 @@ def seeds_of(table: pd.DataFrame) -> list[str]:
 def paired_changes(table: pd.DataFrame, pairs: list[tuple[str, str]], test_set: str) -> pd.DataFrame:
     """Each (row, baseline) pair's change in accuracy points, per column, paired over seeds.
 
-    Long table: change ("<row> - <baseline> (<test set>)"), column, mean (of the per-seed
-    differences), std (their standard deviation, ddof 1), n (seeds both rows have; 0 when they
-    share none: the difference of the two means, unpaired), p (paired two-sided t-test,
-    scipy.stats.ttest_rel; NaN with fewer than two seeds or a zero difference on every seed, 0
-    for the same non-zero difference on every seed) and marked (p < ALPHA over at least
+    Long table: change ("<row> - <baseline> (<test set>)"), test_set, column, mean (of the
+    per-seed differences), std (their standard deviation, ddof 1), n (seeds both rows have; 0
+    when they share none: the difference of the two means, unpaired), p (paired two-sided
+    t-test, scipy.stats.ttest_rel; NaN where the difference has no spread over the seeds:
+    fewer than two seeds, unpaired, or the same difference on every seed, zero or not), p_holm
+    (p after the Holm-Bonferroni correction, `holm`, over every cell of this call that has a
+    p: all changes x all columns are one family) and marked (p_holm < ALPHA over at least
     MIN_SEEDS shared seeds: the difference is beyond the seed spread)."""
     from scipy.stats import ttest_rel
 
@@ -175,7 +183,7 @@ def paired_changes(table: pd.DataFrame, pairs: list[tuple[str, str]], test_set: 
                 if both.empty and len(a) and len(b):  # no seed in common: unpaired, never marked
                     a, b = np.array([a.astype(float).mean()]), np.array([b.astype(float).mean()])
                     if not (np.isnan(a[0]) or np.isnan(b[0])):
-                        records.append(_change(label, column, a - b, 0, float("nan")))
+                        records.append(_change(label, test_set, column, a - b, 0, float("nan")))
                     continue
                 a, b = a.loc[both].astype(float), b.loc[both].astype(float)
                 keep = a.notna() & b.notna()
@@ -188,35 +196,85 @@ def paired_changes(table: pd.DataFrame, pairs: list[tuple[str, str]], test_set: 
             if len(a) == 0:
                 continue
             difference = a - b
-            p = float("nan")
-            if len(a) >= 2 and np.ptp(difference) > 0:
+            p = float("nan")  # no spread (one seed, or the same difference on every seed): no test
+            if len(a) >= 2 and np.ptp(difference) > NO_SPREAD:
                 p = float(ttest_rel(a, b).pvalue)
-            elif len(a) >= 2 and difference[0] != 0:
-                p = 0.0  # the same non-zero difference on every seed
-            records.append(_change(label, column, difference, len(a), p))
-    return pd.DataFrame(records, columns=["change", "column", "mean", "std", "n", "p", "marked"])
+            records.append(_change(label, test_set, column, difference, len(a), p))
+    changes = pd.DataFrame(records, columns=CHANGE_COLUMNS)
+    changes["p_holm"] = holm(changes["p"].to_numpy(dtype=float))
+    changes["marked"] = (changes["n"] >= MIN_SEEDS) & (changes["p_holm"] < ALPHA)  # NaN: False
+    return changes
 
 
-def _change(label: str, column: str, difference: np.ndarray, n: int, p: float) -> dict:
+def _change(label: str, test_set: str, column: str, difference: np.ndarray, n: int, p: float) -> dict:
     return {
         "change": label,
+        "test_set": test_set,
         "column": column,
         "mean": float(difference.mean()),
         "std": float(difference.std(ddof=1)) if len(difference) > 1 else float("nan"),
         "n": n,
         "p": p,
-        "marked": bool(n >= MIN_SEEDS and not math.isnan(p) and p < ALPHA),
+        "p_holm": float("nan"),  # set over the whole family by paired_changes
+        "marked": False,
     }
 
 
-def spread_footnote(seeds: list[str]) -> str:
-    """What the ± and the marks mean, for the tables' footnotes."""
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (Holm 1979, "A simple sequentially rejective multiple
+    test procedure", Scand. J. Statist. 6:65-70), the step-down form of
+    statsmodels.stats.multitest.multipletests(method="holm"): with the m non-NaN p-values sorted
+    p_(1) <= ... <= p_(m), p_holm_(i) = min(1, max over j <= i of (m - j + 1) p_(j)). NaN stays
+    NaN and does not count in m. Rejecting where p_holm < alpha keeps the family-wise error rate
+    at alpha."""
+    p = np.asarray(p, dtype=float)
+    adjusted = np.full(p.shape, np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    m = len(tested)
+    if m == 0:
+        return adjusted
+    order = tested[np.argsort(p[tested], kind="stable")]
+    scaled = (m - np.arange(m)) * p[order]
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    return adjusted
+
+
+def family_sizes(changes: pd.DataFrame) -> dict[str, int]:
+    """The Holm family size m (cells with a p-value) of each test set in a `paired_changes`
+    long table, or a concatenation of several (one call per test set), in order of appearance."""
+    if changes.empty or "test_set" not in changes:
+        return {}
+    tested = changes[changes["p"].notna()]
+    return {name: int((tested["test_set"] == name).sum()) for name in dict.fromkeys(changes["test_set"])}
+
+
+def spread_footnote(seeds: list[str], cells: int | dict[str, int] | None = None) -> str:
+    """What the ± and the marks mean, for the tables' footnotes. `cells`: the number of cells
+    the Holm correction ran over (one `paired_changes` call's), or {test set: that number}
+    when the table holds several calls' changes (`family_sizes`)."""
     if len(seeds) < 2:
         return "One training seed: no spread is known, so no difference is marked."
+    if isinstance(cells, dict):
+        cells = {name: count for name, count in cells.items() if count}
+        if len(cells) == 1:
+            cells = next(iter(cells.values()))
+    if isinstance(cells, dict) and cells:
+        family = (
+            "Holm-corrected within each test set over its cells with a p-value ("
+            + ", ".join(f"{count} on {name}" for name, count in cells.items())
+            + ")"
+        )
+    elif isinstance(cells, int) and cells:
+        family = (
+            f"Holm-corrected over the {cells} cell{'' if cells == 1 else 's'} of this table with a p-value"
+        )
+    else:
+        family = "Holm-corrected over the cells of the table of changes"
     text = (
         f"Mean ± standard deviation over {len(seeds)} training seeds ({', '.join(seeds)}). A change is "
         "marked * only when it is beyond the seed spread: paired t-test over the seeds, two-sided, "
-        f"p < {ALPHA}, with at least {MIN_SEEDS} seeds; (n=k): only k seeds in common."
+        f"{family}, adjusted p < {ALPHA}, with at least {MIN_SEEDS} seeds; the same difference on every "
+        "seed has no spread and is never marked; (n=k): only k seeds in common."
     )
     if len(seeds) < MIN_SEEDS:
         text += f" With {len(seeds)} seeds nothing is marked yet."

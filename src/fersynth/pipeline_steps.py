@@ -275,22 +275,20 @@ def verify(
     return {"verified": len(result.manifest), "accepted": accepted, "leaks": len(result.leaks)}
 
 
-def augment(original: str, synthetic: str, output: str, variants: list[str], overrides: Iterable[str] = ()):
-    """Every dataset variant the grid trains on, as `output/<variant>`."""
-    from fersynth.augment import run_augment
+def augment(original: str, synthetic: str, output: str, overrides: Iterable[str] = ()):
+    """Every dataset the grid trains on, as `output/<variant>` (and `output/copies_<variant>`
+    for copy twins): `stages.augment_grid`."""
+    from fersynth import stages
 
-    ratios = {}
-    for variant in variants:
-        settings = settings_from(
-            overrides,
-            augment__original=original,
-            augment__synthetic=synthetic,
-            augment__output=str(Path(output) / variant),
-            augment__variant=variant,
-        )
-        result = run_augment(settings.augment, seed=settings.seed, force=True, progress=False)
-        ratios[variant] = {"before": result.ratio_before, "after": result.ratio_after}
-    return ratios
+    settings = settings_from(overrides, augment__original=original, augment__synthetic=synthetic)
+    outcomes = stages.augment_grid(settings, Path(output), force=True, progress=False)
+    return {
+        f"{variant}{'' if pool == 'generated' else ' (copies)'}": {
+            "before": result.ratio_before,
+            "after": result.ratio_after,
+        }
+        for variant, pool, result in outcomes
+    }
 
 
 def compare(results: Mapping[str, str], test_sets: list[str], output: str) -> dict[str, str]:

@@ -18,7 +18,15 @@ import pandas as pd
 
 from fersynth import markdown
 from fersynth.classes import CLASSES
-from fersynth.compare import SKIPPED, paired_changes, read_comparison, seeds_of, spread_footnote, to_markdown
+from fersynth.compare import (
+    SKIPPED,
+    family_sizes,
+    paired_changes,
+    read_comparison,
+    seeds_of,
+    spread_footnote,
+    to_markdown,
+)
 from fersynth.errors import FersynthError
 from fersynth.figures import save_figure
 from fersynth.files import atomic_write_text, staged_folder
@@ -208,6 +216,79 @@ def _augment(folder: Path | None) -> dict:
     return stage
 
 
+def generation_table(settings: ReportSettings) -> pd.DataFrame | None:
+    """Per class: real training images, accepted images the grid's variants need, the expected
+    acceptance, images generated (planned: seeds x K), and accepted by the vote, of the
+    generator and of its copy twins (from the merged set's sizing.json and the verified
+    manifest). None when generation did not run."""
+    sizing = _read_json(Path(settings.generated) / "sizing.json") if settings.generated else None
+    if sizing is None:
+        return None
+    plan = pd.DataFrame.from_dict(sizing["per_class"], orient="index")
+    table = pd.DataFrame(
+        {
+            "real": plan["real"],
+            "needed": plan["needed"],
+            "seeds x K": [f"{s} x {k}" if s else "-" for s, k in zip(plan["seeds"], plan["k"], strict=True)],
+            "generated": plan["generated"],
+        }
+    )
+    manifest = Path(settings.verify) / "manifest.csv" if settings.verify else None
+    if manifest is not None and manifest.is_file():
+        voted = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        accepted = voted[voted["v_accepted"] == "true"]
+        kind = accepted["gen_kind"] if "gen_kind" in accepted else pd.Series("", index=accepted.index)
+        table["accepted"] = accepted[~kind.isin(["copy", "identity"])]["label"].value_counts()
+        if sizing.get("copy_twins"):
+            table["accepted copies"] = accepted[kind == "copy"]["label"].value_counts()
+    table = table.reindex([name for name in CLASSES if name in table.index]).fillna(0)
+    table.index.name = "class"
+    return table
+
+
+def row_counts_tables(settings: ReportSettings) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """Per grid row: synthetic images added to each class, the largest/smallest class ratio
+    reached, and each class' share of training draws (%) under the row's sampler (plain: its
+    share of the images; balanced: an equal share of every class present). From each training
+    set's augment_report.json; None when no row trains on an augmented set."""
+    if not settings.training_sets or settings.augment is None:
+        return None
+    parent = Path(settings.augment).parent
+    added, shares, original = {}, {}, None
+    reports = {}
+    for run, (folder, _) in settings.training_sets.items():
+        if folder:
+            reports[run] = _read_json(parent / folder / "augment_report.json")
+            if reports[run] is not None:
+                original = {c: v["original"] for c, v in reports[run]["per_class"].items()}
+    if original is None:
+        return None
+    for run, (folder, sampler) in settings.training_sets.items():
+        report = reports.get(run)
+        if folder and report is None:
+            continue  # its set was not built (a skipped stage)
+        counts = {c: v["training set"] for c, v in report["per_class"].items()} if report else original
+        present = [c for c in CLASSES if counts.get(c, 0) > 0]
+        row = {c: (report["per_class"][c]["added"] if report else 0) for c in CLASSES}
+        values = [counts[c] for c in present]
+        row["ratio"] = max(values) / min(values) if values else float("nan")
+        added[run] = row
+        total = sum(counts.get(c, 0) for c in CLASSES)
+        shares[run] = {  # an empty set (the vote accepted nothing): no draws, NaN
+            c: float("nan")
+            if not total
+            else (100 / len(present) if c in present else 0.0)
+            if sampler == "balanced"
+            else 100 * counts.get(c, 0) / total
+            for c in CLASSES
+        }
+    added_table = pd.DataFrame.from_dict(added, orient="index")
+    added_table.index.name = "run"
+    share_table = pd.DataFrame.from_dict(shares, orient="index")
+    share_table.index.name = "run"
+    return added_table, share_table
+
+
 def _row_results(evaluations: Path, table: pd.DataFrame, run: str, row_keys: dict[str, str] | None) -> Path:
     """The folder of a table row's results: a row with seeds, its first seed's (the others are
     in MLflow). `row_keys`: table label -> the row key its results are filed under."""
@@ -306,7 +387,12 @@ def confusion_tables(evaluations: Path | None, test_set: str, table: pd.DataFram
 
 
 def write_results_page(
-    path: Path, experiment: str, comparisons, paired: pd.DataFrame, settings: ReportSettings
+    path: Path,
+    experiment: str,
+    comparisons,
+    paired: pd.DataFrame,
+    settings: ReportSettings,
+    added: pd.DataFrame | None = None,
 ) -> Path:
     """The results page a run writes for the repository (docs/results/<experiment>.md): the
     comparison tables, what the synthetic data bought, the confusion matrices, the acceptance
@@ -328,7 +414,14 @@ def write_results_page(
             for i, (name, t) in enumerate(comparisons)
         ],
         changes=changes_markdown(paired, list(in_domain.columns)) if not paired.empty else "",
-        changes_footnote=spread_footnote(seeds_of(in_domain)),
+        changes_footnote=spread_footnote(seeds_of(in_domain), family_sizes(paired)),
+        generator_added=changes_markdown(added, list(in_domain.columns))
+        if added is not None and not added.empty
+        else "",
+        generator_footnote=spread_footnote(seeds_of(in_domain), family_sizes(added))
+        if added is not None and not added.empty
+        else "",
+        counts=counts_markdown(settings),
         acceptance=markdown.table(acceptance, dict.fromkeys(acceptance.columns[2:], ".1f"))
         if acceptance is not None
         else "",
@@ -342,6 +435,25 @@ def write_results_page(
     return Path(path)
 
 
+def counts_markdown(settings: ReportSettings) -> dict[str, str]:
+    """The generation and per-row count tables as markdown ("" where a table has no data)."""
+    generation = generation_table(settings)
+    rows = row_counts_tables(settings)
+    return {
+        "generation": markdown.table(generation) if generation is not None else "",
+        "added": markdown.table(rows[0], {"ratio": ".2f"}) if rows is not None else "",
+        "shares": markdown.table(rows[1], default=".1f") if rows is not None else "",
+    }
+
+
+def generator_changes(comparisons, twins: list[tuple[str, str]] | None) -> pd.DataFrame:
+    """Each row on generated images minus its copy twin, per class, paired over seeds (one
+    Holm family per test set): what the generator added beyond copying its seeds."""
+    if not twins:
+        return pd.DataFrame(columns=["change", "column", "mean", "std", "n", "p", "marked"])
+    return pd.concat([paired_changes(table, twins, name) for name, table in comparisons], ignore_index=True)
+
+
 def run_report(settings: ReportSettings, *, force: bool = False, experiment: str = "") -> ReportResult:
     if not settings.comparisons:
         raise FersynthError("report.comparisons: give at least one `fersynth compare` output folder")
@@ -353,7 +465,9 @@ def run_report(settings: ReportSettings, *, force: bool = False, experiment: str
         ignore_index=True,
     )
     changes = wide_changes(paired, columns)
-    footnote = spread_footnote(seeds_of(in_domain))
+    added = generator_changes(comparisons, settings.twins)
+    counts = counts_markdown(settings)
+    footnote = spread_footnote(seeds_of(in_domain), family_sizes(paired))  # Holm: one family per test set
     skipped = in_domain.attrs.get(SKIPPED) or {}
     with staged_folder(settings.output, force=force) as out:
         text = markdown.render(
@@ -365,6 +479,11 @@ def run_report(settings: ReportSettings, *, force: bool = False, experiment: str
             changes=changes_markdown(paired, columns) if not changes.empty else "",
             changes_footnote=footnote,
             changes_chart=changes_chart(changes, out / "changes.png").name if not changes.empty else "",
+            generator_added=changes_markdown(added, columns) if not added.empty else "",
+            generator_footnote=spread_footnote(seeds_of(in_domain), family_sizes(added))
+            if not added.empty
+            else "",
+            counts=counts,
             confusion=_confusion(_folder(settings.evaluations), test_set, in_domain, out, settings.row_keys),
             quality=_quality(_folder(settings.quality), out),
             verify=_verify(_folder(settings.verify), out),
@@ -376,11 +495,14 @@ def run_report(settings: ReportSettings, *, force: bool = False, experiment: str
         summary = {
             "comparisons": {name: _json_table(table) for name, table in comparisons},
             "changes": changes.round(4).to_dict(orient="index"),
-            # Per change and column: mean, std, n (seeds), p (paired t-test), marked.
+            # Per change and column: test_set, mean, std, n (seeds), p (paired t-test), p_holm
+            # (Holm-corrected within the test set), marked (p_holm < ALPHA).
             "paired_changes": json.loads(paired.round(4).to_json(orient="records")),
+            # The same for each row on generated images minus its copy twin.
+            "generator_added": json.loads(added.round(4).to_json(orient="records")),
             "skipped": skipped,
         }
         atomic_write_text(out / REPORT_JSON, json.dumps(summary, indent=2) + "\n")
     if settings.results_page is not None:
-        write_results_page(settings.results_page, experiment, comparisons, paired, settings)
+        write_results_page(settings.results_page, experiment, comparisons, paired, settings, added)
     return ReportResult(Path(settings.output), changes)

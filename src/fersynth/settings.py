@@ -277,6 +277,12 @@ class MekSettings(Strict):
     smoothing: Fraction = 0.3  # eps of the re-balanced smooth labels
     attention_weight: Annotated[float, Field(ge=0.0)] = 0.1  # weight of L_rac
     class_weights: list[Annotated[float, Field(gt=0.0)]] | None = None  # pins w_c (7 values)
+    # The counts w_c comes from (a pinned class_weights wins over both). "original": the original
+    # training counts, for every row alike (DESIGN "Evaluation protocol"): a dataset written by
+    # `fersynth augment` has them in augment_report.json (per_class.<class>.original; the
+    # synthetic-only variants have no real training image to count); any other dataset is the
+    # original, its training split counted. "own": the training split's counts, whatever it is.
+    class_weights_from: Literal["original", "own"] = "original"
     # The official code scales every rate by batch/512 (code/train_exp.py: lr, warmup_lr and
     # min_lr times total_batch_size / 512): null keeps train.lr, train.warmup_lr and
     # train.min_lr as given; 512 multiplies them by train.batch_size / 512 (MEK runs only).
@@ -332,6 +338,9 @@ class TrainSettings(Strict):
     checkpoint_every: Positive = 2_000
     eval_every: Positive = 2_000
     select_metric: Literal["mean_accuracy", "accuracy"] = "mean_accuracy"
+    # [f, folds]: train without the training images of fold f (fersynth.folds; set per fold for
+    # the cross-fitted voters of experiment.voter_folds); null: the whole training split.
+    fold: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=2)]] | None = None
     mek: MekSettings = MekSettings()
 
 
@@ -407,7 +416,8 @@ class PriorSettings(Strict):
         return self
 
 
-Backend = Literal["gif-ldm", "gif-prior", "gif-sd", "gif-unclip"]
+Backend = Literal["gif-ldm", "gif-prior", "gif-sd", "gif-unclip", "seed-copy"]
+# seed-copy: the null generator, each output its seed view unchanged (the copy twins' pool).
 # The backends that also draw new identities from noise (an autoencoder and unCLIP img2img cannot).
 IDENTITY_BACKENDS = ("gif-sd", "gif-ldm")
 # Per backend, the img2img strength and classifier-free guidance scale that `generate.strength`
@@ -496,7 +506,8 @@ class GenerateSettings(Strict):
     seeds_per_batch: Positive = 1  # seed images per forward batch (x K outputs)
     guide: Literal["fer", "clip"] = "fer"
     # fer: a grid row on the original data (its model) or a fersynth model; clip: a CLIP folder.
-    guide_model: str = "original_sl"
+    # Default: the class-balanced row, which recognises the minor classes GIF's class term rewards.
+    guide_model: str = "original_sl_balanced"
     prior: Path | None = None  # gif-prior, gif-ldm: the trained prior folder; null: prior.output
     sd_model: str | None = None  # gif-sd: diffusers Stable Diffusion folder or s3:// prefix
     # gif-unclip: a diffusers Stable unCLIP folder or s3:// prefix (GIF's DALL-E 2 setting); its
@@ -529,6 +540,43 @@ class GenerateSettings(Strict):
     edit: dict[str, EditSettings] = {}
     # New identities, besides the seed images' expansion and edits (gif-sd and gif-ldm).
     identities: IdentitySettings = IdentitySettings()
+    # Generation sized to the need (fersynth.generate.sizing). "need": per class, the outputs
+    # that the grid's variants need (their rho or balance target minus the real count) divided
+    # by `acceptance`, at most `max_per_class`; as many seed images as that takes at K (at most
+    # max_seeds_per_class), and K raised up to `max_k` where the class has too few seed images.
+    # "fixed" (also when `variants` is null outside a whole profile): max_seeds_per_class seed
+    # images x K in every class.
+    sizing: Literal["need", "fixed"] = "need"
+    # The share of a class' generated images the vote is expected to accept: one value, or per
+    # class (the verify report's acceptance column of a previous run is the measurement).
+    acceptance: (
+        Annotated[float, Field(gt=0.0, le=1.0)] | dict[str, Annotated[float, Field(gt=0.0, le=1.0)]]
+    ) = 0.5
+    max_k: Positive = 20  # outputs per seed image at most when a class is short of seeds
+    max_per_class: Positive | None = None  # generated outputs per class at most; null: no cap
+    # Derived from the grid unless set: the variants generation is sized for and their rho
+    # (null: experiment.grid's variants and augment.rho), and whether each output gets a copy
+    # twin from the null generator (null: when a grid row is a copy twin, `twin_of`).
+    variants: list[str] | None = None
+    rho: Annotated[float, Field(ge=1.0)] | None = None
+    copy_twins: bool | None = None
+
+    @field_validator("acceptance")
+    @classmethod
+    def _acceptance_classes(cls, value: Any) -> Any:
+        from fersynth.classes import CLASSES
+
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(CLASSES))
+            if unknown:
+                raise ValueError(f"{unknown[0]!r} is not a class; expected {', '.join(CLASSES)}")
+        return value
+
+    def acceptance_of(self, name: str) -> float:
+        """The expected acceptance of class `name` (`acceptance`; 0.5 for a class a mapping omits)."""
+        if isinstance(self.acceptance, dict):
+            return float(self.acceptance.get(name, 0.5))
+        return float(self.acceptance)
 
     @model_validator(mode="before")
     @classmethod
@@ -618,6 +666,10 @@ class VerifySettings(Strict):
     workers: Annotated[int, Field(ge=0)] = 1  # data-loading processes
     fidelity_images_per_class: Positive = 500  # real and synthetic images sampled per class
     kid_subset_size: Positive = 50
+    # An expansion or edit closer to its own seed image (first voter's pre-logit features) than
+    # this percentile of the real training images' nearest-neighbour distances within its
+    # class (up to fidelity_images_per_class of them) is rejected as a near copy; null: no check.
+    near_copy_percentile: Annotated[float, Field(ge=0.0, le=100.0)] | None = 5.0
 
 
 AugmentVariant = Literal[
@@ -639,6 +691,9 @@ class AugmentSettings(Strict):
     synthetic: Path | None = None  # null: verify.output
     output: Path | None = None  # null: data/<experiment>/augmented/<variant>
     variant: AugmentVariant = "rho"
+    # generated: the generator's accepted images; copies: the copy twins' (the null generator's
+    # seed views), as many per class as the same variant takes from the generated pool.
+    pool: Literal["generated", "copies"] = "generated"
     rho: Annotated[float, Field(ge=1.0)] = 2.0  # largest / smallest class count to reach
 
 
@@ -661,6 +716,11 @@ class ReportSettings(Strict):
     stage_times: Path | None = None
     # Table label -> row key (the folder of its results); null: the grid's rows.
     row_keys: dict[str, str] | None = None
+    # (row, its copy twin) labels, for "what the generator added"; null: the grid's twin_of.
+    twins: list[tuple[str, str]] | None = None
+    # Table label -> (its training set: a folder beside `augment`, "" for the original data;
+    # its sampler), for the per-class counts and shares of draws; null: the grid's rows.
+    training_sets: dict[str, tuple[str, str]] | None = None
 
 
 Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")]
@@ -677,6 +737,10 @@ class GridRow(Strict):
     variant: AugmentVariant | None = None
     beats: list[RowKey] = []  # rows this row must beat (the report's per-class changes)
     label: str | None = None  # the table's name; null: from the key (expanded_sl -> Expanded_SL)
+    # A row on synthetic data whose copy twin this row is: the same method, sampler and variant
+    # on the null generator's seed copies, with the same count per class ("what the generator
+    # added" = that row minus this one).
+    twin_of: RowKey | None = None
 
 
 class GridSettings(Strict):
@@ -727,6 +791,25 @@ class GridSettings(Strict):
         for key, row in self.original.items():
             if row.beats:
                 raise ValueError(f"original.{key}.beats: only rows on synthetic data are compared")
+            if row.twin_of:
+                raise ValueError(f"original.{key}.twin_of: only rows on synthetic data have copy twins")
+        for key, row in self.synthetic.items():
+            if row.twin_of is None:
+                continue
+            real = self.synthetic.get(row.twin_of)
+            if real is None:
+                raise ValueError(f"synthetic.{key}.twin_of: {row.twin_of!r} is no row on synthetic data")
+            if real.twin_of is not None:
+                raise ValueError(f"synthetic.{key}.twin_of: {row.twin_of!r} is itself a copy twin")
+            for field in ("method", "sampler", "variant"):
+                mine, theirs = getattr(row, field), getattr(real, field)
+                if mine != theirs:
+                    raise ValueError(
+                        f"synthetic.{key}.{field} = {mine!r}: a copy twin differs from its row "
+                        f"{row.twin_of!r} ({field} {theirs!r}) only in the generator"
+                    )
+            if row.variant == "identities":
+                raise ValueError(f"synthetic.{key}: new identities have no seed image to copy")
         labels = [row_label(key, row) for key, row in rows.items()]
         doubled = sorted({label for label in labels if labels.count(label) > 1})
         if doubled:
@@ -738,8 +821,16 @@ class GridSettings(Strict):
         return {**self.original, **self.synthetic}
 
     def variants(self) -> list[str]:
-        """The augmented sets the rows on synthetic data train on, in grid order."""
-        return list(dict.fromkeys(str(row.variant) for row in self.synthetic.values()))
+        """The augmented sets the rows on the generated images train on, in grid order."""
+        return list(dict.fromkeys(str(row.variant) for row in self.synthetic.values() if not row.twin_of))
+
+    def twin_variants(self) -> list[str]:
+        """The augmented sets of seed copies the copy twins train on, in grid order."""
+        return list(dict.fromkeys(str(row.variant) for row in self.synthetic.values() if row.twin_of))
+
+    def twins(self) -> dict[str, str]:
+        """{row: its copy twin} for every row on synthetic data that has one."""
+        return {str(row.twin_of): key for key, row in self.synthetic.items() if row.twin_of}
 
 
 def row_label(key: str, row: GridRow | None = None) -> str:
@@ -786,6 +877,17 @@ class ExperimentSettings(Strict):
         "voter_2": VoterSpec(seed=2),
         "voter_3": VoterSpec(seed=3),
     }
+    # Cross-fitting (fersynth.folds): each voter is trained once per fold of the training split,
+    # without that fold, and votes only on images whose seed is in it, so that no voter judges
+    # a copy of an image it trained on. 0: each voter trains once on the whole training split.
+    voter_folds: Annotated[int, Field(ge=0)] = 2
+
+    @field_validator("voter_folds")
+    @classmethod
+    def _not_one_fold(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("one fold would leave a voter nothing to train on: use 0 (off) or 2 or more")
+        return value
 
     @model_validator(mode="after")
     def _names(self) -> ExperimentSettings:
@@ -848,8 +950,9 @@ class Layout:
     def comparison(self, test_set: str) -> Path:
         return self.runs / "compare" / test_set
 
-    def augmented(self, variant: str) -> Path:
-        return self.data / "augmented" / variant
+    def augmented(self, variant: str, pool: str = "generated") -> Path:
+        # The copy twins' sets sit beside the variants (a variant is never called copies_*).
+        return self.data / "augmented" / (variant if pool == "generated" else f"copies_{variant}")
 
 
 class GpuPoolSettings(Strict):
@@ -1008,6 +1111,19 @@ class Settings(Strict):
                     "results_page": Path("docs") / "results" / f"{self.experiment.name}.md",
                     "stage_times": at.runs,
                     "row_keys": {row_label(key, row): key for key, row in grid.rows().items()},
+                    "twins": [
+                        (row_label(real, grid.synthetic[real]), row_label(twin, grid.synthetic[twin]))
+                        for real, twin in grid.twins().items()
+                    ],
+                    "training_sets": {
+                        row_label(key, row): (
+                            at.augmented(str(row.variant), "copies" if row.twin_of else "generated").name
+                            if key in grid.synthetic
+                            else "",
+                            row.sampler,
+                        )
+                        for key, row in grid.rows().items()
+                    },
                     "changes": [
                         (row_label(key, row), row_label(base, grid.rows()[base]))
                         for key, row in grid.synthetic.items()
@@ -1030,7 +1146,10 @@ class Settings(Strict):
             (self.generate, "prior", self.prior.output),
             (self.verify, "data", Path(self.generate.output) / "dataset"),
             (self.augment, "synthetic", self.verify.output),
-            (self.augment, "output", at.augmented(self.augment.variant)),
+            (self.augment, "output", at.augmented(self.augment.variant, self.augment.pool)),
+            (self.generate, "variants", [*variants, *grid.twin_variants()]),
+            (self.generate, "rho", self.augment.rho),
+            (self.generate, "copy_twins", bool(grid.twins())),
             (self.kfp, "data_path", str(self.ingest.input)),
             (self.kfp, "test_sets_path", str(at.data / "test_sets")),
         ):
@@ -1060,6 +1179,8 @@ class Settings(Strict):
             return "is the guide's model"
         row = self.experiment.grid.original.get(guide)
         spec = self.experiment.voters.get(voter)
+        if self.experiment.voter_folds:  # cross-fitted voters train without a fold: never the guide
+            return None
         recipe = (row.method, row.sampler, self.train.arch) if row is not None else None
         if (
             spec is not None

@@ -12,6 +12,7 @@ from typing import Any
 from fersynth import tracking
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
+from fersynth.folds import fold_folder
 from fersynth.settings import Settings, row_label, seed_folder
 
 NOT_TRACKED = {"registered": False, "reason": "MLFLOW_TRACKING_URI is not set"}
@@ -33,7 +34,8 @@ def row_settings(settings: Settings, row: str, data: Path | str | None = None, o
         return settings.model_copy(update={"train": settings.train.model_copy(update=update)})
     spec = settings.row(row)
     on_synthetic = row in settings.experiment.grid.synthetic
-    default_data = settings.layout.augmented(str(spec.variant)) if on_synthetic else settings.train.data
+    pool = "copies" if spec.twin_of else "generated"
+    default_data = settings.layout.augmented(str(spec.variant), pool) if on_synthetic else settings.train.data
     train = settings.train.model_copy(
         update={
             "method": spec.method,
@@ -45,16 +47,21 @@ def row_settings(settings: Settings, row: str, data: Path | str | None = None, o
     return settings.model_copy(update={"train": train})
 
 
-def run_seeds(settings: Settings, row: str | None) -> list[tuple[int, Path]]:
-    """(seed, model folder) of each training run a `train` call makes: a grid row trains once
-    per seed (experiment.grid.seeds) into `<train.output>/seed_<seed>`; a voter once, with its
-    own seed; anything else once, with `seed`, into train.output."""
+def run_seeds(settings: Settings, row: str | None) -> list[tuple[int, Path, tuple[int, int] | None]]:
+    """(seed, model folder, fold) of each training run a `train` call makes: a grid row trains
+    once per seed (experiment.grid.seeds) into `<train.output>/seed_<seed>`; a voter with its own
+    seed, once per fold of experiment.voter_folds into `<train.output>/fold_<f>` (without that
+    fold: fersynth.folds), or once when folds are off; anything else once, with `seed`, into
+    train.output. The fold is (f, folds), or None for the whole training split."""
     output = Path(settings.train.output)
     if row is not None and row in settings.experiment.voters:
-        return [(settings.experiment.voters[row].seed, output)]
+        seed, folds = settings.experiment.voters[row].seed, settings.experiment.voter_folds
+        if folds:
+            return [(seed, output / fold_folder(f), (f, folds)) for f in range(folds)]
+        return [(seed, output, None)]
     if row is not None:
-        return [(seed, output / seed_folder(seed)) for seed in settings.seeds]
-    return [(settings.seed, output)]
+        return [(seed, output / seed_folder(seed), settings.train.fold) for seed in settings.seeds]
+    return [(settings.seed, output, settings.train.fold)]
 
 
 def train(
@@ -74,9 +81,9 @@ def train(
 
     on_synthetic = row is not None and row in settings.experiment.grid.synthetic
     outcomes = []
-    for seed, folder in run_seeds(settings, row):
+    for seed, folder, fold in run_seeds(settings, row):
         seeded = settings.model_copy(
-            update={"seed": seed, "train": settings.train.model_copy(update={"output": folder})}
+            update={"seed": seed, "train": settings.train.model_copy(update={"output": folder, "fold": fold})}
         )
         result = run_train(
             seeded.train,
@@ -150,6 +157,29 @@ def report(settings: Settings, *, force: bool = False):
     if tracking.enabled():
         tracking.log_report(result.output, settings.experiment.name)
     return result
+
+
+def augment_grid(
+    settings: Settings, output: Path | None = None, *, force: bool = False, progress: bool = True
+):
+    """Every training set the grid's rows on synthetic data train on (Algorithm 4): each variant
+    of the generated pool, then each copy twin's variant of the seed copies, into
+    `output/<variant>` and `output/copies_<variant>` (default: data/<experiment>/augmented).
+    Returns [(variant, pool, AugmentResult)]."""
+    from fersynth.augment import run_augment
+
+    output = Path(output) if output is not None else settings.layout.data / "augmented"
+    output.mkdir(parents=True, exist_ok=True)  # the stage's output, even with no variant
+    grid = settings.experiment.grid
+    jobs = [(v, "generated") for v in grid.variants()] + [(v, "copies") for v in grid.twin_variants()]
+    outcomes = []
+    for variant, pool in jobs:
+        folder = output / settings.layout.augmented(variant, pool).name
+        augment = settings.augment.model_copy(update={"variant": variant, "pool": pool, "output": folder})
+        outcomes.append(
+            (variant, pool, run_augment(augment, seed=settings.seed, force=force, progress=progress))
+        )
+    return outcomes
 
 
 def grid_folders(settings: Settings, folder_of) -> dict[str, Path]:

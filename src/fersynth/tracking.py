@@ -263,6 +263,10 @@ def track_training(result, settings, row: str | None = None, seed: int | None = 
     elif row is not None:
         name = row_label(row, settings.experiment.grid.rows().get(row))
         tags = {"grid_row": row, "grid_label": name}
+    # MEK: the counts its class weights came from (original, own or pinned) and where they were read.
+    for key in ("class_weights_from", "class_weight_counts_source"):
+        if summary.get(f"mek_{key}"):
+            tags[f"mek.{key}"] = str(summary[f"mek_{key}"])
     if seed is not None:
         tags["seed"] = str(seed)
         if row is not None and len(settings.seeds) > 1 and row not in settings.experiment.voters:

@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +32,22 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from fersynth.augment import COPY_KIND, COPY_SUFFIX
 from fersynth.classes import CLASSES
 from fersynth.dataset import TRAIN_SPLIT, load_image, pixel_hash, read_manifest, write_manifest
 from fersynth.errors import FersynthError
 from fersynth.evaluate import pick_device
 from fersynth.figures import contact_sheet, save_png
 from fersynth.files import atomic_write_text, staged_folder
-from fersynth.generate.backends import Batch, GifPrior, GifSD, make_prompts, resize_seed, to_seed_size
+from fersynth.generate.backends import (
+    Batch,
+    GifPrior,
+    GifSD,
+    SeedCopy,
+    make_prompts,
+    resize_seed,
+    to_seed_size,
+)
 from fersynth.generate.prompts import identity_prompt
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import IDENTITY_SD_SCALE, GenerateSettings, resolved_dict
@@ -81,18 +90,26 @@ def select_seeds(settings: GenerateSettings, seed: int) -> pd.DataFrame:
     frame = read_manifest(settings.data).manifest
     train = frame[frame["split"] == TRAIN_SPLIT]
     train = train.sort_values("id")  # sampling from the same order on every machine
-    expand = train if settings.classes is None else train[train["label"].isin(settings.classes)]
-    if settings.max_seeds_per_class and not expand.empty:
-        limit = settings.max_seeds_per_class
+    # Seed images and K per class, sized from what the grid's variants need (generate.sizing).
+    plans = generation_plan(settings, train)
+    expand = train[train["label"].isin([name for name, p in plans.items() if p.seeds])]
+    if not expand.empty:
         expand = pd.concat(
-            [g.sample(n=min(len(g), limit), random_state=seed) for _, g in expand.groupby("label")]
+            [
+                g.sample(n=min(len(g), plans[name].seeds), random_state=seed).assign(k=plans[name].k)
+                for name, g in expand.groupby("label")
+            ]
         )
     jobs = [expand.assign(target=expand["label"], edit_from="", strength=settings.strength, kind="expand")]
     for target, edit in sorted(settings.edit.items()):
         pool = train[train["label"].isin(edit.sources)]
         if edit.max_seeds is not None and len(pool) > edit.max_seeds:
             pool = pool.sample(n=edit.max_seeds, random_state=seed + CLASSES.index(target))
-        jobs.append(pool.assign(target=target, edit_from=pool["label"], strength=edit.strength, kind="edit"))
+        jobs.append(
+            pool.assign(
+                target=target, edit_from=pool["label"], strength=edit.strength, kind="edit", k=settings.k
+            )
+        )
     identities = settings.identities
     prompted = [name for name in CLASSES if identities.classes is None or name in identities.classes]
     jobs_per_class = math.ceil(identities.per_class / settings.k)  # K faces per job
@@ -102,17 +119,31 @@ def select_seeds(settings: GenerateSettings, seed: int) -> pd.DataFrame:
         blank = {column: "" for column in train.columns}
         jobs.append(
             pd.DataFrame([blank] * len(keys)).assign(
-                target=targets, edit_from="", strength=None, kind="identity", key=keys
+                target=targets, edit_from="", strength=None, kind="identity", key=keys, k=settings.k
             )
         )
     selected = pd.concat(jobs, ignore_index=True)
     if selected.empty:
         raise FersynthError(f"{settings.data}: no training images to expand or edit, and no identities")
+    selected["k"] = selected["k"].astype(int)
     seeded = selected["kind"] != "identity"
     selected.loc[seeded, "key"] = [
         job_key(*row) for row in selected.loc[seeded, ["id", "target", "edit_from"]].itertuples(index=False)
     ]
     return selected.sort_values("key").reset_index(drop=True)
+
+
+def generation_plan(settings: GenerateSettings, train: pd.DataFrame):
+    """{class: sizing.ClassPlan} of the expanded classes, from the training split's counts."""
+    from fersynth.generate.sizing import plan_generation
+
+    counts = train["label"].value_counts()
+    return plan_generation(settings, {name: int(counts.get(name, 0)) for name in CLASSES})
+
+
+def copies_wanted(settings: GenerateSettings) -> bool:
+    """Whether each seeded output gets a copy twin from the null generator (generate.copy_twins)."""
+    return bool(settings.copy_twins) and settings.backend != "seed-copy"
 
 
 def shard_seeds(seeds: pd.DataFrame, shard: int, num_shards: int) -> pd.DataFrame:
@@ -137,6 +168,10 @@ def build_backend(settings: GenerateSettings, device: torch.device):
     for backend_name, key in (("gif-sd", "sd_model"), ("gif-unclip", "unclip_model")):
         if settings.backend == backend_name and not getattr(settings, key):
             raise FersynthError(f"generate.{key}: set a diffusers folder or s3:// prefix for {backend_name}")
+    if settings.backend == "seed-copy":  # the null generator: no model, seeds at their own size
+        from fersynth.generate.backends import SeedCopy
+
+        return SeedCopy(device, settings.seed_rotation, settings.seed_hflip), None
     guide = _guide(settings, device)
     # GIF's step and the seed views, the same for every backend.
     gif = dict(
@@ -261,10 +296,10 @@ def run_generate(
             "seed_hflip",
         )
     }
-    params["outputs_per_seed"] = settings.k
+    twins = copies_wanted(settings)
     written = 0
     bar = tqdm(
-        total=len(todo) * settings.k,
+        total=int(todo["k"].sum()) * (2 if twins else 1),
         desc=f"generate {shard_name(shard, num_shards)}",
         unit="img",
         disable=not progress,
@@ -284,11 +319,12 @@ def run_generate(
         )
         for start in range(0, len(group), settings.seeds_per_batch)
     ]
+    copier = SeedCopy(torch.device("cpu"), settings.seed_rotation, settings.seed_hflip) if twins else None
     for chunk in chunks:
         stored = [load_image(dataset.image_path(r.path)) for r in chunk]  # the seeds as stored
-        seeds_pixels = [resize_seed(pixels, size) for pixels in stored]
-        index = [i for i in range(len(chunk)) for _ in range(settings.k)]
-        out_seeds = [output_seed(seed, chunk[i].key, k) for i in range(len(chunk)) for k in range(settings.k)]
+        seeds_pixels = stored if size is None else [resize_seed(pixels, size) for pixels in stored]
+        index = [i for i in range(len(chunk)) for _ in range(chunk[i].k)]
+        out_seeds = [output_seed(seed, chunk[i].key, k) for i in range(len(chunk)) for k in range(chunk[i].k)]
         batch = Batch(
             seeds=seeds_pixels,
             labels=[r.target for r in chunk],
@@ -304,10 +340,18 @@ def run_generate(
             to_seed_size(image, stored[i].shape[1], stored[i].shape[0])
             for image, i in zip(generated.images, index, strict=True)
         ]
-        for i, row in enumerate(chunk):
+        copies = None
+        if copier is not None:  # the same views, from fresh generators of the same seeds
+            fresh = replace(batch, generators=[torch.Generator().manual_seed(s) for s in out_seeds])
+            copies = [
+                to_seed_size(image, stored[i].shape[1], stored[i].shape[0])
+                for image, i in zip(copier.generate(fresh).images, index, strict=True)
+            ]
+        first = 0
+        for row in chunk:
             records = []
-            for k in range(settings.k):
-                j = i * settings.k + k
+            for k in range(row.k):
+                j = first + k
                 name = output_name(row.key, k)
                 save_png(folder / IMAGES / f"{name}.png", images[j])
                 records.append(
@@ -328,11 +372,26 @@ def run_generate(
                         # an edit's own (generate.edit.<target>.strength); gif-prior and
                         # gif-unclip have no img2img strength
                         "strength": row.strength if settings.backend in ("gif-sd", "gif-ldm") else None,
+                        "outputs_per_seed": row.k,
                     }
                 )
+                if copies is not None:  # its copy twin: the seed view this output started from
+                    save_png(folder / IMAGES / f"{name}{COPY_SUFFIX}.png", copies[j])
+                    records.append(
+                        {
+                            **records[-1],
+                            "id": f"{name}{COPY_SUFFIX}",
+                            "kind": COPY_KIND,
+                            "backend": "seed-copy",
+                            "prompt": None,
+                            "gif_score": None,
+                            "clipped_fraction": None,
+                        }
+                    )
+            first += row.k
             atomic_write_text(folder / RECORDS / f"{row.key}.json", json.dumps(records, indent=1) + "\n")
-            written += settings.k
-            bar.update(settings.k)
+            written += len(records)
+            bar.update(len(records))
     bar.close()
     return ShardResult(folder, len(seeds), skipped, written)
 
@@ -365,7 +424,7 @@ def _generate_identities(settings, backend, size, jobs, dataset, folder, seed, p
     rows = list(jobs.itertuples(index=False))
     for start in range(0, len(rows), settings.seeds_per_batch):
         chunk = rows[start : start + settings.seeds_per_batch]
-        outputs = [(row, k, output_seed(seed, row.key, k)) for row in chunk for k in range(settings.k)]
+        outputs = [(row, k, output_seed(seed, row.key, k)) for row in chunk for k in range(row.k)]
         prompts = [identity_prompt(row.target, np.random.default_rng(s)) for row, _, s in outputs]
         images = backend.identities(
             [row.target for row, _, _ in outputs],
@@ -396,6 +455,7 @@ def _generate_identities(settings, backend, size, jobs, dataset, folder, seed, p
                     "steps": steps,
                     "scale": scale,
                     "strength": None,
+                    "outputs_per_seed": row.k,
                 }
             )
         for key, job_records in records.items():
@@ -448,8 +508,15 @@ def run_merge(
     names = [r["id"] for r in records]
     if len(set(names)) != len(names):
         problems.append(f"{len(names) - len(set(names))} output names appear twice")
-    if len(records) != len(seeds) * settings.k:
-        problems.append(f"{len(records)} outputs, expected {len(seeds)} jobs x k={settings.k}")
+    twins = copies_wanted(settings)
+    expected = int(
+        sum(
+            k * (2 if twins and kind != "identity" else 1)
+            for k, kind in zip(seeds["k"], seeds["kind"], strict=True)
+        )
+    )
+    if len(records) != expected:
+        problems.append(f"{len(records)} outputs, expected {expected} from {len(seeds)} jobs")
     if problems:
         raise FersynthError("merge: " + "; ".join(problems[:5]))
     output = Path(settings.output) / "dataset"
@@ -491,7 +558,9 @@ def run_merge(
             )
         frame = pd.DataFrame(rows)
         write_manifest(staging, frame)
-        write_contact_sheets(staging, frame, read_manifest(settings.data), settings.k)
+        seeds_dataset = read_manifest(settings.data)
+        write_contact_sheets(staging, frame, seeds_dataset, int(frame["gen_k"].max()) + 1)
+        write_sizing(staging / SIZING_JSON, settings, seeds_dataset)
         atomic_write_text(
             staging / "settings.json",
             json.dumps(
@@ -505,6 +574,35 @@ def run_merge(
     return MergeResult(output, len(frame), per_class)
 
 
+SIZING_JSON = "sizing.json"  # the generation plan per class, beside the merged manifest
+
+
+def write_sizing(path: Path, settings: GenerateSettings, seeds_dataset) -> None:
+    """The generation plan (fersynth.generate.sizing) per class, for the results page: real
+    count, what the variants need, the expected acceptance, outputs aimed at, seeds and K."""
+    train = seeds_dataset.manifest[seeds_dataset.manifest["split"] == TRAIN_SPLIT]
+    plans = generation_plan(settings, train)
+    record = {
+        "sizing": settings.sizing,
+        "variants": settings.variants,
+        "rho": settings.rho,
+        "copy_twins": copies_wanted(settings),
+        "per_class": {
+            name: {
+                "real": plan.real,
+                "needed": plan.needed,
+                "acceptance": settings.acceptance_of(name),
+                "outputs": plan.outputs,
+                "seeds": plan.seeds,
+                "k": plan.k,
+                "generated": plan.generated,
+            }
+            for name, plan in plans.items()
+        },
+    }
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
 def write_contact_sheets(
     folder: Path, synthetic: pd.DataFrame, seeds_dataset, k: int, seeds_per_class: int = 6
 ) -> None:
@@ -514,7 +612,7 @@ def write_contact_sheets(
     for name in CLASSES:
         group = synthetic[synthetic["label"] == name]
         faces = group[group["gen_kind"] == "identity"]
-        group = group[group["gen_kind"] != "identity"]
+        group = group[~group["gen_kind"].isin(["identity", COPY_KIND])]  # copy twins: their seed
         rows = []
         if not faces.empty:
             images = [load_image(folder / p) for p in faces["path"].head(k + 1)]
@@ -525,6 +623,6 @@ def write_contact_sheets(
             images += [load_image(folder / p) for p in outputs["path"]]
             source = outputs["gen_edit_from"].iloc[0] if "gen_edit_from" in outputs else ""
             edited = f" (a {source} face edited)" if source else ""
-            rows.append((f"{name}: seed {seed_id}{edited} | {k} generated", images))
+            rows.append((f"{name}: seed {seed_id}{edited} | {len(outputs)} generated", images))
         if rows:
             save_png(folder / f"samples_{name}.png", contact_sheet(rows, columns=k + 1))

@@ -90,16 +90,11 @@ def seed_views(batch: Batch, seeds: torch.Tensor, max_rotation: float, hflip: bo
     )
 
 
-def rewarded_classes(batch: Batch, seed_probabilities: torch.Tensor) -> torch.Tensor | None:
-    """Per output, the class S_inf rewards: an edit's target, else the seed's predicted class
-    (None when the batch has no edit: GIF's own rule). `seed_probabilities` is one row per seed."""
-    if batch.edits is None or not any(batch.edits):
-        return None
-    device = seed_probabilities.device
-    own = seed_probabilities.argmax(dim=1)
-    wanted = torch.tensor([CLASS_INDEX[label] for label in batch.labels], device=device)
-    index = torch.tensor(batch.seed_index, device=device)
-    return torch.where(torch.tensor(batch.edits, device=device), wanted, own)[index]
+def rewarded_classes(batch: Batch, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per output (B,), the class S_inf rewards: its intended class `batch.labels[seed]`, the
+    seed's own label for an expansion within its class and the target for an edit. Never the
+    guide's prediction on the seed (the official GIF code's rule; see gif.py)."""
+    return torch.tensor([CLASS_INDEX[batch.labels[i]] for i in batch.seed_index], device=device)
 
 
 @dataclass
@@ -172,12 +167,12 @@ class GifBackend:
         """Images (uint8 RGB), the GIF score per output and the clipped share of the batch.
 
         S_inf's reference is the seed as stored, not an output's rotated view (as the official
-        code: its guide sees the original image)."""
+        code: its guide sees the original image); its class term rewards each output's intended
+        class (`rewarded_classes`)."""
         seeds = to_tensor(batch.seeds, self.device)
         with torch.no_grad():
             seed_probabilities = self.guide(seeds)[0].float().softmax(dim=1)
         index = torch.tensor(batch.seed_index, device=self.device)
-        classes = rewarded_classes(batch, seed_probabilities)
         latents = self.latents(batch)
         step = guided_latents(
             latents,
@@ -188,7 +183,7 @@ class GifBackend:
             batch.generators,
             self.step_size,
             self.eps,
-            classes,
+            classes=rewarded_classes(batch, self.device),
         )
         with torch.no_grad():
             images = self.render(step.latents)
@@ -307,6 +302,24 @@ class GifPrior(GifBackend):
         if self._detail is None:
             return self.decode(latents)
         return (self.decode(latents) + self._detail).clamp(0, 1)
+
+
+class SeedCopy:
+    """The null generator (`seed-copy`): each output is its seed view unchanged, the same
+    rotation and flip drawn from the output's generator that the GIF backends start from
+    (`seed_views`), so that a row on these copies differs from a row on generated images only
+    in the generator (DESIGN.md, "Evaluation protocol": copy twins). No model is loaded."""
+
+    text_conditioned = False
+
+    def __init__(self, device: torch.device, seed_rotation: float = 15.0, seed_hflip: bool = True) -> None:
+        self.device = device
+        self.seed_rotation, self.seed_hflip = seed_rotation, seed_hflip
+
+    def generate(self, batch: Batch) -> Generated:
+        views = seed_views(batch, to_tensor(batch.seeds, self.device), self.seed_rotation, self.seed_hflip)
+        count = len(batch.seed_index)
+        return Generated(to_uint8(views), [float("nan")] * count, [0.0] * count)
 
 
 def make_prompts(labels: Sequence[str], generators_seeds: Sequence[int], variants: bool) -> list[str]:

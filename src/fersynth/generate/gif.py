@@ -4,12 +4,22 @@ independent of the model that produced the latent:
     s' = s * (1 + z) + b,   z ~ U[0, 1), b ~ N(0, 1), both of shape [B, C, 1, 1]
     S  = S_inf + S_div
     S_inf = (entropy of the guide's prediction on decode(s') - entropy on the seed)
-            + probability of the seed's predicted class on decode(s')
+            + probability of the output's intended class y on decode(s')
     S_div = KL(softmax(group mean of f) || softmax(f_i)), f the L2-normalised features,
             averaged over the samples (the official code's KLDivLoss(input=log_softmax(f),
             target=log_softmax(mean), log_target=True, reduction="batchmean"))
     z, b <- z + step * sign(dS/dz), b + step * sign(dS/db)
     s* = clip(s * (1 + z) + b, s - eps, s + eps)          (L-inf ball around s)
+
+The intended class y is the seed's label for an expansion within its class, an edit's target
+for a cross-class edit: always the class the output is meant to have and will be labelled
+with. Here we deviate from the official GIF code, whose class term is the probability of the
+class the guide predicts on the seed (its argmax). A guide is wrong exactly on the minor
+classes that generation is for (a FER2013 guide trained with plain sampling predicts disgust
+for none of the disgust test images), so that rule pushes a disgust seed towards whatever the
+guide mistakes it for, away from its own label (DESIGN.md, "Evaluation protocol"). `classes`
+is therefore a required argument of every scoring function: no path falls back to the guide's
+prediction.
 
 A group is the K outputs of one seed image: S_div compares an output with its siblings only,
 so an output does not depend on which other seeds share its batch.
@@ -71,18 +81,23 @@ def gif_scores(
     features: torch.Tensor,
     seed_probabilities: torch.Tensor,
     groups: torch.Tensor,
-    classes: torch.Tensor | None = None,
+    classes: torch.Tensor,
 ) -> torch.Tensor:
     """S = S_inf + S_div of each perturbed output (B,); seed probabilities repeated per output.
 
-    S_inf's class term is the probability of the seed's predicted class (GIF), or of `classes`
-    (one index per output) where given: a cross-class edit rewards its target class instead.
-    An output's S depends on its own seed's K outputs only, never on other seeds in its batch.
+    S_inf's class term is the probability of `classes` (B,), each output's intended class: its
+    seed's label, or an edit's target. The official GIF code rewards the guide's prediction on
+    the seed instead; see the module docstring for why we do not. An output's S depends on its
+    own seed's K outputs only, never on other seeds in its batch.
     """
     probabilities = logits.float().softmax(dim=1)
     delta_entropy = entropy(probabilities) - entropy(seed_probabilities)
-    kept_class = seed_probabilities.argmax(dim=1) if classes is None else classes
-    class_probability = probabilities.gather(1, kept_class.unsqueeze(1)).squeeze(1)
+    classes = classes.to(probabilities.device, torch.long)
+    if classes.shape != probabilities.shape[:1]:
+        raise ValueError(
+            f"classes: one intended class per output ({len(probabilities)}), got {tuple(classes.shape)}"
+        )
+    class_probability = probabilities.gather(1, classes.unsqueeze(1)).squeeze(1)
     return delta_entropy + class_probability + group_divergence(features, groups)
 
 
@@ -91,7 +106,7 @@ def gif_score(
     features: torch.Tensor,
     seed_probabilities: torch.Tensor,
     groups: torch.Tensor,
-    classes: torch.Tensor | None = None,
+    classes: torch.Tensor,
 ) -> torch.Tensor:
     """The batch's S, the mean of `gif_scores` (the official code's means over its batch): the
     quantity the signed-gradient step raises."""
@@ -124,10 +139,13 @@ def guided_latents(
     generators: Sequence[torch.Generator],
     step_size: float = 0.1,
     eps: float = 0.1,
-    classes: torch.Tensor | None = None,
+    *,
+    classes: torch.Tensor,
 ) -> GifStep:
     """One signed-gradient ascent step on (z, b), projected onto the eps-ball around `latents`.
 
+    `classes` (B,): each output's intended class, whose probability S_inf rewards (its seed's
+    label, or an edit's target; never the guide's prediction on the seed).
     Gradients flow only through this step (decoder and guide), never into their weights.
     """
     base = latents.detach().float()

@@ -221,7 +221,7 @@ class GifUnclip:
             batch.generators,
             self.step_size,
             self.eps,
-            rewarded_classes(batch, per_seed),
+            classes=rewarded_classes(batch, self.device),
         )
         embeddings = normaliser.unscale(step.latents).detach()
         with torch.inference_mode():

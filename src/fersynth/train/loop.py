@@ -25,6 +25,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fersynth.augment import REPORT_JSON as AUGMENT_REPORT
 from fersynth.classes import CLASSES
 from fersynth.dataset import TRAIN_SPLIT, VAL_SPLIT, read_manifest
 from fersynth.errors import FersynthError
@@ -123,6 +124,38 @@ def effective_rates(settings: TrainSettings) -> dict[str, float | int]:
     }
 
 
+def mek_weight_counts(data: Path, train_frame: pd.DataFrame, choice: str) -> tuple[list[int], str]:
+    """The per-class counts MEK's class weights come from (`train.mek.class_weights_from`, in
+    canonical class order) and where they were read. "original": a dataset written by `fersynth
+    augment` carries its original training counts in augment_report.json (per_class.<class>.
+    original; a synthetic-only variant has no real training image to count), any other dataset is
+    the original and its training split is counted; "own": the training split, whatever it is."""
+    own = [int((train_frame["label"] == name).sum()) for name in CLASSES]
+    report = Path(data) / AUGMENT_REPORT
+    if choice == "own":
+        return own, "train split"
+    if not report.is_file():
+        origins = train_frame["origin"] if "origin" in train_frame.columns else pd.Series(dtype=str)
+        if (origins == "synthetic").any():
+            raise FersynthError(
+                f"{report}: not found, and {data} trains on synthetic images, so the original "
+                "counts for MEK's class weights are unknown (write the dataset with `fersynth "
+                "augment`, or set train.mek.class_weights_from: own, or pin train.mek.class_weights)"
+            )
+        return own, "train split"
+    try:
+        per_class = json.loads(report.read_text(encoding="utf-8"))["per_class"]
+        counts = [per_class[name]["original"] for name in CLASSES]
+        if not all(type(n) is int and n >= 0 for n in counts) or not sum(counts):
+            raise ValueError("not counts")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FersynthError(
+            f"{report}: malformed: MEK's class weights (train.mek.class_weights_from: original) "
+            "need per_class.<class>.original, a count, for every class"
+        ) from None
+    return counts, AUGMENT_REPORT
+
+
 def _precision(settings: TrainSettings, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for float32."""
     choice = settings.precision
@@ -206,6 +239,11 @@ def run_train(
     output = Path(settings.output)
     dataset = read_manifest(settings.data)
     train_frame, val_frame = split_validation(dataset.manifest)
+    if settings.fold is not None:  # a cross-fitted voter: never trains on the fold it judges
+        from fersynth.folds import fold_of
+
+        held_out, folds = settings.fold
+        train_frame = train_frame[fold_of(train_frame, folds) != held_out]
     if val_frame.empty:
         log.warning(
             "%s: no validation split; the last step's weights are kept "
@@ -220,6 +258,24 @@ def run_train(
         write_skipped(output, reason, settings_record, force=force or resume, data=str(settings.data))
         return TrainResult(output, 0, 0, None, 0.0, skipped=reason)
     counts = [int((train_frame["label"] == name).sum()) for name in CLASSES]
+    class_weights, weights_info = None, {}
+    if settings.method == "mek":
+        # Recorded in model.pt and train_summary.json (and MLflow tags): which counts gave w_c.
+        pinned = settings.mek.class_weights
+        if pinned:
+            class_weights = torch.tensor(pinned)
+            weights_info = {"mek_class_weights_from": "pinned"}
+        else:
+            choice = settings.mek.class_weights_from
+            weight_counts, source = mek_weight_counts(settings.data, train_frame, choice)
+            class_weights = mek_class_weights(weight_counts)
+            weights_info = {
+                "mek_class_weights_from": choice,
+                "mek_class_weight_counts_source": source,
+                "mek_class_weight_counts": dict(zip(CLASSES, weight_counts, strict=True)),
+            }
+            log.info("MEK class weights from %s counts (%s)", choice, source)
+        weights_info["mek_class_weights"] = [round(float(w), 4) for w in class_weights]
     resuming = _prepare_output(output, resume, force)
 
     device = pick_device(settings.device)
@@ -262,11 +318,8 @@ def run_train(
         t_in_epochs=False,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    class_weights = None
-    if settings.method == "mek":
-        pinned = settings.mek.class_weights
-        class_weights = (torch.tensor(pinned) if pinned else mek_class_weights(counts)).to(device)
+    if class_weights is not None:
+        class_weights = class_weights.to(device)
 
     step, best_step, best_score, best_metrics = 0, 0, -1.0, None
     if resuming:
@@ -444,11 +497,6 @@ def run_train(
 
     best = torch.load(output / BEST_WEIGHTS, map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
-    weights_info = (
-        {"mek_class_weights": [round(float(w), 4) for w in class_weights.cpu()]}
-        if class_weights is not None
-        else {}
-    )
     save_model(
         output / MODEL_FILE,
         model,

@@ -2,8 +2,10 @@
 
 `run_guard`: a dataset's training and validation images that copy one of its test images, or
 one of another dataset's (cross-dataset test sets), are removed and listed with both paths.
-`run_verify`: synthetic images are voted on by several FER models, guarded against every
-test image, and described by a per-class fidelity and diversity report.
+`run_verify`: synthetic images are voted on by several FER models (cross-fitted: only by models
+that never trained on the image's seed, when the voters hold one model per fold), rejected when
+they nearly copy their own seed image, guarded against every test image, and described by a
+per-class fidelity and diversity report.
 Both write a new dataset folder (images hard-linked); the input is never modified.
 """
 
@@ -29,16 +31,20 @@ from fersynth.dataset import (
 from fersynth.errors import FersynthError
 from fersynth.evaluate import pick_device
 from fersynth.files import link_or_copy, staged_folder
+from fersynth.folds import fold_folder
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import SEED_PREFIX, GuardSettings, VerifySettings, save_resolved
 from fersynth.train.models import load_model
+from fersynth.verify.crossfit import UNSEEDED_FOLD, image_folds, voter_folds
 from fersynth.verify.fidelity import distance_to_seed, extract_features, fidelity_table
 from fersynth.verify.leakage import LEAK_COLUMNS, TestImages, find_leaks, hash_images
 from fersynth.verify.voting import (
+    SEED_COPY_SOURCE,
     calibrated_thresholds,
     decide,
     label_indices,
     majority,
+    near_copy_threshold,
     recognised_classes,
     voter_probabilities,
     voter_recall,
@@ -55,6 +61,20 @@ class GuardResult:
 
 
 @dataclass
+class VoterFold:
+    """The voter models that voted on one fold's synthetic images (fold None: plain voters, on
+    every image), and the values those images were decided with."""
+
+    fold: int | None
+    models: dict[str, str]  # "<voter> / fold_<f>" (or the voter's name) -> model folder
+    images: int  # synthetic images voted on
+    without_seed: int  # of them, with no seed among the reference images (new identities)
+    recognised: dict[str, bool]  # per class
+    thresholds: dict[str, float]  # tau per class, calibrated on validation
+    near_copy_thresholds: dict[str, float]  # per class; NaN: no threshold (nothing rejected)
+
+
+@dataclass
 class VerifyResult:
     output: Path
     manifest: pd.DataFrame  # every synthetic image that is not a leak, with the v_* columns
@@ -65,8 +85,15 @@ class VerifyResult:
     # Each voter's recall per class on the real validation split (%): voters x classes; empty
     # when the reference data has no val split.
     recall: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # Per class: recognised by the voters (of every fold), and tau (calibrated; the lowest of
+    # the folds' when cross-fitted).
     recognised: dict[str, bool] = field(default_factory=dict)
-    thresholds: dict[str, float] = field(default_factory=dict)  # tau per class (calibrated)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    # Whether each image was voted on only by models that never trained on its seed image.
+    cross_fitted: bool = False
+    # The voter models that voted on each fold's images (one entry, fold None, when not
+    # cross-fitted), with the values each fold's images were decided with.
+    folds: list[VoterFold] = field(default_factory=list)
 
 
 def test_images(datasets: list[Dataset], *, workers: int, progress: bool) -> list[TestImages]:
@@ -137,6 +164,28 @@ def _voter_name(uri: str) -> str:
     return f"{path.parent.name}/{path.name}" if path.name.startswith(SEED_PREFIX) else path.name
 
 
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A manifest column as strings, empty where the manifest lacks it."""
+    return frame.get(name, pd.Series("", index=frame.index)).fillna("").astype(str)
+
+
+def _readable(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose label a data loader accepts (relabel mode may see labels that are no class
+    yet; features and votes never read it)."""
+    return frame.assign(label=frame["label"].where(frame["label"].isin(CLASSES), CLASSES[0]))
+
+
+def _voter_names(voters: list[str]) -> list[str]:
+    names = [_voter_name(v) for v in voters]
+    if len(set(names)) < len(names):  # e.g. KFP artifact folders, all called `model`
+        names = [f"voter {i} ({name})" for i, name in enumerate(names, start=1)]
+    return names
+
+
+def _per_class(values, cast=float) -> dict:
+    return {name: cast(v) for name, v in zip(CLASSES, values, strict=True)}
+
+
 @pins_torch_threads
 def run_verify(
     settings: VerifySettings,
@@ -154,6 +203,9 @@ def run_verify(
         raise FersynthError(
             f"verify.min_votes = {settings.min_votes}: more than the {len(settings.voters)} voters"
         )
+    # {fold: its models} of cross-fitted voters, or {None: the voters}; a mix is an error.
+    groups = voter_folds(list(settings.voters))
+    cross_fitted = None not in groups
     synthetic = read_manifest(settings.data)
     reference = read_manifest(settings.reference)
     frame = synthetic.manifest[synthetic.manifest["split"] == TRAIN_SPLIT]
@@ -168,79 +220,162 @@ def run_verify(
     leaks = find_leaks(synthetic.root, frame, hashes, tests, guard.max_distance, guard.min_correlation)
     frame = frame.drop(index=leaks.index)
     frame = frame.drop(index=hashes.index[(hashes["error"] != "") & hashes.index.isin(frame.index)])
+    frame = frame.reset_index(drop=True)
 
-    # 2. What the voters recognise: each one's recall per class on the real validation split.
+    # Each image's seed among the reference images (new identities have none), and its fold:
+    # the fold of its seed image when the voters are cross-fitted (else all are one group).
+    by_id = reference.manifest.drop_duplicates("id").set_index("id")
+    seed_ids = _column(frame, "seed_id")
+    has_seed = seed_ids.isin(by_id.index).to_numpy() & (_column(frame, "gen_kind") != "identity").to_numpy()
+    exempt = (_column(frame, "source") == SEED_COPY_SOURCE).to_numpy()  # the copy-twin control
+    image_fold = (
+        image_folds(seed_ids, has_seed, reference.manifest, len(groups))
+        if cross_fitted
+        else np.full(len(frame), UNSEEDED_FOLD)
+    )
+
     device = pick_device(settings.device)
     validation = reference.split(VAL_SPLIT)
-    recall = np.full((len(settings.voters), len(CLASSES)), np.nan)
-    thresholds = np.full(len(CLASSES), settings.min_probability)
-    vote = functools.partial(
-        voter_probabilities,
-        settings.voters,
-        device=device,
-        batch_size=settings.batch_size,
-        workers=settings.workers,
-        tta_flip=settings.tta_flip,
-        progress=progress,
-    )
-    if not validation.empty:
-        on_val = vote(reference.root, validation)
-        val_labels = label_indices(validation["label"])
-        recall = voter_recall(on_val, val_labels)
-        thresholds = calibrated_thresholds(
-            on_val,
-            val_labels,
-            min_votes=settings.min_votes,
-            min_probability=settings.min_probability,
-            quantile=settings.probability_quantile,
-        )
-    recognised = recognised_classes(recall, settings.min_votes, settings.min_recall)
+    val_labels = label_indices(validation["label"])
+    real_rows = _sample(reference.split(TRAIN_SPLIT), settings.fidelity_images_per_class, seed)
 
-    # 3. The vote.
-    probabilities = vote(synthetic.root, frame)
-    frame = frame.reset_index(drop=True)
+    def features(loaded, root: Path, rows: dict[str, pd.DataFrame]) -> dict[str, np.ndarray]:
+        return {
+            name: extract_features(
+                loaded, root, group, device=device, batch_size=settings.batch_size, workers=settings.workers
+            )
+            for name, group in rows.items()
+        }
+
+    # 2. Per fold (or once, for plain voters): what its voters recognise (each one's recall per
+    # class on the real validation split, which is in no fold), the thresholds tau calibrated
+    # there, the near-copy distance per class (on the fold's first voter's features), and the
+    # fold's images' votes and distances to their seed images.
+    names = _voter_names(list(settings.voters))
+    probabilities = np.zeros((len(settings.voters), len(frame), len(CLASSES)), np.float32)
+    seed_distance = np.full(len(frame), np.nan)
+    fold_votes: list[VoterFold] = []
+    recall_tables: list[pd.DataFrame] = []
+    cached_real = {}  # the first fold's real features, reused by the fidelity report
+    for fold, models in groups.items():
+        rows = image_fold == (UNSEEDED_FOLD if fold is None else fold)
+        vote = functools.partial(
+            voter_probabilities,
+            models,
+            device=device,
+            batch_size=settings.batch_size,
+            workers=settings.workers,
+            tta_flip=settings.tta_flip,
+            progress=progress,
+        )
+        recall = np.full((len(models), len(CLASSES)), np.nan)
+        thresholds = np.full(len(CLASSES), settings.min_probability)
+        if not validation.empty:
+            on_val = vote(reference.root, validation)
+            recall = voter_recall(on_val, val_labels)
+            thresholds = calibrated_thresholds(
+                on_val,
+                val_labels,
+                min_votes=settings.min_votes,
+                min_probability=settings.min_probability,
+                quantile=settings.probability_quantile,
+            )
+        recognised = recognised_classes(recall, settings.min_votes, settings.min_recall)
+        probabilities[:, rows] = vote(synthetic.root, frame[rows])
+
+        first = load_model(models[0], device)
+        near_copy = np.full(len(CLASSES), np.nan)
+        if settings.near_copy_percentile is not None:
+            real = features(first, reference.root, real_rows)
+            if not cached_real:
+                cached_real = real
+            near_copy = np.array(
+                [
+                    near_copy_threshold(real[name], settings.near_copy_percentile) if name in real else np.nan
+                    for name in CLASSES
+                ]
+            )
+        close = rows & has_seed
+        if close.any():
+            own = extract_features(
+                first,
+                synthetic.root,
+                _readable(frame[close]),
+                device=device,
+                batch_size=settings.batch_size,
+                workers=settings.workers,
+            )
+            seeds = extract_features(
+                first,
+                reference.root,
+                by_id.loc[seed_ids[close]].reset_index(),
+                device=device,
+                batch_size=settings.batch_size,
+                workers=settings.workers,
+            )
+            seed_distance[close] = np.linalg.norm(own - seeds, axis=1)
+        del first
+
+        row_names = [f"{name} / {fold_folder(fold)}" for name in names] if cross_fitted else names
+        recall_tables.append(pd.DataFrame(100 * recall, index=row_names, columns=list(CLASSES)))
+        fold_votes.append(
+            VoterFold(
+                fold=fold,
+                models=dict(zip(row_names, models, strict=True)),
+                images=int(rows.sum()),
+                without_seed=int((rows & ~has_seed).sum()),
+                recognised=_per_class(recognised, bool),
+                thresholds=_per_class(np.round(thresholds, 4)),
+                near_copy_thresholds=_per_class(np.round(near_copy, 4)),
+            )
+        )
+
+    # 3. The vote, each fold's images decided with that fold's values.
     # relabel mode: every image's label is the voters' majority. New identities are always
     # relabelled: their prompted class is only a wish (no seed image carries a label).
     relabel = (
         np.ones(len(frame), dtype=bool)
         if settings.mode == "relabel"
-        else (frame.get("gen_kind", pd.Series("", index=frame.index)) == "identity").to_numpy()
+        else (_column(frame, "gen_kind") == "identity").to_numpy()
     )
     if relabel.any():
         frame["v_intended"] = frame["label"]
         voted = np.array([CLASSES[k] for k in majority(probabilities)], dtype=object)
         frame["label"] = np.where(relabel, voted, frame["label"].to_numpy())
-    votes = decide(
-        probabilities,
-        label_indices(frame["label"]),
-        min_votes=settings.min_votes,
-        min_probability=thresholds,
-        recognised=recognised,
-    )
+    labels = label_indices(frame["label"])
+    parts = []
+    for group in fold_votes:
+        rows = image_fold == (UNSEEDED_FOLD if group.fold is None else group.fold)
+        limits = np.array([group.near_copy_thresholds[name] for name in CLASSES])[labels]
+        part = decide(
+            probabilities[:, rows],
+            labels[rows],
+            min_votes=settings.min_votes,
+            min_probability=np.array([group.thresholds[name] for name in CLASSES]),
+            recognised=np.array([group.recognised[name] for name in CLASSES]),
+            seed_distance=seed_distance[rows],
+            copy_threshold=np.where(has_seed & ~exempt, limits, np.nan)[rows],
+        )
+        part.index = np.flatnonzero(rows)
+        parts.append(part)
+    votes = pd.concat(parts).sort_index()
     for column in votes.columns:
         frame[column] = votes[column].to_numpy()
-    frame["v_accepted"] = np.where(frame["v_accepted"], "true", "false")
+    frame["v_accepted"] = np.where(frame["v_accepted"].astype(bool), "true", "false")
+    frame["v_seed_distance"] = np.round(seed_distance, 4)
+    if cross_fitted:
+        frame["v_fold"] = image_fold
 
-    # 4. Fidelity and diversity of the accepted images against the real training images.
-    first = load_model(settings.voters[0], device)
+    # 4. Fidelity and diversity of the accepted images against the real training images, on
+    # the first voter's features (its fold-0 model when cross-fitted).
+    first = load_model(next(iter(groups.values()))[0], device)
     per_class = settings.fidelity_images_per_class
-    real_rows = _sample(reference.split(TRAIN_SPLIT), per_class, seed)
     synthetic_rows = _sample(frame[frame["v_accepted"] == "true"], per_class, seed)
-
-    def features(root: Path, rows: dict[str, pd.DataFrame]) -> dict[str, np.ndarray]:
-        return {
-            name: extract_features(
-                first, root, group, device=device, batch_size=settings.batch_size, workers=settings.workers
-            )
-            for name, group in rows.items()
-        }
-
-    synthetic_features = features(synthetic.root, synthetic_rows)
+    synthetic_features = features(first, synthetic.root, synthetic_rows)
     # Each sampled image with a seed among the real images (not a new identity), against it.
-    by_id = reference.manifest.drop_duplicates("id").set_index("id")
-    seed_ids = frame.get("seed_id", pd.Series("", index=frame.index)).fillna("").astype(str)
     seeded = {name: seed_ids.loc[r.index].isin(by_id.index).to_numpy() for name, r in synthetic_rows.items()}
     seed_features = features(
+        first,
         reference.root,
         {
             name: by_id.loc[seed_ids.loc[rows.index][seeded[name]]].reset_index()
@@ -248,7 +383,7 @@ def run_verify(
         },
     )
     table = fidelity_table(
-        features(reference.root, real_rows),
+        cached_real or features(first, reference.root, real_rows),
         synthetic_features,
         frame["label"].value_counts().to_dict(),
         frame.loc[frame["v_accepted"] == "true", "label"].value_counts().to_dict(),
@@ -259,10 +394,9 @@ def run_verify(
             for name in synthetic_rows
         },
     )
-    names = [_voter_name(v) for v in settings.voters]
-    if len(set(names)) < len(names):  # e.g. KFP artifact folders, all called `model`
-        names = [f"voter {i} ({name})" for i, name in enumerate(names, start=1)]
-    recall_table = pd.DataFrame(100 * recall, index=names, columns=list(CLASSES)).rename_axis("voter")
+    recall_table = pd.concat(recall_tables).rename_axis("voter")
+    # A class counts as recognised when every fold's voters recognise it; its tau is the lowest
+    # of the folds' (each fold's images were decided with their own).
     result = VerifyResult(
         Path(settings.output),
         frame,
@@ -271,8 +405,10 @@ def run_verify(
         list(settings.voters),
         unreadable,
         recall=recall_table if not validation.empty else pd.DataFrame(),
-        recognised=dict(zip(CLASSES, (bool(v) for v in recognised), strict=True)),
-        thresholds=dict(zip(CLASSES, (round(float(v), 4) for v in thresholds), strict=True)),
+        recognised={name: all(g.recognised[name] for g in fold_votes) for name in CLASSES},
+        thresholds={name: min(g.thresholds[name] for g in fold_votes) for name in CLASSES},
+        cross_fitted=cross_fitted,
+        folds=fold_votes,
     )
     with staged_folder(settings.output, force=force) as staging:
         _write_dataset(staging, synthetic, frame, progress)
@@ -281,4 +417,13 @@ def run_verify(
     return result
 
 
-__all__ = ["LEAK_COLUMNS", "GuardResult", "VerifyResult", "run_guard", "run_verify", "test_images"]
+__all__ = [
+    "LEAK_COLUMNS",
+    "SEED_COPY_SOURCE",
+    "GuardResult",
+    "VerifyResult",
+    "VoterFold",
+    "run_guard",
+    "run_verify",
+    "test_images",
+]

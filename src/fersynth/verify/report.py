@@ -15,7 +15,15 @@ from fersynth.classes import CLASSES
 from fersynth.dataset import ImageDecodeError, load_image
 from fersynth.figures import contact_sheet, save_figure, save_png
 from fersynth.files import atomic_write_text
-from fersynth.verify.voting import CODE_SEPARATOR, REJECTION_CODES, rejection_labels
+from fersynth.folds import fold_folder
+from fersynth.verify.voting import (
+    CODE_SEPARATOR,
+    NEAR_COPY,
+    REJECTION_CODES,
+    SEED_COPY_SOURCE,
+    VOTE_CODES,
+    rejection_labels,
+)
 
 if TYPE_CHECKING:
     from fersynth.settings import GuardSettings, VerifySettings
@@ -180,24 +188,28 @@ def verify_class_table(fidelity: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def rejection_counts(frame: pd.DataFrame) -> dict[str, int]:
-    """Rejected images per rejection code (voting.REJECTION_CODES), counted from the structured
-    `v_rejected_by` column; an image rejected for both reasons counts under each."""
+def rejection_counts(frame: pd.DataFrame, codes: tuple[str, ...] = VOTE_CODES) -> dict[str, int]:
+    """Rejected images per rejection code (`codes`, of voting.REJECTION_CODES: by default the
+    vote's own rules; add NEAR_COPY for a run that checked near copies), counted from the
+    structured `v_rejected_by` column; an image rejected for both reasons counts under each."""
     counts = Counter(code for codes in frame["v_rejected_by"] for code in codes.split(CODE_SEPARATOR) if code)
-    return {code: counts[code] for code in REJECTION_CODES}
+    return {code: counts[code] for code in codes}
 
 
-def rejection_table(frame: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
-    """Per class: images verified, accepted, and rejected under each reason (an image rejected
-    for several reasons counts under each), from the structured `v_rejected_by` codes."""
+def rejection_table(
+    frame: pd.DataFrame, labels: dict[str, str], codes: tuple[str, ...] = VOTE_CODES
+) -> pd.DataFrame:
+    """Per class: images verified, accepted, and rejected under each reason (`codes`, as in
+    rejection_counts; an image rejected for several reasons counts under each), from the
+    structured `v_rejected_by` codes."""
     rows = {}
     for name in CLASSES:
         group = frame[frame["label"] == name]
-        codes = Counter(c for value in group["v_rejected_by"] for c in value.split(CODE_SEPARATOR) if c)
+        found = Counter(c for value in group["v_rejected_by"] for c in value.split(CODE_SEPARATOR) if c)
         rows[name] = {
             "verified": len(group),
             "accepted": int((group["v_accepted"] == "true").sum()),
-            **{labels[code]: codes[code] for code in REJECTION_CODES},
+            **{labels[code]: found[code] for code in codes},
         }
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "class"
@@ -231,6 +243,57 @@ def class_verdicts(
     return verdicts
 
 
+def _number(value: float) -> float | None:
+    """A float for JSON: NaN (no value) becomes null."""
+    return None if value is None or np.isnan(value) else float(value)
+
+
+def fold_summary(result: VerifyResult) -> list[dict]:
+    """Per fold of the vote (one entry, fold null, when not cross-fitted): which voter models
+    voted on it, its images, and the values they were decided with."""
+    return [
+        {
+            "fold": group.fold,
+            "models": group.models,
+            "images": group.images,
+            "images_without_seed": group.without_seed,
+            "recognised": group.recognised,
+            "probability_thresholds": {k: _number(v) for k, v in group.thresholds.items()},
+            "near_copy_thresholds": {k: _number(v) for k, v in group.near_copy_thresholds.items()},
+        }
+        for group in result.folds
+    ]
+
+
+def fold_table(result: VerifyResult) -> pd.DataFrame:
+    """One row per fold: the voter models that voted on its images, and how many there were."""
+    rows = {
+        fold_folder(group.fold) if group.fold is not None else "all": {
+            "voter models": ", ".join(f"`{model}`" for model in group.models),
+            "images": group.images,
+            "of them without a seed": group.without_seed,
+        }
+        for group in result.folds
+    }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "fold"
+    return table
+
+
+def threshold_table(result: VerifyResult, near_copy: bool) -> pd.DataFrame:
+    """Per class: tau, and the near-copy distance (when checked), of each fold (or of the
+    plain voters); empty where a class has no near-copy threshold."""
+    columns = {}
+    for group in result.folds:
+        suffix = f" ({fold_folder(group.fold)})" if group.fold is not None else ""
+        columns[f"tau{suffix}"] = pd.Series(group.thresholds)
+        if near_copy:
+            columns[f"near-copy distance{suffix}"] = pd.Series(group.near_copy_thresholds)
+    table = pd.DataFrame(columns).reindex(list(CLASSES))
+    table.index.name = "class"
+    return table
+
+
 def write_verify_report(
     folder: Path, result: VerifyResult, settings: VerifySettings, max_distance: int
 ) -> None:
@@ -244,11 +307,24 @@ def write_verify_report(
     _class_chart(table, folder / VERIFY_PNG)
     _examples(folder, frame, folder / EXAMPLES_PNG)
     accepted = int((frame["v_accepted"] == "true").sum())
-    rejected_by = rejection_counts(frame)
+    # The near-copy check ran when it is on and the vote says with which values (a report of a
+    # run without it does not count a reason it never checked).
+    near_copy = settings.near_copy_percentile is not None and bool(result.folds)
+    codes = REJECTION_CODES if near_copy else VOTE_CODES
+    rejected_by = rejection_counts(frame, codes)
     labels = rejection_labels(
-        len(result.voters), settings.min_votes, settings.min_probability, settings.min_recall
+        len(result.voters),
+        settings.min_votes,
+        settings.min_probability,
+        settings.min_recall,
+        settings.near_copy_percentile,
     )
-    reasons_by_class = rejection_table(frame, labels)
+    reasons_by_class = rejection_table(frame, labels, codes)
+    no_threshold = sorted(
+        {name for group in result.folds for name, v in group.near_copy_thresholds.items() if np.isnan(v)},
+        key=CLASSES.index,
+    )
+    seed_copy = int((frame.get("source", pd.Series("", index=frame.index)) == SEED_COPY_SOURCE).sum())
     verdicts = class_verdicts(frame, result.recall, result.recognised, settings)
     summary = {
         "data": str(settings.data),
@@ -273,8 +349,20 @@ def write_verify_report(
         "voter_recall": json.loads(result.recall.round(2).to_json(orient="index"))
         if not result.recall.empty
         else {},
-        "recognised": result.recognised,
-        "probability_thresholds": result.thresholds,  # tau per class, calibrated on validation
+        "recognised": result.recognised,  # per class; when cross-fitted: in every fold
+        # tau per class, calibrated on validation; when cross-fitted, the lowest of the folds'
+        # (each fold's values are under "folds").
+        "probability_thresholds": result.thresholds,
+        # Whether each image was voted on only by voter models that never trained on its seed.
+        "cross_fitted": result.cross_fitted,
+        "folds": fold_summary(result),
+        "near_copy": {
+            "percentile": settings.near_copy_percentile if near_copy else None,
+            "rejected": rejected_by.get(NEAR_COPY, 0),
+            "exempt_source": SEED_COPY_SOURCE,
+            "exempt_images": seed_copy,
+            "classes_without_threshold": no_threshold if near_copy else [],
+        },
         "no_accepted_because": verdicts,
         "unreadable": [{"path": p, "reason": r} for p, r in result.unreadable],
     }
@@ -294,6 +382,15 @@ def write_verify_report(
         recall_table=markdown.table(result.recall, default=".0f") if not result.recall.empty else "",
         recognised=result.recognised,
         thresholds=result.thresholds,
+        cross_fitted=result.cross_fitted,
+        fold_table=markdown.table(fold_table(result)) if result.folds else "",
+        folds=result.folds,
+        threshold_table=markdown.table(threshold_table(result, near_copy), default=".3f")
+        if result.folds
+        else "",
+        near_copy=near_copy,
+        no_near_copy_threshold=no_threshold,
+        seed_copy=seed_copy,
         verdicts=verdicts,
         classes_png=VERIFY_PNG,
         examples_png=EXAMPLES_PNG,
