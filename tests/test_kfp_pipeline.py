@@ -107,9 +107,24 @@ def test_the_grid_rows_are_the_profile_s_rows():
 
     originals, synthetics = grid_rows(load_settings(DEMO))
     assert [r["label"] for r in originals] == ["Original_SL", "Original_SL_balanced", "Original_MEK"]
-    assert [r["label"] for r in synthetics] == ["Expanded_SL", "Synthetic_MEK", "Expanded_MEK"]
+    assert [r["label"] for r in synthetics] == [
+        "Expanded_SL",
+        "Synthetic_MEK",
+        "Expanded_MEK",
+        "Expanded_SL_balanced",
+        "Expanded_SL_copies",
+        "Expanded_SL_balanced_copies",
+    ]
     assert [r["key"] for r in originals] == ["original_sl", "original_sl_balanced", "original_mek"]
-    assert [r["variant"] for r in synthetics] == ["rho", "synthetic_matched", "rho"]
+    # The folder of each row's set in the augment step's output: a copy twin's holds seed copies.
+    assert [r["variant"] for r in synthetics] == [
+        "rho",
+        "synthetic_matched",
+        "rho",
+        "rho",
+        "copies_rho",
+        "copies_rho",
+    ]
 
 
 def _run(*args: str, cwd: Path) -> str:

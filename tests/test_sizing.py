@@ -17,14 +17,13 @@ FER2013 = dict(angry=3995, disgust=436, fear=4097, happy=7215, sad=4830, surpris
 
 
 def test_need_is_the_largest_ask_of_the_grids_variants():
-    fixed = dict.fromkeys(CLASSES, 50)
-    needed = needed_per_class(["rho"], FER2013, 2.0, fixed)
+    needed = needed_per_class(["rho"], FER2013, 2.0)
     # rho 2 on happy 7215: every class up to ceil(7215 / 2) = 3608; only disgust and surprise are below.
     assert needed == {**dict.fromkeys(CLASSES, 0), "disgust": 3608 - 436, "surprise": 3608 - 3171}
-    balanced = needed_per_class(["rho", "balanced"], FER2013, 2.0, fixed)
+    balanced = needed_per_class(["rho", "balanced"], FER2013, 2.0)
     assert balanced["disgust"] == 7215 - 436 and balanced["happy"] == 0
-    assert needed_per_class(["expanded"], FER2013, 2.0, fixed) == fixed  # the whole pool: the fixed size
-    assert needed_per_class(["original"], FER2013, 2.0, fixed) == dict.fromkeys(CLASSES, 0)
+    for variant in ("expanded", "original", "identities"):  # no count asked
+        assert needed_per_class([variant], FER2013, 2.0) == dict.fromkeys(CLASSES, 0)
 
 
 def test_outputs_are_the_need_over_the_acceptance_and_k_rises_where_seeds_are_short():
@@ -43,6 +42,14 @@ def test_outputs_are_the_need_over_the_acceptance_and_k_rises_where_seeds_are_sh
         settings.model_copy(update={"sizing": "fixed", "max_seeds_per_class": 100}), FER2013
     )
     assert all((p.seeds, p.k) == (100, 5) for p in fixed.values())
+    # A variant that takes the whole pool gets the fixed size at least, not divided by acceptance.
+    whole = plan_generation(
+        settings.model_copy(update={"variants": ["rho", "expanded"], "max_seeds_per_class": 100}), FER2013
+    )
+    assert (whole["happy"].outputs, whole["happy"].seeds, whole["happy"].k) == (500, 100, 5)
+    assert whole["disgust"].outputs == 3965  # the rho need is larger
+    with pytest.raises(ValueError, match="max_k = 3: below k = 5"):
+        GenerateSettings(max_k=3)
 
 
 def test_the_settings_derive_the_need_and_the_copy_twins_from_the_grid(tmp_path):
@@ -109,3 +116,39 @@ def test_fold_models_finds_the_fold_folders(tmp_path):
         1: tmp_path / "voter" / "fold_1",
     }
     assert fold_models(tmp_path / "plain") == {}
+
+
+def test_a_grid_that_needs_nothing_says_so_in_one_line(tmp_path):
+    from fersynth.generate import select_seeds
+    from helpers import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path, train_size=21, test_size=7)
+    settings = GenerateSettings(data=data, variants=["original"], rho=2.0)
+    with pytest.raises(FersynthError, match="no class needs synthetic images.*sizing: fixed"):
+        select_seeds(settings, 2048)
+    assert not select_seeds(settings.model_copy(update={"sizing": "fixed"}), 2048).empty
+
+
+def test_a_voter_never_judges_an_image_seeded_from_its_own_training_data():
+    """The fold a voter model leaves out in training (train.fold, fersynth.folds) is the fold
+    verify assigns to every image generated from a seed in it (verify.crossfit.image_folds)."""
+    import numpy as np
+
+    from fersynth.verify.crossfit import image_folds
+
+    reference = pd.DataFrame(
+        {
+            "id": [f"r{n}" for n in range(60)],
+            "pixel_hash": [f"h{n % 45}" for n in range(60)],  # 15 duplicated images
+            "split": "train",
+        }
+    )
+    folds = 2
+    trained_without = {f: set(reference["id"][fold_of(reference, folds) == f]) for f in range(folds)}
+    synthetic_seeds = pd.Series([f"r{n}" for n in range(60)] * 2)
+    assigned = image_folds(synthetic_seeds, np.ones(len(synthetic_seeds), bool), reference, folds)
+    for seed, fold in zip(synthetic_seeds, assigned, strict=True):
+        assert seed in trained_without[fold]  # its fold's models never trained on its seed
+        twin = reference.loc[reference["id"] == seed, "pixel_hash"].iloc[0]
+        duplicates = set(reference.loc[reference["pixel_hash"] == twin, "id"])
+        assert duplicates <= trained_without[fold]  # nor on a duplicate of it

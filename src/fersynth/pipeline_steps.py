@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import subprocess
 import sys
@@ -282,10 +283,14 @@ def augment(original: str, synthetic: str, output: str, overrides: Iterable[str]
 
     settings = settings_from(overrides, augment__original=original, augment__synthetic=synthetic)
     outcomes = stages.augment_grid(settings, Path(output), force=True, progress=False)
+
+    def finite(value: float) -> float | None:  # KFP metadata holds no infinity (an empty set's ratio)
+        return value if math.isfinite(value) else None
+
     return {
         f"{variant}{'' if pool == 'generated' else ' (copies)'}": {
-            "before": result.ratio_before,
-            "after": result.ratio_after,
+            "before": finite(result.ratio_before),
+            "after": finite(result.ratio_after),
         }
         for variant, pool, result in outcomes
     }

@@ -222,26 +222,37 @@ def generation_table(settings: ReportSettings) -> pd.DataFrame | None:
     generator and of its copy twins (from the merged set's sizing.json and the verified
     manifest). None when generation did not run."""
     sizing = _read_json(Path(settings.generated) / "sizing.json") if settings.generated else None
-    if sizing is None:
+    if sizing is None or not sizing.get("per_class"):  # no generation, or edits only
         return None
     plan = pd.DataFrame.from_dict(sizing["per_class"], orient="index")
     table = pd.DataFrame(
         {
             "real": plan["real"],
             "needed": plan["needed"],
+            "expected acceptance %": 100 * plan["acceptance"].astype(float),
             "seeds x K": [f"{s} x {k}" if s else "-" for s, k in zip(plan["seeds"], plan["k"], strict=True)],
-            "generated": plan["generated"],
         }
     )
+    merged = Path(settings.generated) / "manifest.csv"
+    if merged.is_file():  # what was generated per label (expansions and edits; not the copy twins)
+        made = pd.read_csv(merged, dtype=str, keep_default_na=False)
+        kind = made["gen_kind"] if "gen_kind" in made else pd.Series("", index=made.index)
+        table["generated"] = made[~kind.isin(["copy", "identity"])]["label"].value_counts()
     manifest = Path(settings.verify) / "manifest.csv" if settings.verify else None
     if manifest is not None and manifest.is_file():
         voted = pd.read_csv(manifest, dtype=str, keep_default_na=False)
         accepted = voted[voted["v_accepted"] == "true"]
         kind = accepted["gen_kind"] if "gen_kind" in accepted else pd.Series("", index=accepted.index)
         table["accepted"] = accepted[~kind.isin(["copy", "identity"])]["label"].value_counts()
+        if "generated" in table:
+            table["acceptance %"] = (
+                100 * table["accepted"].fillna(0) / table["generated"].where(table["generated"] > 0)
+            )
         if sizing.get("copy_twins"):
             table["accepted copies"] = accepted[kind == "copy"]["label"].value_counts()
-    table = table.reindex([name for name in CLASSES if name in table.index]).fillna(0)
+    table = table.reindex([name for name in CLASSES if name in table.index])
+    counted = [c for c in ("generated", "accepted", "accepted copies") if c in table]
+    table[counted] = table[counted].fillna(0).astype(int)
     table.index.name = "class"
     return table
 
@@ -440,7 +451,9 @@ def counts_markdown(settings: ReportSettings) -> dict[str, str]:
     generation = generation_table(settings)
     rows = row_counts_tables(settings)
     return {
-        "generation": markdown.table(generation) if generation is not None else "",
+        "generation": markdown.table(generation, {"expected acceptance %": ".0f", "acceptance %": ".1f"})
+        if generation is not None
+        else "",
         "added": markdown.table(rows[0], {"ratio": ".2f"}) if rows is not None else "",
         "shares": markdown.table(rows[1], default=".1f") if rows is not None else "",
     }

@@ -572,6 +572,12 @@ class GenerateSettings(Strict):
                 raise ValueError(f"{unknown[0]!r} is not a class; expected {', '.join(CLASSES)}")
         return value
 
+    @model_validator(mode="after")
+    def _max_k_not_below_k(self) -> GenerateSettings:
+        if self.max_k < self.k:
+            raise ValueError(f"max_k = {self.max_k}: below k = {self.k} (K is only ever raised)")
+        return self
+
     def acceptance_of(self, name: str) -> float:
         """The expected acceptance of class `name` (`acceptance`; 0.5 for a class a mapping omits)."""
         if isinstance(self.acceptance, dict):

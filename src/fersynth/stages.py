@@ -6,13 +6,14 @@ keys and tags."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from fersynth import tracking
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
-from fersynth.folds import fold_folder
+from fersynth.folds import FOLD_PREFIX, fold_folder
 from fersynth.settings import Settings, row_label, seed_folder
 
 NOT_TRACKED = {"registered": False, "reason": "MLFLOW_TRACKING_URI is not set"}
@@ -80,8 +81,14 @@ def train(
     from fersynth.train.loop import run_train
 
     on_synthetic = row is not None and row in settings.experiment.grid.synthetic
+    runs = run_seeds(settings, row)
+    if force and row in settings.experiment.voters:  # fold folders of an earlier fold count go
+        kept = {folder.name for _, folder, _ in runs}
+        for stale in Path(settings.train.output).glob(f"{FOLD_PREFIX}*"):
+            if stale.is_dir() and stale.name not in kept:
+                shutil.rmtree(stale)
     outcomes = []
-    for seed, folder, fold in run_seeds(settings, row):
+    for seed, folder, fold in runs:
         seeded = settings.model_copy(
             update={"seed": seed, "train": settings.train.model_copy(update={"output": folder, "fold": fold})}
         )

@@ -123,6 +123,12 @@ def select_seeds(settings: GenerateSettings, seed: int) -> pd.DataFrame:
             )
         )
     selected = pd.concat(jobs, ignore_index=True)
+    if selected.empty and not train.empty and settings.sizing == "need" and settings.variants is not None:
+        raise FersynthError(
+            f"generate.sizing: need: no class needs synthetic images for the grid's variants "
+            f"({', '.join(settings.variants) or 'none'}, rho {settings.rho}) and there are no edits or "
+            "identities; set generate.sizing: fixed to generate max_seeds_per_class x K per class anyway"
+        )
     if selected.empty:
         raise FersynthError(f"{settings.data}: no training images to expand or edit, and no identities")
     selected["k"] = selected["k"].astype(int)
@@ -141,8 +147,20 @@ def generation_plan(settings: GenerateSettings, train: pd.DataFrame):
     return plan_generation(settings, {name: int(counts.get(name, 0)) for name in CLASSES})
 
 
+def output_batches(rows: list, outputs: int) -> list[list]:
+    """Consecutive jobs in batches of at most `outputs` outputs (each job's K), one job at least."""
+    batches: list[list] = []
+    for row in rows:
+        if batches and sum(r.k for r in batches[-1]) + row.k <= outputs:
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+    return batches
+
+
 def copies_wanted(settings: GenerateSettings) -> bool:
-    """Whether each seeded output gets a copy twin from the null generator (generate.copy_twins)."""
+    """Whether each expansion output gets a copy twin from the null generator (generate.copy_twins;
+    an edit's seed view shows its source class, so an edit has none)."""
     return bool(settings.copy_twins) and settings.backend != "seed-copy"
 
 
@@ -299,7 +317,12 @@ def run_generate(
     twins = copies_wanted(settings)
     written = 0
     bar = tqdm(
-        total=int(todo["k"].sum()) * (2 if twins else 1),
+        total=int(
+            sum(
+                k * (2 if twins and kind == "expand" else 1)
+                for k, kind in zip(todo["k"], todo["kind"], strict=True)
+            )
+        ),
         desc=f"generate {shard_name(shard, num_shards)}",
         unit="img",
         disable=not progress,
@@ -310,14 +333,14 @@ def run_generate(
             settings, backend, size, new_faces, dataset, folder, seed, params, bar
         )
     rows = list(todo[todo["kind"] != "identity"].itertuples(index=False))
-    # One strength per batch (gif-sd noises the whole batch alike): batches never mix them.
+    # One strength per batch (gif-sd noises the whole batch alike): batches never mix them. A
+    # batch holds at most seeds_per_batch x K outputs: a class short of seeds has a larger K.
     chunks = [
-        group[start : start + settings.seeds_per_batch]
-        for group in (
-            [r for r in rows if r.strength == strength]
-            for strength in dict.fromkeys(r.strength for r in rows)
+        chunk
+        for strength in dict.fromkeys(r.strength for r in rows)
+        for chunk in output_batches(
+            [r for r in rows if r.strength == strength], settings.seeds_per_batch * settings.k
         )
-        for start in range(0, len(group), settings.seeds_per_batch)
     ]
     copier = SeedCopy(torch.device("cpu"), settings.seed_rotation, settings.seed_hflip) if twins else None
     for chunk in chunks:
@@ -375,7 +398,7 @@ def run_generate(
                         "outputs_per_seed": row.k,
                     }
                 )
-                if copies is not None:  # its copy twin: the seed view this output started from
+                if copies is not None and row.kind == "expand":  # its copy twin: its seed view
                     save_png(folder / IMAGES / f"{name}{COPY_SUFFIX}.png", copies[j])
                     records.append(
                         {
@@ -511,7 +534,7 @@ def run_merge(
     twins = copies_wanted(settings)
     expected = int(
         sum(
-            k * (2 if twins and kind != "identity" else 1)
+            k * (2 if twins and kind == "expand" else 1)
             for k, kind in zip(seeds["k"], seeds["kind"], strict=True)
         )
     )

@@ -305,15 +305,27 @@ def run_verify(
                 batch_size=settings.batch_size,
                 workers=settings.workers,
             )
-            seeds = extract_features(
-                first,
-                reference.root,
-                by_id.loc[seed_ids[close]].reset_index(),
-                device=device,
-                batch_size=settings.batch_size,
-                workers=settings.workers,
+            # To the seed or its mirror, whichever is nearer: a flipped copy is still a copy (GIF
+            # starts every output from a randomly flipped view of its seed).
+            seed_rows = by_id.loc[seed_ids[close]].reset_index()
+            seed_distance[close] = np.minimum(
+                *(
+                    np.linalg.norm(
+                        own
+                        - extract_features(
+                            first,
+                            reference.root,
+                            seed_rows,
+                            device=device,
+                            batch_size=settings.batch_size,
+                            workers=settings.workers,
+                            flip=flip,
+                        ),
+                        axis=1,
+                    )
+                    for flip in (False, True)
+                )
             )
-            seed_distance[close] = np.linalg.norm(own - seeds, axis=1)
         del first
 
         row_names = [f"{name} / {fold_folder(fold)}" for name in names] if cross_fitted else names
@@ -370,7 +382,10 @@ def run_verify(
     # the first voter's features (its fold-0 model when cross-fitted).
     first = load_model(next(iter(groups.values()))[0], device)
     per_class = settings.fidelity_images_per_class
-    synthetic_rows = _sample(frame[frame["v_accepted"] == "true"], per_class, seed)
+    # The copy twins are the control, not generated images: the generator's counts, diversity and
+    # distance to seed leave them out (unless the whole set is copies: the seed-copy backend alone).
+    described = frame[~exempt] if (~exempt).any() else frame
+    synthetic_rows = _sample(described[described["v_accepted"] == "true"], per_class, seed)
     synthetic_features = features(first, synthetic.root, synthetic_rows)
     # Each sampled image with a seed among the real images (not a new identity), against it.
     seeded = {name: seed_ids.loc[r.index].isin(by_id.index).to_numpy() for name, r in synthetic_rows.items()}
@@ -385,8 +400,8 @@ def run_verify(
     table = fidelity_table(
         cached_real or features(first, reference.root, real_rows),
         synthetic_features,
-        frame["label"].value_counts().to_dict(),
-        frame.loc[frame["v_accepted"] == "true", "label"].value_counts().to_dict(),
+        described["label"].value_counts().to_dict(),
+        described.loc[described["v_accepted"] == "true", "label"].value_counts().to_dict(),
         kid_subset_size=settings.kid_subset_size,
         seed=seed,
         seed_distance={

@@ -9,6 +9,8 @@ Voters without fold models trained on the whole training split: they saw the see
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -49,6 +51,18 @@ def voter_folds(voters: list[str]) -> dict[int | None, list[str]]:
             f"verify.voters: fold models {names(voters[0])} in {', '.join(voters)}: expected "
             f"{fold_folder(0)} to {fold_folder(len(folds) - 1)}"
         )
+    for voter in voters:  # each fold model must have been trained without its fold, of these folds
+        for fold, folder in found[voter].items():
+            saved = folder / "settings.json"
+            if not saved.is_file():
+                continue
+            trained = (json.loads(saved.read_text()).get("train") or {}).get("fold")
+            if trained is not None and list(trained) != [fold, len(folds)]:
+                raise FersynthError(
+                    f"{folder}: trained without fold {trained[0]} of {trained[1]}, but the voter "
+                    f"holds {len(folds)} folds (a stale fold folder?); retrain the voters "
+                    "(`fersynth train --voters --force`)"
+                )
     return {fold: [str(found[voter][fold]) for voter in voters] for fold in folds}
 
 

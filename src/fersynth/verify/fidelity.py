@@ -46,15 +46,20 @@ def extract_features(
     device: torch.device,
     batch_size: int,
     workers: int,
+    flip: bool = False,
 ) -> np.ndarray:
-    """Pre-logit features (N x D) of the manifest rows in `frame`."""
+    """Pre-logit features (N x D) of the manifest rows in `frame` (`flip`: of their mirror images)."""
     spec, model = loaded.spec, loaded.model.to(device).eval()
     if frame.empty:
         return np.zeros((0, model.num_features), np.float32)
     images = ManifestImages(root, frame, test_transform(spec.image_size, spec.resize, spec.mean, spec.std))
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers)
     outputs = [
-        model.forward_head(model.forward_features(batch.to(device)), pre_logits=True).float().cpu()
+        model.forward_head(
+            model.forward_features((batch.flip(-1) if flip else batch).to(device)), pre_logits=True
+        )
+        .float()
+        .cpu()
         for batch, _ in loader
     ]
     return torch.cat(outputs).numpy()
