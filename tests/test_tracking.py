@@ -148,11 +148,13 @@ def test_the_run_report_is_logged_with_its_changes(mlflow_env, tmp_path):
     header = "run," + ",".join(CLASSES) + ",Total,Mean"
     original = "Original_SL," + ",".join(["50"] * 7) + ",50,50"
     expanded = "Expanded_SL," + ",".join(["50", "62"] + ["50"] * 5) + ",51,52"  # fear is second
-    (compare / "comparison.csv").write_text("\n".join([header, original, expanded]) + "\n")
+    copies = "Expanded_SL_copies," + ",".join(["50", "57"] + ["50"] * 5) + ",50.5,51"  # its copy twin
+    (compare / "comparison.csv").write_text("\n".join([header, original, expanded, copies]) + "\n")
     out = ok(
         fersynth(
             "-S", f"report.comparisons=[{json.dumps(str(compare))}]", "-S", f"report.output={tmp_path / 'r'}",
-            "-S", f"report.evaluations={tmp_path / 'none'}", "report", cwd=tmp_path,
+            "-S", f"report.evaluations={tmp_path / 'none'}",
+            "-S", 'report.twins=[["Expanded_SL", "Expanded_SL_copies"]]', "report", cwd=tmp_path,
         )
     )  # fmt: skip
     assert "report.md" in out
@@ -163,6 +165,9 @@ def test_the_run_report_is_logged_with_its_changes(mlflow_env, tmp_path):
     assert CLASSES[1] == "fear"
     assert run.data.metrics["change.Expanded_SL-Original_SL.raf.fear"] == pytest.approx(12)
     assert run.data.metrics["change.Expanded_SL-Original_SL.raf.Mean"] == pytest.approx(2)
+    # What the generator added over its copy twin, per class, beside what the data bought.
+    assert run.data.metrics["generator_added.Expanded_SL-Expanded_SL_copies.raf.fear"] == pytest.approx(5)
+    assert run.data.metrics["generator_added.Expanded_SL-Expanded_SL_copies.raf.Mean"] == pytest.approx(1)
     assert run.data.tags["fersynth.kind"] == "report"
     assert "report/report.md" in {a.path for a in client.list_artifacts(run_id, "report")}
 

@@ -511,8 +511,9 @@ def run_report(settings: ReportSettings, *, force: bool = False, experiment: str
             # Per change and column: test_set, mean, std, n (seeds), p (paired t-test), p_holm
             # (Holm-corrected within the test set), marked (p_holm < ALPHA).
             "paired_changes": json.loads(paired.round(4).to_json(orient="records")),
-            # The same for each row on generated images minus its copy twin.
+            # The same for each row on generated images minus its copy twin, long and wide.
             "generator_added": json.loads(added.round(4).to_json(orient="records")),
+            "generator_changes": wide_changes(added, columns).round(4).to_dict(orient="index"),
             "skipped": skipped,
         }
         atomic_write_text(out / REPORT_JSON, json.dumps(summary, indent=2) + "\n")

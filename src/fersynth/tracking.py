@@ -302,9 +302,12 @@ def log_report(folder: Path, profile: str | None = None) -> str:
     per-class changes as metrics); the run id is written to `folder/mlflow_run.json`."""
     mlflow = _mlflow()
     summary = json.loads((Path(folder) / "report.json").read_text())
+    # What the synthetic data bought (`change.`) and what the generator added over its copy
+    # twins (`generator_added.`), per class: mean accuracy points over the seeds.
     metrics = {
-        f"change.{_metric_key(label)}.{column}": value
-        for label, row in summary["changes"].items()
+        f"{prefix}.{_metric_key(label)}.{column}": value
+        for prefix, key in (("change", "changes"), ("generator_added", "generator_changes"))
+        for label, row in (summary.get(key) or {}).items()
         for column, value in row.items()
         if value is not None and value == value  # NaN: the class has no test image
     }
