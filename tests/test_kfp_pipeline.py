@@ -212,18 +212,10 @@ def check_pipeline_outputs(root: Path) -> None:
     tables = sorted(root.rglob("comparisons/in_domain/comparison.csv"))
     assert len(tables) == 1
     table = tables[0].read_text()
-    for row in (
-        "Original_SL",
-        "Original_SL_balanced",
-        "Original_MEK",
-        "Expanded_SL",
-        "Synthetic_MEK",
-        "Expanded_MEK",
-        "Expanded_SL_balanced",
-        "Expanded_SL_copies",
-        "Expanded_SL_balanced_copies",
-    ):
-        assert f"\n{row}," in table
+    from fersynth.settings import load_settings, row_label
+
+    for key, row in load_settings(DEMO).experiment.grid.rows().items():  # the copy twins too
+        assert f"\n{row_label(key, row)}," in table
     assert sorted(root.rglob("comparisons/cross/comparison.csv"))
     merged = [p for p in root.rglob("merge/*/dataset/manifest.csv")] or [
         p for p in root.rglob("manifest.csv") if "merge" in str(p)
