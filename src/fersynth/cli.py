@@ -659,12 +659,19 @@ def verify_command(obj: _Context, data, reference, output, voters, relabel, forc
         )
     )
     result = run_verify(settings.verify, settings.guard, seed=settings.seed, force=force, progress=not quiet)
+    from fersynth.augment import COPY_KIND
+
     frame = result.manifest
+    twins = (frame["gen_kind"] == COPY_KIND) if "gen_kind" in frame else frame["label"] != frame["label"]
+    copies, frame = frame[twins], frame[~twins]  # the copy twins (the control) are counted apart
     accepted = frame[frame["v_accepted"] == "true"]["label"].value_counts()
     total = frame["label"].value_counts()
     per_class = ", ".join(f"{k} {accepted.get(k, 0)}/{n}" for k, n in total.items())
+    kept_copies = (
+        f"; copy twins {int((copies['v_accepted'] == 'true').sum())} of {len(copies)}" if len(copies) else ""
+    )
     click.echo(
-        f"verify: {int(accepted.sum())} of {len(frame)} accepted ({per_class}); "
+        f"verify: {int(accepted.sum())} of {len(frame)} accepted ({per_class}){kept_copies}; "
         f"{len(result.leaks)} test-image copies removed"
     )
     click.echo(f"report: {result.output / VERIFY_MD}")
