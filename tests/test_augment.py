@@ -348,13 +348,10 @@ def test_every_variant_keeps_val_and_test_and_no_image_seeded_outside_training(l
     )
 
 
-def test_a_copy_twins_set_takes_the_same_count_per_class_preferring_the_copies_of_the_rows_images(tmp_path):
-    rows, images = [], []
-    for name, n in (("happy", 8), ("fear", 2), ("sad", 4)):
-        for i in range(n):
-            rows.append({"id": f"{name}{i}", "label": name, "split": "train"})
-            images.append(colour_image(CLASSES.index(name), len(rows)))
-    original = write_dataset(tmp_path / "original", rows, images)
+def test_a_copy_twins_set_takes_the_same_count_per_class_preferring_the_copies_of_the_rows_images(
+    datasets, tmp_path
+):
+    original, _ = datasets  # happy 8, fear 2, sad 4
     generated = [{**row, "gen_kind": "expand"} for row in synthetic_rows("fear", [3, 2, 2, 2, 1])]
     # Copy twins: fear_s0's copy was rejected by the vote, so a twin of another image fills in.
     copies = [
