@@ -404,6 +404,7 @@ def write_results_page(
     paired: pd.DataFrame,
     settings: ReportSettings,
     added: pd.DataFrame | None = None,
+    counts: dict[str, str] | None = None,
 ) -> Path:
     """The results page a run writes for the repository (docs/results/<experiment>.md): the
     comparison tables, what the synthetic data bought, the confusion matrices, the acceptance
@@ -432,7 +433,7 @@ def write_results_page(
         generator_footnote=spread_footnote(seeds_of(in_domain), family_sizes(added))
         if added is not None and not added.empty
         else "",
-        counts=counts_markdown(settings),
+        counts=counts if counts is not None else counts_markdown(settings),
         acceptance=markdown.table(acceptance, dict.fromkeys(acceptance.columns[2:], ".1f"))
         if acceptance is not None
         else "",
@@ -518,5 +519,5 @@ def run_report(settings: ReportSettings, *, force: bool = False, experiment: str
         }
         atomic_write_text(out / REPORT_JSON, json.dumps(summary, indent=2) + "\n")
     if settings.results_page is not None:
-        write_results_page(settings.results_page, experiment, comparisons, paired, settings, added)
+        write_results_page(settings.results_page, experiment, comparisons, paired, settings, added, counts)
     return ReportResult(Path(settings.output), changes)

@@ -164,6 +164,16 @@ def copies_wanted(settings: GenerateSettings) -> bool:
     return bool(settings.copy_twins) and settings.backend != "seed-copy"
 
 
+def expected_outputs(jobs: pd.DataFrame, twins: bool) -> int:
+    """The images (and records) `jobs` write: each job's K, twice for an expansion with copy twins."""
+    return int(
+        sum(
+            k * (2 if twins and kind == "expand" else 1)
+            for k, kind in zip(jobs["k"], jobs["kind"], strict=True)
+        )
+    )
+
+
 def shard_seeds(seeds: pd.DataFrame, shard: int, num_shards: int) -> pd.DataFrame:
     if not 0 <= shard < num_shards:
         raise FersynthError(f"--shard {shard}: expected 0 <= shard < --num-shards {num_shards}")
@@ -187,8 +197,6 @@ def build_backend(settings: GenerateSettings, device: torch.device):
         if settings.backend == backend_name and not getattr(settings, key):
             raise FersynthError(f"generate.{key}: set a diffusers folder or s3:// prefix for {backend_name}")
     if settings.backend == "seed-copy":  # the null generator: no model, seeds at their own size
-        from fersynth.generate.backends import SeedCopy
-
         return SeedCopy(device, settings.seed_rotation, settings.seed_hflip), None
     guide = _guide(settings, device)
     # GIF's step and the seed views, the same for every backend.
@@ -317,12 +325,7 @@ def run_generate(
     twins = copies_wanted(settings)
     written = 0
     bar = tqdm(
-        total=int(
-            sum(
-                k * (2 if twins and kind == "expand" else 1)
-                for k, kind in zip(todo["k"], todo["kind"], strict=True)
-            )
-        ),
+        total=expected_outputs(todo, twins),
         desc=f"generate {shard_name(shard, num_shards)}",
         unit="img",
         disable=not progress,
@@ -531,13 +534,7 @@ def run_merge(
     names = [r["id"] for r in records]
     if len(set(names)) != len(names):
         problems.append(f"{len(names) - len(set(names))} output names appear twice")
-    twins = copies_wanted(settings)
-    expected = int(
-        sum(
-            k * (2 if twins and kind == "expand" else 1)
-            for k, kind in zip(seeds["k"], seeds["kind"], strict=True)
-        )
-    )
+    expected = expected_outputs(seeds, copies_wanted(settings))
     if len(records) != expected:
         problems.append(f"{len(records)} outputs, expected {expected} from {len(seeds)} jobs")
     if problems:
