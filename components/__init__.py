@@ -14,6 +14,7 @@ from components import stages
 GPU_STAGES = ("quality", "train", "train_prior", "generate")
 STAGES = (
     "resolve_settings",
+    "resolve_data_rev",
     "fetch_data",
     "ingest",
     "quality",

@@ -59,6 +59,13 @@ def resolve_settings(
     )
 
 
+def resolve_data_rev(repo_url: str, rev: str) -> str:
+    """The commit `rev` names in the data repository now; runs uncached (see the pipeline)."""
+    from fersynth.pipeline_steps import resolve_revision
+
+    return resolve_revision(repo_url, rev)
+
+
 def fetch_data(repo_url: str, path: str, rev: str, data: Output[Dataset]):
     """`dvc get` of `path` from the DVC project at `repo_url`, git revision `rev`."""
     from fersynth.pipeline_steps import fetch_data as step

@@ -113,10 +113,16 @@ def build_pipeline(settings: Settings, image_tag: str):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         status = prepared(ops.record_status(pipeline_run=run_id))
         with dsl.ExitHandler(status, name="grid"):
+            # data_rev (a branch such as main) resolved to its commit on every run, uncached: the
+            # cached steps below are keyed on the commit, so data pushed since the last run is
+            # fetched and everything downstream reruns, while an unchanged commit reuses them.
+            commit = prepared(ops.resolve_data_rev(repo_url=data_repo, rev=data_rev))
+            commit.set_caching_options(False).set_display_name("resolve data revision")
+            data_commit = commit.output
             resolved = prepared(
                 ops.resolve_settings(
                     profile=profile,
-                    data_rev=data_rev,
+                    data_rev=data_commit,
                     seed=seed,
                     source=source,
                     train_arch=train_arch,
@@ -129,11 +135,11 @@ def build_pipeline(settings: Settings, image_tag: str):
                 )
             )
             every = resolved.outputs["settings"]  # every step reads its settings from this artifact
-            raw = prepared(ops.fetch_data(repo_url=data_repo, path=data_path, rev=data_rev)).set_display_name(
-                "fetch data"
-            )
+            raw = prepared(
+                ops.fetch_data(repo_url=data_repo, path=data_path, rev=data_commit)
+            ).set_display_name("fetch data")
             test_sets = prepared(
-                ops.fetch_data(repo_url=data_repo, path=test_sets_path, rev=data_rev)
+                ops.fetch_data(repo_url=data_repo, path=test_sets_path, rev=data_commit)
             ).set_display_name("fetch test sets")
             ingested = prepared(ops.ingest(raw=raw.outputs["data"], settings=every))
             scored = prepared(ops.quality(data=ingested.outputs["dataset"], settings=every), gpu=True)

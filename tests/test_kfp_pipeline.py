@@ -163,6 +163,82 @@ def _data_project(root: Path, s3) -> Path:
     return repo
 
 
+def test_the_data_revision_is_resolved_uncached_and_keys_every_cached_step():
+    """A moving `data_rev` (main) must not hit the cache of an older fetch: an uncached step
+    resolves it to a commit, and the fetches and the settings every step reads take the commit."""
+    pipeline, _ = _spec()
+    dag = pipeline["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    resolve = dag["resolve-data-rev"]
+    assert "enableCache" not in resolve["cachingOptions"]  # KFP's form of caching off
+    assert resolve["inputs"]["parameters"]["rev"]["componentInputParameter"] == "pipelinechannel--data_rev"
+    from_commit = {
+        "taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "resolve-data-rev"}
+    }
+    fetches = [task for task in dag.values() if task["componentRef"]["name"].startswith("comp-fetch-data")]
+    assert len(fetches) == 2 and all(task["inputs"]["parameters"]["rev"] == from_commit for task in fetches)
+    assert dag["resolve-settings"]["inputs"]["parameters"]["data_rev"] == from_commit
+    others = [name for name, task in dag.items() if name != "resolve-data-rev"]
+    assert all(
+        dag[name]["cachingOptions"].get("enableCache") for name in others if "cachingOptions" in dag[name]
+    )
+    uses_rev = [
+        name for name, task in dag.items()
+        if any(v.get("componentInputParameter") == "pipelinechannel--data_rev"
+               for v in task.get("inputs", {}).get("parameters", {}).values())
+    ]  # fmt: skip
+    assert uses_rev == ["resolve-data-rev"]  # no cached step reads the moving name itself
+
+
+def test_a_new_commit_of_the_data_repository_is_what_the_next_run_fetches(s3_env, tmp_path):
+    """Under kfp.local, the pipeline's own resolve and fetch components: a run on branch
+    `data_rev`, new data pushed to that branch, a second run: it resolves the new commit and
+    fetches the new data (on a cluster the new commit is a new cache key for fetch and
+    everything downstream of it)."""
+    from kfp import dsl, local
+
+    import components
+
+    repo = _data_project(tmp_path, s3_env)
+    branch = _run("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=repo).strip()
+    ops = components.build("fersynth:test", "fersynth-cuda:test")
+
+    def fetch_at(data_repo: str, data_rev: str):
+        commit = ops.resolve_data_rev(repo_url=data_repo, rev=data_rev).set_caching_options(False)
+        ops.fetch_data(repo_url=data_repo, path="data/raw", rev=commit.output)
+
+    fetch_at.__annotations__ = {"data_repo": str, "data_rev": str}  # types, not this file's strings
+    fetch_at = dsl.pipeline(name="fetch-at-a-revision")(fetch_at)
+
+    def run(name: str) -> tuple[str, list[str]]:
+        """One run in its own pipeline root: (the commit fetch was given, the files it fetched)."""
+        root = tmp_path / name
+        local.init(
+            runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
+        )
+        fetch_at(data_repo=str(repo), data_rev=branch)
+        (fetched,) = [p for p in root.rglob("data") if p.parent.name == "fetch-data" and p.is_dir()]
+        (executor,) = root.rglob("fetch-data/executor_output.json")
+        files = sorted(p.relative_to(fetched).as_posix() for p in fetched.rglob("*") if p.is_file())
+        metadata = json.loads(executor.read_text())
+        return json.dumps(metadata), files
+
+    first_meta, before = run("first")
+    first_commit = _run("git", "rev-parse", "HEAD", cwd=repo).strip()
+    assert first_commit in first_meta and before
+
+    added = repo / "data" / "raw" / "new_labels.txt"  # new data lands on the branch
+    added.write_text("new\n")
+    _run(DVC, "add", "-q", "data/raw", cwd=repo)
+    _run(DVC, "push", "-q", cwd=repo)
+    _run("git", "add", "-A", cwd=repo)
+    _run("git", "commit", "-q", "-m", "more data", cwd=repo)
+    second_commit = _run("git", "rev-parse", "HEAD", cwd=repo).strip()
+
+    second_meta, after = run("second")
+    assert second_commit in second_meta and first_commit not in second_meta
+    assert after == sorted([*before, "new_labels.txt"])
+
+
 def test_a_failed_fetch_names_dvc_s_error_not_its_support_footer(tmp_path):
     from fersynth.errors import FersynthError
     from fersynth.pipeline_steps import fetch_data
@@ -320,7 +396,8 @@ def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, mlflow_env, tmp_pat
     for run in (kfp_run, local_run):
         tags = run.data.tags
         assert tags["profile"] == "demo" and tags["grid_label"] == "Original_SL" and tags["git_commit"]
-    assert kfp_run.data.tags["dvc_rev"] == "HEAD"  # the pipeline's data_rev
+    # The pipeline's data_rev ("HEAD"), resolved to the data repository's commit.
+    assert kfp_run.data.tags["dvc_rev"] == _run("git", "rev-parse", "HEAD", cwd=repo).strip()
     local_commit = _run("git", "log", "-1", "--format=%H", "--", "dvc.lock", cwd=tmp_path / "local").strip()
     assert local_run.data.tags["dvc_rev"] == local_commit  # the commit whose dvc.lock names the data
 

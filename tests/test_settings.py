@@ -93,6 +93,13 @@ def test_a_grid_row_on_new_identities():
             "experiment.grid.synthetic.identities_sl={variant: identities, beats: [original_sl]}",
             "identities_sl: trains on new identities, but generate.identities.per_class is 0",
         ),
+        (
+            "experiment.grid.original.original_mek.sampler=balanced",
+            "original.original_mek: method mek with sampler balanced: MEK with the balanced sampler "
+            "weights minor classes twice",
+        ),
+        ("experiment.voters.voter_1={method: mek, seed: 1}", "voter_1: method mek with sampler balanced"),
+        ("train={method: mek, balanced_sampler: true}", "train: method = 'mek' and balanced_sampler = true"),
     ],
 )
 def test_an_inconsistent_experiment_is_one_clear_error(override, message):
@@ -145,6 +152,39 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_settings(tmp_path / "absent.yaml")
     with pytest.raises(FersynthError, match="mapping"):
         load_settings(write(tmp_path, "- a\n- b\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # A second section: PyYAML would keep it and drop the first (train.arch, steps) silently.
+        (
+            "train:\n  arch: resnet18\n  steps: 10\nseed: 3\ntrain:\n  image_size: 48\n",
+            "key 'train' written twice: line 1 and line 5",
+        ),
+        (
+            "train:\n  arch: resnet18\n  lr: 0.1\n  lr: 0.01\n",
+            "key 'train.lr' written twice: line 3 and line 4",
+        ),
+        (
+            "experiment:\n  grid:\n    original:\n      a: {method: sl}\n      a: {method: mek}\n",
+            "key 'experiment.grid.original.a' written twice: line 4 and line 5",
+        ),
+        ("seed: 1\nseed: 2\n", "key 'seed' written twice: line 1 and line 2"),
+    ],
+)
+def test_a_key_written_twice_is_refused_with_the_file_key_and_both_lines(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(FersynthError) as refused:
+        load_settings(path)
+    assert str(refused.value).startswith(f"{path}: {message}")
+
+
+def test_a_key_written_twice_in_an_override_is_refused_and_every_profile_is_clean():
+    with pytest.raises(FersynthError, match="key 'train.steps' written twice"):
+        load_settings(None, ["train={steps: 1, steps: 2}"])
+    for profile in sorted((REPO / "profiles").glob("*.yaml")):
+        load_settings(profile)  # the shipped profiles have no repeated key (and are valid)
 
 
 def test_overrides_are_typed_and_validated(tmp_path):

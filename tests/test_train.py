@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -279,6 +280,51 @@ def test_pretrained_backbone_from_a_local_file(tmp_path):
         create_model(ModelSpec("resnet_nonexistent", 32, 37, (0.5,) * 3, (0.5,) * 3))
 
 
+def test_timm_full_names_with_a_pretrained_tag_are_models():
+    spec = ModelSpec(arch="resnet18.a1_in1k", image_size=32, resize=37, mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = create_model(spec)
+    assert type(model).__name__ == "ResNet" and model.get_classifier().out_features == 7
+    with pytest.raises(FersynthError, match="'resnet18x.a1_in1k': not a timm model name"):
+        create_model(ModelSpec("resnet18x.a1_in1k", 32, 37, (0.5,) * 3, (0.5,) * 3))
+
+
+@pytest.mark.parametrize(
+    ("source_arch", "message"),
+    [
+        # Same names, other shapes: torch's 78-line size-mismatch list, cut to the first tensor.
+        (
+            "resnet50",
+            "tensor layer1.0.conv1.weight is [64, 64, 1, 1] in the file, [64, 64, 3, 3] in the model",
+        ),
+        # More blocks: timm would load the common ones and warn about the rest.
+        ("resnet34", "the file's tensor layer1.2.conv1.weight is not in the model"),
+        # Nothing in common: timm would start from random weights with a warning.
+        ("vit_tiny_patch16_224", "the file has no tensor conv1.weight"),
+    ],
+)
+def test_weights_of_another_architecture_are_one_line_naming_file_and_tensor(tmp_path, source_arch, message):
+    import timm
+
+    torch.save(timm.create_model(source_arch, num_classes=1000).state_dict(), tmp_path / "other.pth")
+    spec = ModelSpec(arch="resnet18", image_size=32, resize=37, mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(FersynthError) as refused:
+        create_model(spec, pretrained=str(tmp_path / "other.pth"))
+    text = str(refused.value)
+    assert text.startswith(f"{tmp_path / 'other.pth'}: weights do not fit resnet18 (") and message in text
+    assert "\n" not in text and len(text) < 300
+
+
+def test_a_model_file_whose_weights_do_not_fit_its_spec_is_one_line(demo_dataset, tmp_path):
+    run_train(tiny(demo_dataset, tmp_path / "run", steps=1, eval_every=1, checkpoint_every=1), progress=False)
+    payload = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    payload["state_dict"]["fc.weight"] = torch.zeros(9, 512)
+    torch.save(payload, tmp_path / "bent.pt")
+    with pytest.raises(
+        FersynthError, match=r"bent.pt: weights do not fit resnet18 \(tensor fc.weight is \[9, 512\]"
+    ):
+        load_model(tmp_path / "bent.pt")
+
+
 def test_pretrained_backbone_and_model_file_from_s3(s3_env, tmp_path, monkeypatch):
     import boto3
 
@@ -409,3 +455,144 @@ def test_model_file_holds_the_best_validation_steps_weights_not_the_last(tmp_pat
     assert torch.equal(seen[3]["fc.weight"], last["model"]["fc.weight"])  # what step 4 validated
     changed = [name for name in kept if not torch.equal(kept[name], last["model"][name])]
     assert "fc.weight" in changed and "conv1.weight" in changed  # not the last step's weights
+
+
+def _lrs(output: Path) -> dict[int, float]:
+    return {
+        r["step"]: r["lr"]
+        for r in map(json.loads, (output / "train_log.jsonl").read_text().splitlines())
+        if "lr" in r
+    }
+
+
+def test_resume_applies_a_lowered_lr_and_longer_schedule_and_records_it(demo_dataset, tmp_path, caplog):
+    """The advice after a divergence ("lower train.lr") works on --resume: the new rates and
+    step count drive the schedule from the checkpoint on, the log says so, settings.json keeps it."""
+    output = tmp_path / "run"
+    cadence = dict(log_every=1, eval_every=3, checkpoint_every=3, warmup_steps=0)
+    run_train(tiny(demo_dataset, output, steps=3, lr=1e-2, **cadence), progress=False)
+    assert _lrs(output)[3] > 1e-3
+    with caplog.at_level("WARNING"):
+        result = run_train(
+            tiny(demo_dataset, output, steps=9, lr=1e-4, **cadence), resume=True, progress=False
+        )
+    assert result.steps == 9
+    lrs = _lrs(output)
+    assert all(5e-6 * 0.99 <= lrs[step] <= 1e-4 * 1.0001 for step in range(4, 10)), lrs
+    assert lrs[4] == pytest.approx(
+        1e-4 * (1 + np.cos(np.pi * 3 / 9)) / 2 + 5e-6 * (1 - np.cos(np.pi * 3 / 9)) / 2, rel=0.02
+    )
+    assert "train.lr 0.01 -> 0.0001" in caplog.text and "train.steps 3 -> 9" in caplog.text
+    saved = json.loads((output / "settings.json").read_text())
+    assert saved["train"]["lr"] == 1e-4
+    assert saved["resumed_with_changes"] == [{"step": 3, "train.lr": [0.01, 0.0001], "train.steps": [3, 9]}]
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "values"),
+    [
+        ({"batch_size": 16}, "train.batch_size", "16, but the run was started with 8"),
+        ({"arch": "resnet10t"}, "train.arch", '"resnet10t", but the run was started with "resnet18"'),
+        ({"balanced_sampler": True}, "train.balanced_sampler", "true, but the run was started with false"),
+    ],
+)
+def test_resume_refuses_a_change_that_makes_another_run(demo_dataset, tmp_path, change, key, values):
+    output = tmp_path / "run"
+    run_train(tiny(demo_dataset, output, steps=3), progress=False)
+    before = (output / CHECKPOINT).read_bytes()
+    with pytest.raises(FersynthError, match=f"--resume with {key} = ") as refused:
+        run_train(tiny(demo_dataset, output, steps=6, **change), resume=True, progress=False)
+    assert values in str(refused.value) and "--force" in str(refused.value)
+    assert (output / CHECKPOINT).read_bytes() == before  # nothing trained, nothing lost
+
+
+def test_resume_refuses_fewer_steps_than_the_checkpoint_holds(demo_dataset, tmp_path):
+    output = tmp_path / "run"
+    run_train(tiny(demo_dataset, output, steps=6), progress=False)
+    with pytest.raises(FersynthError, match="train.steps = 3, but the checkpoint is at step 6"):
+        run_train(tiny(demo_dataset, output, steps=3), resume=True, progress=False)
+
+
+@pytest.mark.parametrize(("first", "then"), [("fp32", "fp16"), ("fp16", "fp32")])
+def test_resume_across_precision(demo_dataset, tmp_path, first, then):
+    """A checkpoint saved without fp16 holds an empty GradScaler state, which torch refuses to
+    load ("The source state dict is empty"); fp16 to fp32 drops the scaler's state."""
+    output = tmp_path / "run"
+    run_train(tiny(demo_dataset, output, steps=3, precision=first), progress=False)
+    result = run_train(tiny(demo_dataset, output, steps=6, precision=then), resume=True, progress=False)
+    assert result.steps == 6 and (output / "model.pt").is_file()
+    assert json.loads((output / "settings.json").read_text())["resumed_with_changes"][0][
+        "train.precision"
+    ] == [
+        first,
+        then,
+    ]
+
+
+def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_cpu(demo_dataset, tmp_path):
+    """What a CUDA run leaves (its device setting, CUDA generator states in the checkpoint)
+    resumes here on the CPU, with the CPU generator restored."""
+    output = tmp_path / "run"
+    run_train(tiny(demo_dataset, output, steps=3), progress=False)
+    state = torch.load(output / CHECKPOINT, weights_only=True)
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8  # eight GPUs' generators
+    torch.save(state, output / CHECKPOINT)
+    saved = json.loads((output / "settings.json").read_text())
+    saved["train"]["device"] = "cuda"
+    (output / "settings.json").write_text(json.dumps(saved))
+    result = run_train(tiny(demo_dataset, output, steps=6, device="cpu"), resume=True, progress=False)
+    assert result.steps == 6
+    assert json.loads((output / "settings.json").read_text())["resumed_with_changes"][0]["train.device"] == [
+        "cuda",
+        "cpu",
+    ]
+
+
+def _limited_memory(limit: int):
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
+def test_a_batch_that_does_not_fit_in_memory_is_one_line_naming_batch_and_settings(demo_dataset, tmp_path):
+    """A real CPU allocation failure (the process' address space capped a little above what
+    importing torch takes), not a simulated one: one line, exit status 2, what to lower."""
+    command = _cli_train(tmp_path / "run", demo_dataset)
+    command[command.index("train.batch_size=8")] = "train.batch_size=4096"
+    command[command.index("train.image_size=32")] = "train.image_size=96"
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_limited_memory(6 * 2**30),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        "fersynth: error: train: a SL batch of 4096 images at 96 px does not fit in cpu memory ("
+    )
+    assert "(DefaultCPUAllocator: " in line
+    assert line.endswith("; lower train.batch_size (now 4096) or train.image_size (now 96)")
+
+
+def test_out_of_gpu_memory_names_the_batch_too():
+    """torch.OutOfMemoryError (what CUDA raises; no GPU here) gets the same one line."""
+    from fersynth.memory import batch_fits
+
+    with (
+        pytest.raises(FersynthError) as failed,
+        batch_fits("evaluate", "a batch of 512 images", "cuda:0", ["evaluate.batch_size (now 512)"]),
+    ):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+    assert str(failed.value) == (
+        "evaluate: a batch of 512 images does not fit in cuda:0 memory (CUDA out of memory. Tried to "
+        "allocate 2.00 GiB (GPU 0; 79.1 GiB total)); lower evaluate.batch_size (now 512)"
+    )
+    with pytest.raises(RuntimeError, match="shape mismatch"), batch_fits("train", "x", "cpu", []):
+        raise RuntimeError("shape mismatch")  # anything else passes through unchanged

@@ -876,6 +876,9 @@ def register_command(obj: _Context, runs: tuple[str, ...], metric, name, output:
 @click.option("--face-crop", is_flag=True, help="Crop the largest detected face first.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--no-tta", is_flag=True, help="No horizontal-flip test-time augmentation.")
+@click.option(
+    "--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per batch."
+)
 @click.pass_obj
 def predict_command(
     obj: _Context,
@@ -885,6 +888,7 @@ def predict_command(
     face_crop: bool,
     device: str,
     no_tta: bool,
+    batch_size: int,
 ) -> None:
     """Predict the expression of an image, or of every image in a folder."""
     from fersynth.files import atomic_write_text
@@ -892,16 +896,22 @@ def predict_command(
 
     obj.settings()  # the pixel limit of params.yaml (when present) and -S max_image_pixels=N
     predictor = Predictor.from_uri(model_uri, device, tta_flip=not no_tta)
-    table = predict(target, predictor, face_crop=face_crop, progress=output is not None)
+    table = predict(
+        target, predictor, face_crop=face_crop, batch_size=batch_size, progress=output is not None
+    )
     if output is None:
         click.echo(table.to_csv(index=False, lineterminator="\n"), nl=False)
     elif output.suffix == ".json":
         atomic_write_text(output, table.to_json(orient="records", indent=2) + "\n")
     else:
         atomic_write_text(output, table.to_csv(index=False, lineterminator="\n"))
-    failed = int((table["error"] != "").sum())
+    failed = table[table["error"] != ""]
     if output is not None:
-        click.echo(f"{len(table)} images, {failed} unreadable -> {output}")
+        click.echo(f"{len(table)} files: {len(table) - len(failed)} predicted, {len(failed)} not -> {output}")
+    for path, reason in list(zip(failed["path"], failed["error"], strict=True))[:10]:
+        click.echo(f"not predicted: {path}: {reason}", err=True)
+    if len(failed) > 10:
+        click.echo(f"... and {len(failed) - 10} more not predicted (the error column says why)", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from fersynth.dataset import read_manifest
 from fersynth.errors import FersynthError
 from fersynth.figures import save_figure
 from fersynth.files import atomic_write_text, staged_folder
+from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import EvaluateSettings, save_resolved
 from fersynth.skipped import skipped_reason, write_skipped
@@ -193,18 +194,20 @@ def run_evaluate(
             while name in names:
                 name = f"{name}_"
             names.add(name)
-            probs = predict_probabilities(
-                model,
-                loaded.spec,
-                dataset.root,
-                frame,
-                batch_size=settings.batch_size,
-                device=device,
-                workers=settings.workers,
-                tta_flip=settings.tta_flip,
-                progress=progress,
-                desc=f"evaluate {name}",
-            )
+            batch = f"a batch of {settings.batch_size} images at {loaded.spec.image_size} px"
+            with batch_fits("evaluate", batch, device, [f"evaluate.batch_size (now {settings.batch_size})"]):
+                probs = predict_probabilities(
+                    model,
+                    loaded.spec,
+                    dataset.root,
+                    frame,
+                    batch_size=settings.batch_size,
+                    device=device,
+                    workers=settings.workers,
+                    tta_flip=settings.tta_flip,
+                    progress=progress,
+                    desc=f"evaluate {name}",
+                )
             y_true = np.array([CLASSES.index(v) for v in frame["label"]])
             metrics = compute_metrics(y_true, probs.argmax(axis=1))
             metrics.update(

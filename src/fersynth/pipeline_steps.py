@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,40 @@ def _linked(links: Mapping[str, str | Path]) -> Path:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).symlink_to(Path(target).resolve(), target_is_directory=Path(target).is_dir())
     return folder
+
+
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def resolve_revision(repo_url: str, rev: str) -> str:
+    """The commit that `rev` (a branch, a tag, HEAD, or a full commit) names in the git
+    repository at `repo_url` now (`git ls-remote`). The pipeline resolves its `data_rev` with
+    this in an uncached step, so the cached steps after it (fetch, ingest, ... training) are
+    keyed on the commit: new data pushed to the branch reruns them, the same commit reuses them."""
+    rev = (rev or "HEAD").strip()
+    if COMMIT.match(rev):
+        return rev
+    try:
+        done = subprocess.run(
+            ["git", "ls-remote", "--", repo_url, rev, f"{rev}^{{}}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise FersynthError(f"git ls-remote {repo_url}: {exc.__class__.__name__}") from None
+    if done.returncode != 0:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        raise FersynthError(f"git ls-remote {repo_url} {rev} failed: {(lines or ['no message'])[-1]}")
+    refs = dict(reversed(line.split("\t", 1)) for line in done.stdout.splitlines() if "\t" in line)
+    for name in (f"refs/tags/{rev}^{{}}", f"refs/heads/{rev}", f"refs/tags/{rev}", rev):
+        if name in refs:  # an annotated tag's commit (^{}) before the tag object itself
+            return refs[name]
+    if re.fullmatch(r"[0-9a-f]{4,39}", rev):
+        raise FersynthError(
+            f"kfp.data_rev = {rev!r}: a short commit cannot be resolved in {repo_url}; give all 40 characters"
+        )
+    raise FersynthError(f"kfp.data_rev = {rev!r}: no branch or tag of that name in {repo_url}")
 
 
 def fetch_data(repo_url: str, path: str, rev: str, output: str | Path) -> Path:

@@ -19,10 +19,10 @@ from fersynth.classes import CLASSES
 from fersynth.dataset import ImageDecodeError, load_image
 from fersynth.errors import FersynthError
 from fersynth.evaluate import pick_device
+from fersynth.memory import batch_fits
 from fersynth.train.data import test_transform
 from fersynth.train.models import LoadedModel, load_model
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 FACE_MARGIN = 0.2  # widen the detected box: the cascade's box is tight around the features
 
 
@@ -52,16 +52,36 @@ def crop_face(pixels: np.ndarray) -> tuple[np.ndarray, bool]:
     return pixels[top:bottom, left:right], True
 
 
-def list_images(target: Path) -> list[Path]:
+def list_images(target: Path) -> list[tuple[Path, str]]:
+    """(path, problem) for an image file, or for every file under a folder, sorted: the format is
+    read from the file's content, never its name (`.jfif`, `.JPG`, no extension), so every file
+    is predicted or reported. `problem` is "" for a file to decode, else why it is not read: a
+    link that leaves the folder, a broken link."""
     target = Path(target)
     if target.is_file():
-        return [target]
-    if target.is_dir():
-        found = sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise FersynthError(f"{target}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return found
-    raise FersynthError(f"{target}: no such image or folder")
+        return [(target, "")]
+    if not target.is_dir():
+        raise FersynthError(f"{target}: no such image or folder")
+    root = target.resolve()
+    found: list[tuple[Path, str]] = []
+    for path in sorted(target.rglob("*")):
+        if path.is_symlink():
+            try:
+                resolved = path.resolve(strict=True)
+            except (OSError, RuntimeError):
+                found.append((path, "a broken link (its target does not exist) or a link loop"))
+                continue
+            if not resolved.is_relative_to(root):
+                found.append((path, "a link that leads outside the folder: not followed"))
+                continue
+            if resolved.is_dir():
+                continue  # its files are listed where they lie, inside the folder
+        elif path.is_dir():
+            continue
+        found.append((path, ""))
+    if not found:
+        raise FersynthError(f"{target}: no files")
+    return found
 
 
 @dataclass
@@ -100,24 +120,29 @@ def predict(
     batch_size: int = 64,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """One row per image: path, predicted class, probabilities; unreadable images get an error."""
-    paths = list_images(target)
+    """One row per file (`list_images`): path, predicted class, probabilities; a file that is
+    not a readable image gets the reason in `error` instead."""
+    files = list_images(target)
     rows: list[dict] = []
     pending: list[tuple[dict, np.ndarray]] = []
 
     def flush() -> None:
         if not pending:
             return
-        probs = predictor.probabilities([pixels for _, pixels in pending])
+        batch = f"a batch of {len(pending)} images at {predictor.loaded.spec.image_size} px"
+        with batch_fits("predict", batch, predictor.device, [f"--batch-size (now {batch_size})"]):
+            probs = predictor.probabilities([pixels for _, pixels in pending])
         for (row, _), p in zip(pending, probs, strict=True):
             row["predicted"] = CLASSES[int(p.argmax())]
             row["confidence"] = round(float(p.max()), 6)
             row.update({f"p_{name}": round(float(v), 6) for name, v in zip(CLASSES, p, strict=True)})
         pending.clear()
 
-    for path in tqdm(paths, desc="predict", unit="img", disable=not progress or len(paths) < 2):
-        row: dict = {"path": str(path), "predicted": "", "confidence": np.nan, "error": ""}
+    for path, problem in tqdm(files, desc="predict", unit="file", disable=not progress or len(files) < 2):
+        row: dict = {"path": str(path), "predicted": "", "confidence": np.nan, "error": problem}
         rows.append(row)
+        if problem:
+            continue
         try:
             pixels = load_image(path)
         except ImageDecodeError as exc:

@@ -271,6 +271,13 @@ THESIS_STD = (0.2715, 0.2424, 0.2366)
 Positive = Annotated[int, Field(ge=1)]
 
 
+# Why MEK and the class-balanced sampler are never combined (settings, grid rows and voters).
+MEK_WITH_BALANCED = (
+    "MEK with the balanced sampler weights minor classes twice (the sampler equalises classes, MEK's "
+    "w_c = N / (10 n_c) weights them again): use MEK with sampler plain, or SL with balanced"
+)
+
+
 class MekSettings(Strict):
     """MEK (Leave No Stone Unturned, NeurIPS 2023), as its official code."""
 
@@ -342,6 +349,12 @@ class TrainSettings(Strict):
     # the cross-fitted voters of experiment.voter_folds); null: the whole training split.
     fold: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=2)]] | None = None
     mek: MekSettings = MekSettings()
+
+    @model_validator(mode="after")
+    def _mek_not_balanced(self) -> TrainSettings:
+        if self.method == "mek" and self.balanced_sampler:
+            raise ValueError(f"method = 'mek' and balanced_sampler = true: {MEK_WITH_BALANCED}")
+        return self
 
 
 class EvaluateSettings(Strict):
@@ -748,6 +761,12 @@ class GridRow(Strict):
     # added" = that row minus this one).
     twin_of: RowKey | None = None
 
+    @model_validator(mode="after")
+    def _mek_not_balanced(self) -> GridRow:
+        if self.method == "mek" and self.sampler == "balanced":
+            raise ValueError(f"method mek with sampler balanced: {MEK_WITH_BALANCED}")
+        return self
+
 
 class GridSettings(Strict):
     """The experiment grid, each row trained once per seed. A row on the original data guides
@@ -859,6 +878,12 @@ class VoterSpec(Strict):
     sampler: Literal["plain", "balanced"] = "balanced"
     arch: str | None = None  # a timm model name; null: train.arch
     seed: Annotated[int, Field(ge=0, lt=2**32)]
+
+    @model_validator(mode="after")
+    def _mek_not_balanced(self) -> VoterSpec:
+        if self.method == "mek" and self.sampler == "balanced":
+            raise ValueError(f"method mek with sampler balanced (voters' default): {MEK_WITH_BALANCED}")
+        return self
 
 
 class CrossTestSet(Strict):
@@ -1291,7 +1316,7 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise FersynthError(f"override {pair!r}: expected KEY=VALUE, e.g. ingest.workers=2")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, key.strip(), read_yaml(raw, f"override {pair.strip()}", key.strip()))
     return tree
 
 
@@ -1306,6 +1331,49 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _duplicate_key(node: yaml.Node, path: str = "") -> str | None:
+    """The first mapping key written twice under `node` (a composed YAML tree), as
+    "<dotted key>: line <first> and line <second>"; None when every key is unique. PyYAML keeps
+    the last value silently (a second `train:` section drops the first), YAML 1.2 forbids it."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, by design
+                continue
+            key = str(key_node.value)
+            dotted = f"{path}.{key}" if path else key
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                return f"key {dotted!r} written twice: line {seen[key]} and line {line}"
+            seen[key] = line
+            found = _duplicate_key(value_node, dotted)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found = _duplicate_key(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def read_yaml(text: str, source: str, key: str = "") -> Any:
+    """YAML text -> Python values, refusing a mapping key written twice (naming the key and
+    both lines) and naming the line of a syntax error. Every params file, profile and `-S`
+    value goes through here; `key`: the dotted key the text is the value of (an override's)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        found = _duplicate_key(node, key) if node is not None else None
+        if found:
+            raise FersynthError(f"{source}: {found}; keep one (the first would be dropped silently)")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark else ""
+        problem = getattr(exc, "problem", None) or "unreadable"
+        raise FersynthError(f"{source}:{where} not valid YAML ({problem})") from None
+
+
 def load_settings(path: Path | None = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Settings:
     """Read and validate params.yaml (defaults when `path` is None) plus KEY=VALUE overrides."""
     raw: dict[str, Any] = {}
@@ -1314,12 +1382,7 @@ def load_settings(path: Path | None = DEFAULT_PARAMS, overrides: list[str] | Non
         source = str(path)
         if not Path(path).is_file():
             raise FersynthError(f"{path}: parameter file not found")
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise FersynthError(f"{path}:{where} is not valid YAML") from None
+        loaded = read_yaml(Path(path).read_text(encoding="utf-8"), str(path))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -82,6 +82,7 @@ def train(
 
     on_synthetic = row is not None and row in settings.experiment.grid.synthetic
     runs = run_seeds(settings, row)
+    tracking.check_artifact_store("training")  # a store that is down, found before hours of work
     if force and row in settings.experiment.voters:  # fold folders of an earlier fold count go
         kept = {folder.name for _, folder, _ in runs}
         for stale in Path(settings.train.output).glob(f"{FOLD_PREFIX}*"):
@@ -100,9 +101,25 @@ def train(
             progress=progress,
             skip_if_empty=skip_if_empty or on_synthetic,
         )
-        run_id = None if result.skipped else tracking.track_training(result, seeded, row=row, seed=seed)
+        run_id = None if result.skipped else _log_training(result, seeded, row, seed)
         outcomes.append((result, run_id))
     return outcomes
+
+
+def _log_training(result, settings: Settings, row: str | None, seed: int) -> str | None:
+    """`tracking.track_training`; a failure to log keeps the trained model on disk and says how
+    to log it again (the run's MLflow record is marked failed by MLflow)."""
+    try:
+        return tracking.track_training(result, settings, row=row, seed=seed)
+    except FersynthError as exc:
+        reason = str(exc)
+    except Exception as exc:  # the tracking server or its store failed mid-way, in any of many ways
+        reason = f"{exc.__class__.__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+    raise FersynthError(
+        f"{result.output}: trained, and kept on disk (model.pt, checkpoint.pt), but logging it to MLflow "
+        f"failed ({reason}); once the tracking server and its store answer, run the same command with "
+        "--resume to log it (nothing is trained again)"
+    )
 
 
 def evaluate(settings: Settings, *, progress: bool = True) -> list:
@@ -110,6 +127,7 @@ def evaluate(settings: Settings, *, progress: bool = True) -> list:
     test set's metrics into the model's MLflow run; [] for a skipped row."""
     from fersynth.evaluate import run_evaluate
 
+    tracking.check_artifact_store("evaluation")
     results = run_evaluate(settings.evaluate, progress=progress)
     for result in results:
         tracking.track_evaluation(Path(settings.evaluate.model), result)

@@ -87,6 +87,55 @@ def _mlflow():
     return mlflow
 
 
+def _s3_store_problem(location: str) -> str | None:
+    """Why the S3 bucket of an artifact location cannot be reached (None when it answers),
+    with short timeouts: the endpoint MLflow's client uses (MLFLOW_S3_ENDPOINT_URL, else
+    AWS_ENDPOINT_URL, else AWS)."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket = location.removeprefix("s3://").split("/", 1)[0]
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=15)
+    client = boto3.client("s3", endpoint_url=endpoint, config=config)
+    where = f"endpoint {endpoint}" if endpoint else "AWS"
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "error")
+        return f"bucket {bucket!r} at {where}: {code}"
+    except BotoCoreError as exc:
+        return f"{where}: {exc.__class__.__name__}"
+    return None
+
+
+def check_artifact_store(before: str = "training") -> None:
+    """Before a stage's work, when tracking is on: the tracking server answers (bounded retries)
+    and the experiment's artifact store can be reached, so that a store that is down is found
+    before hours of training, not after. Raises FersynthError, one line."""
+    if not enabled():
+        return
+    mlflow = _mlflow()
+    experiment = mlflow.get_experiment_by_name(os.environ.get("FERSYNTH_EXPERIMENT", "fersynth"))
+    location = experiment.artifact_location if experiment is not None else ""
+    problem = None
+    if location.startswith("s3://"):
+        problem = _s3_store_problem(location)
+    elif location.startswith(("mlflow-artifacts:", "file:", "/")) or "://" not in location:
+        # Served by the tracking server (which lists its own store) or a local folder.
+        try:
+            mlflow.artifacts.list_artifacts(artifact_uri=location)
+        except Exception as exc:  # the server relays its store's failure as many kinds
+            said = (str(exc).strip().splitlines() or [""])[0][:160]
+            problem = f"{exc.__class__.__name__}: {said}"
+    if problem:
+        raise FersynthError(
+            f"MLflow artifact store {location} is not reachable ({problem}); checked before {before}, "
+            "nothing was done: start it, or fix its endpoint and credentials, then run again"
+        )
+
+
 def _racing(call, attempts: int = 4):
     """`call()`, again when a step beside this one (KFP's ParallelFor, parallel DVC jobs) won
     the race to create the same record: the server's get-or-create then finds it. Seen with the

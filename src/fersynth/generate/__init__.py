@@ -49,6 +49,7 @@ from fersynth.generate.backends import (
     to_seed_size,
 )
 from fersynth.generate.prompts import identity_prompt
+from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import IDENTITY_SD_SCALE, GenerateSettings, resolved_dict
 
@@ -360,7 +361,8 @@ def run_generate(
             edits=[bool(r.edit_from) for r in chunk],
             strength=chunk[0].strength,
         )
-        generated = backend.generate(batch)
+        with _batch_fits(settings, device, len(index), size):
+            generated = backend.generate(batch)
         # Every backend's outputs are written at their seed's stored size (see to_seed_size).
         images = [
             to_seed_size(image, stored[i].shape[1], stored[i].shape[0])
@@ -434,6 +436,15 @@ def identity_size(dataset) -> tuple[int, int]:
     )
 
 
+def _batch_fits(settings: GenerateSettings, device, outputs: int, size: int | None):
+    """Out of memory in a generation batch: one line naming the batch and what shrinks it."""
+    at = f" at {size} px" if size else ""
+    lower = [f"generate.seeds_per_batch (now {settings.seeds_per_batch})"]
+    if settings.sizing == "need":
+        lower.append(f"generate.max_k (now {settings.max_k}: K per seed image of a class short of seeds)")
+    return batch_fits("generate", f"a batch of {outputs} generated images{at}", device, lower)
+
+
 def _generate_identities(settings, backend, size, jobs, dataset, folder, seed, params, bar) -> int:
     """New identities, K per job, each from its own generator and prompt (text-to-image from
     noise, no GIF step: there is no seed to stay close to). A batch holds `seeds_per_batch`
@@ -452,14 +463,15 @@ def _generate_identities(settings, backend, size, jobs, dataset, folder, seed, p
         chunk = rows[start : start + settings.seeds_per_batch]
         outputs = [(row, k, output_seed(seed, row.key, k)) for row in chunk for k in range(row.k)]
         prompts = [identity_prompt(row.target, np.random.default_rng(s)) for row, _, s in outputs]
-        images = backend.identities(
-            [row.target for row, _, _ in outputs],
-            prompts,
-            [torch.Generator().manual_seed(s) for _, _, s in outputs],
-            size=size,
-            steps=steps,
-            scale=scale,
-        )
+        with _batch_fits(settings, getattr(backend, "device", "the device's"), len(outputs), size):
+            images = backend.identities(
+                [row.target for row, _, _ in outputs],
+                prompts,
+                [torch.Generator().manual_seed(s) for _, _, s in outputs],
+                size=size,
+                steps=steps,
+                scale=scale,
+            )
         records: dict[str, list[dict]] = {}
         for (row, k, random_seed), image, text_prompt in zip(outputs, images, prompts, strict=True):
             name = output_name(row.key, k)

@@ -29,6 +29,7 @@ from fersynth.evaluate import pick_device
 from fersynth.figures import contact_sheet, save_png
 from fersynth.files import atomic_write_text, staged_folder
 from fersynth.generate.backends import to_uint8
+from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import PriorSettings, save_resolved
 from fersynth.splits import draw_validation
@@ -85,6 +86,16 @@ def load_prior(folder: Path):
 
 @pins_torch_threads
 def run_train_prior(
+    settings: PriorSettings, *, seed: int = 2048, force: bool = False, progress: bool = True
+) -> PriorResult:
+    """Train the autoencoder prior (and the latent diffusion model when asked)."""
+    batch = f"a batch of {settings.batch_size} images at {settings.image_size} px"
+    lower = [f"prior.batch_size (now {settings.batch_size})", f"prior.image_size (now {settings.image_size})"]
+    with batch_fits("train-prior", batch, settings.device, lower):
+        return _train_prior(settings, seed=seed, force=force, progress=progress)
+
+
+def _train_prior(
     settings: PriorSettings, *, seed: int = 2048, force: bool = False, progress: bool = True
 ) -> PriorResult:
     dataset = read_manifest(settings.data)

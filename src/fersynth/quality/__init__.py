@@ -26,6 +26,7 @@ from fersynth.errors import FersynthError
 from fersynth.evaluate import pick_device
 from fersynth.figures import save_png
 from fersynth.files import link_or_copy, staged_folder
+from fersynth.memory import batch_fits
 from fersynth.parallel import imap
 from fersynth.quality.report import QualityResult, write_report
 from fersynth.quality.scores import SCORE_NAMES, score_file
@@ -144,7 +145,13 @@ def _enhance(
                 problems.append((str(root / frame.at[row, "path"]), str(exc)))
                 frame.at[row, "q_action"] = "flagged, unreadable"
         needed = [max(working) / max(1, min(im.shape[:2])) for im in images]
-        upscaled = resolver.upscale(images, [resolver.scale_for(f) for f in needed])
+        lower = [
+            f"quality.sr.batch_size (now {resolver.batch_size})",
+            f"quality.sr.tile (now {resolver.tile})",
+        ]
+        batch = f"a super-resolution batch of {len(images)} images"
+        with batch_fits("quality", batch, resolver.device, lower):
+            upscaled = resolver.upscale(images, [resolver.scale_for(f) for f in needed])
         for row, image in zip(kept_rows, upscaled, strict=True):
             original = frame.at[row, "path"]
             relative = f"{Path(original).parent.as_posix()}/{frame.at[row, 'id']}_sr.png"

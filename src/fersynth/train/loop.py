@@ -31,8 +31,9 @@ from fersynth.dataset import TRAIN_SPLIT, VAL_SPLIT, read_manifest
 from fersynth.errors import FersynthError
 from fersynth.evaluate import compute_metrics, pick_device, predict_probabilities
 from fersynth.files import atomic_write_bytes, atomic_write_text
+from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
-from fersynth.settings import TrainSettings, save_resolved
+from fersynth.settings import TrainSettings, resolved_dict, save_resolved
 from fersynth.skipped import write_skipped
 from fersynth.train.data import (
     InMemoryBatches,
@@ -54,6 +55,14 @@ from fersynth.train.models import (
     create_model,
     default_resize,
     save_model,
+)
+from fersynth.train.resume import (
+    CHANGES_KEY,
+    SCHEDULE_KEYS,
+    check_steps,
+    restore_rng,
+    restore_scaler,
+    settings_changes,
 )
 
 log = logging.getLogger(__name__)
@@ -171,12 +180,6 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _save(path: Path, payload: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -202,6 +205,18 @@ def _drop_logged_after(output: Path, step: int) -> None:
         kept = [line for line in lines if _logged_step(line) <= step]
         if kept != lines:
             atomic_write_text(path, "".join(kept))
+
+
+def _logged_speed(output: Path) -> float:
+    """The mean images/s of the run's logged windows: a resumed run that had nothing left to
+    train (resumed to log it to MLflow again) reports the speed it trained at."""
+    path = output / SPEED_FILE
+    if not path.is_file():
+        return 0.0
+    speeds = [
+        json.loads(line)["images_per_s"] for line in path.read_text(encoding="utf-8").splitlines() if line
+    ]
+    return float(np.mean(speeds)) if speeds else 0.0
 
 
 def _prepare_output(output: Path, resume: bool, force: bool) -> bool:
@@ -277,6 +292,12 @@ def run_train(
             log.info("MEK class weights from %s counts (%s)", choice, source)
         weights_info["mek_class_weights"] = [round(float(w), 4) for w in class_weights]
     resuming = _prepare_output(output, resume, force)
+    record = {"seed": seed, "train": settings}
+    changes: dict[str, list] = {}
+    if resuming:  # before any work: a refused change costs nothing
+        saved_record = json.loads((output / "settings.json").read_text(encoding="utf-8"))
+        changes = settings_changes(saved_record, resolved_dict(record), output)
+        previous = saved_record.get(CHANGES_KEY, [])
 
     device = pick_device(settings.device)
     dtype = _precision(settings, device)
@@ -324,16 +345,27 @@ def run_train(
     step, best_step, best_score, best_metrics = 0, 0, -1.0, None
     if resuming:
         state = torch.load(output / CHECKPOINT, map_location="cpu", weights_only=True)
+        check_steps(settings.steps, state["step"], output)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if any(key in SCHEDULE_KEYS for key in changes):
+            # The schedule is the new settings' from this step on (the scheduler built above from
+            # them); the checkpoint's would bring the old rates back.
+            for group in optimizer.param_groups:
+                group["initial_lr"] = rates["lr"]
+        else:
+            scheduler.load_state_dict(state["scheduler"])
+        restore_scaler(scaler, state["scaler"])
         step, best_step, best_score = state["step"], state["best_step"], state["best_score"]
         best_metrics = state["best_metrics"] or None
         _drop_logged_after(output, step)
         log.info("resuming %s at step %d", output, step)
+        if changes:
+            said = ", ".join(f"{key} {json.dumps(a)} -> {json.dumps(b)}" for key, (a, b) in changes.items())
+            log.warning("%s: resumed at step %d with changed settings, from here: %s", output, step, said)
+            save_resolved({**record, CHANGES_KEY: [*previous, {"step": step, **changes}]}, output)
     else:
-        save_resolved({"seed": seed, "train": settings}, output)
+        save_resolved(record, output)
         atomic_write_text(output / "val_ids.csv", val_frame[["id"]].to_csv(index=False))
         for name in APPENDED:  # a run started over (--resume without a checkpoint) logs anew
             (output / name).unlink(missing_ok=True)
@@ -369,7 +401,7 @@ def run_train(
         )
         batches = iter(loader)
     if resuming:
-        _set_rng_state(state["rng"])
+        restore_rng(state["rng"])
 
     def evaluate_val() -> dict[str, Any] | None:
         if val_frame.empty:
@@ -416,6 +448,15 @@ def run_train(
     with (
         (output / LOG_FILE).open("a", encoding="utf-8") as log_file,
         (output / SPEED_FILE).open("a", encoding="utf-8") as speed_file,
+        batch_fits(
+            "train",
+            f"a {settings.method.upper()} batch of {settings.batch_size} images at {spec.image_size} px",
+            device,
+            [
+                f"train.batch_size (now {settings.batch_size})",
+                f"train.image_size (now {spec.image_size})",
+            ],
+        ),
     ):
         while step < settings.steps:
             x, y = next(batches)
@@ -503,7 +544,7 @@ def run_train(
         spec,
         extra={"method": settings.method, "step": best_step, **weights_info},
     )
-    speed = total_images / total_time if total_time else 0.0
+    speed = total_images / total_time if total_time else _logged_speed(output)
     summary = {
         "method": settings.method,
         "arch": settings.arch,

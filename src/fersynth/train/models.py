@@ -7,8 +7,10 @@ tensors and plain values, so it loads with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +61,10 @@ def create_model(spec: ModelSpec, pretrained: str | None = None) -> nn.Module:
 
     Never downloads from a hub: with no `pretrained`, the weights are random.
     """
-    if spec.arch not in timm.list_models():
-        raise FersynthError(f"train.arch = {spec.arch!r}: not a timm model name")
+    # timm's full names carry a pretrained tag (`resnet18.a1_in1k`): the tag names weights,
+    # which come from `pretrained` here; the architecture is the part before the dot.
+    if not timm.is_model(spec.arch):
+        raise FersynthError(f"train.arch = {spec.arch!r}: not a timm model name (timm.list_models())")
     kwargs = _timm_kwargs(spec)
     if pretrained:
         # timm's own file loader: weights_only loading, checkpoint filters (e.g. Swin's
@@ -69,13 +73,102 @@ def create_model(spec: ModelSpec, pretrained: str | None = None) -> nn.Module:
         log.info("loading pretrained backbone weights from %s", pretrained)
     else:
         log.info("no pretrained weights given: %s starts from random initialisation", spec.arch)
-    try:
-        model = timm.create_model(spec.arch, img_size=spec.image_size, **kwargs)
-    except TypeError:  # CNNs take any input size and have no img_size argument
-        model = timm.create_model(spec.arch, **kwargs)
+    with _load_report() as report:
+        try:
+            try:
+                model = timm.create_model(spec.arch, img_size=spec.image_size, **kwargs)
+            except TypeError:  # CNNs take any input size and have no img_size argument
+                model = timm.create_model(spec.arch, **kwargs)
+        except RuntimeError as exc:
+            if pretrained and "loading state_dict" in str(exc):
+                raise FersynthError(f"{pretrained}: {weights_mismatch(exc, spec.arch)}") from None
+            raise
+    if pretrained:
+        _check_loaded(model, report, pretrained, spec.arch)
     if spec.in_chans == 1:
         grey_stem(model)
     return model
+
+
+_TIMM_LOADER = "timm.models._builder"
+_KEYS = re.compile(r"^(Missing|Unexpected) keys \((.*)\) (?:discovered|found) while loading")
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.keys: dict[str, list[str]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = _KEYS.match(record.getMessage())
+        if found:
+            self.keys[found.group(1).lower()] = [k.strip() for k in found.group(2).split(",") if k.strip()]
+
+
+@contextlib.contextmanager
+def _load_report():
+    """timm loads pretrained weights non-strictly once the classifier is dropped (7 classes, not
+    1000), and only logs the keys it missed: collect them (kept out of the user's log)."""
+    logger = logging.getLogger(_TIMM_LOADER)
+    handler, level, propagate = _Collect(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _check_loaded(model: nn.Module, report: _Collect, source: str, arch: str) -> None:
+    """Refuse weights of another architecture: every tensor but the classifier's must load
+    (timm would start such a model from random weights with a warning)."""
+    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+
+    def real(keys: list[str]) -> list[str]:
+        return [k for k in keys if not any(k.startswith(f"{h}.") for h in heads)]
+
+    missing, unexpected = real(report.keys.get("missing", [])), real(report.keys.get("unexpected", []))
+    if missing or unexpected:
+        what = (
+            f"the file has no tensor {missing[0]} ({len(missing)} of the model's tensors missing)"
+            if missing
+            else f"the file's tensor {unexpected[0]} is not in the model ({len(unexpected)} such)"
+        )
+        raise FersynthError(f"{source}: weights do not fit {arch} ({what}); weights of another architecture?")
+
+
+def weights_mismatch(exc: RuntimeError, arch: str) -> str:
+    """One line from torch's `load_state_dict` error (which lists every tensor, often dozens of
+    lines): the first tensor that does not fit `arch`."""
+    text = str(exc)
+    size = re.search(
+        r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+        r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)",
+        text,
+    )
+    missing = re.search(r'Missing key\(s\) in state_dict: "([^"]+)"', text)
+    unexpected = re.search(r'Unexpected key\(s\) in state_dict: "([^"]+)"', text)
+    if size:
+        what = f"tensor {size.group(1)} is {size.group(2)} in the file, {size.group(3)} in the model"
+    elif missing:
+        what = f"the file has no tensor {missing.group(1)}"
+    elif unexpected:
+        what = f"the file's tensor {unexpected.group(1)} is not in the model"
+    else:
+        what = text.strip().splitlines()[0][:200]
+    return f"weights do not fit {arch} ({what}); weights of another architecture?"
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """`model.load_state_dict(state_dict)` (strict), a mismatch as one line naming `source`."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise FersynthError(f"{source}: {weights_mismatch(exc, arch)}") from None
 
 
 def grey_to_one_channel(x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +264,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     if spec.classes != CLASSES:
         raise FersynthError(f"{local}: class order {spec.classes} differs from {CLASSES}")
     model = create_model(spec)
-    model.load_state_dict(payload["state_dict"])
+    load_weights(model, payload["state_dict"], str(local), spec.arch)
     model.to(device).eval()
     extra = {k: v for k, v in payload.items() if k not in ("format", "spec", "state_dict")}
     return LoadedModel(model, spec, extra)

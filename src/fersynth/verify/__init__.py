@@ -32,6 +32,7 @@ from fersynth.errors import FersynthError
 from fersynth.evaluate import pick_device
 from fersynth.files import link_or_copy, staged_folder
 from fersynth.folds import fold_folder
+from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import SEED_PREFIX, GuardSettings, VerifySettings, save_resolved
 from fersynth.train.models import load_model
@@ -188,6 +189,20 @@ def _per_class(values, cast=float) -> dict:
 
 @pins_torch_threads
 def run_verify(
+    settings: VerifySettings,
+    guard: GuardSettings,
+    *,
+    seed: int,
+    force: bool = False,
+    progress: bool = True,
+) -> VerifyResult:
+    """The vote, the leakage guard and the fidelity report on a merged generated set."""
+    batch = f"a batch of {settings.batch_size} images"
+    with batch_fits("verify", batch, settings.device, [f"verify.batch_size (now {settings.batch_size})"]):
+        return _run_verify(settings, guard, seed=seed, force=force, progress=progress)
+
+
+def _run_verify(
     settings: VerifySettings,
     guard: GuardSettings,
     *,
