@@ -643,7 +643,9 @@ def test_a_shard_folder_of_other_settings_is_refused_and_only_takes_keys(world, 
     first = run_generate(config, progress=False)
     key = next((first.folder / RECORDS).glob("*.json")).stem
     assert "_to_fear" in key
-    with pytest.raises(FersynthError, match=r"holds outputs of other settings \(changed: eps\)"):
+    with pytest.raises(
+        FersynthError, match=r"holds outputs of other settings \(changed: generate.eps 0.8 -> 0.3\)"
+    ):
         run_generate(config.model_copy(update={"eps": 0.3}), progress=False)
     resumed = run_generate(config.model_copy(update={"seeds_per_batch": 4}), progress=False)
     assert resumed.skipped == 1 and resumed.written == 0  # how, not what: a resume may change it

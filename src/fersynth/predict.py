@@ -18,7 +18,7 @@ from tqdm import tqdm
 from fersynth.classes import CLASSES
 from fersynth.dataset import ImageDecodeError, load_image
 from fersynth.errors import FersynthError
-from fersynth.evaluate import pick_device
+from fersynth.inference import pick_device
 from fersynth.memory import batch_fits
 from fersynth.train.data import test_transform
 from fersynth.train.models import LoadedModel, load_model

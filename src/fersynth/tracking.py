@@ -203,15 +203,11 @@ def lineage_tags(profile: str | None = None) -> dict[str, str]:
     return tags
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)[:6000]
-    return flat
+def _flatten(tree: dict[str, Any]) -> dict[str, str]:
+    """MLflow params: dotted keys, values as text within MLflow's length limit."""
+    from fersynth.settings import flatten
+
+    return {key: str(value)[:6000] for key, value in flatten(tree).items()}
 
 
 def model_requirements() -> list[str]:

@@ -36,7 +36,6 @@ from fersynth.augment import COPY_KIND, COPY_SUFFIX
 from fersynth.classes import CLASSES
 from fersynth.dataset import TRAIN_SPLIT, load_image, pixel_hash, read_manifest, write_manifest
 from fersynth.errors import FersynthError
-from fersynth.evaluate import pick_device
 from fersynth.figures import contact_sheet, save_png
 from fersynth.files import atomic_write_text, staged_folder
 from fersynth.generate.backends import (
@@ -49,6 +48,7 @@ from fersynth.generate.backends import (
     to_seed_size,
 )
 from fersynth.generate.prompts import identity_prompt
+from fersynth.inference import pick_device
 from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import IDENTITY_SD_SCALE, GenerateSettings, resolved_dict
@@ -263,11 +263,20 @@ def _refuse_other_settings(folder: Path, record: dict) -> None:
     now = json.loads(json.dumps(record, default=str))
     if comparable(previous) != comparable(now):
         old, new = comparable(previous)["generate"], comparable(now)["generate"]
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        changed += [k for k in ("seed", "shard", "num_shards") if previous.get(k) != now.get(k)]
+        changed = [
+            f"generate.{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
+            for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)
+        ]
+        changed += [
+            f"{k} {json.dumps(previous.get(k))} -> {json.dumps(now.get(k))}"
+            for k in ("seed", "shard", "num_shards")
+            if previous.get(k) != now.get(k)
+        ]
         raise FersynthError(
             f"{folder}: holds outputs of other settings (changed: {', '.join(changed) or 'generate'}); "
-            "delete it or choose another generate.output, so that two sets are never mixed"
+            "set them back to resume, or delete it or choose another generate.output, so that two sets "
+            f"are never mixed (a resume may change only {', '.join(_RESUMABLE_CHANGES)})"
         )
 
 

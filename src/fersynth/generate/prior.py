@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from fersynth.dataset import read_manifest
 from fersynth.errors import FersynthError
-from fersynth.evaluate import pick_device
 from fersynth.figures import contact_sheet, save_png
 from fersynth.files import atomic_write_text, staged_folder
 from fersynth.generate.backends import to_uint8
+from fersynth.inference import pick_device
 from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import PriorSettings, save_resolved

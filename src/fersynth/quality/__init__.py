@@ -23,9 +23,9 @@ from fersynth.dataset import (
     write_manifest,
 )
 from fersynth.errors import FersynthError
-from fersynth.evaluate import pick_device
 from fersynth.figures import save_png
 from fersynth.files import link_or_copy, staged_folder
+from fersynth.inference import pick_device
 from fersynth.memory import batch_fits
 from fersynth.parallel import imap
 from fersynth.quality.report import QualityResult, write_report

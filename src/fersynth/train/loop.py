@@ -29,8 +29,8 @@ from fersynth.augment import REPORT_JSON as AUGMENT_REPORT
 from fersynth.classes import CLASSES
 from fersynth.dataset import TRAIN_SPLIT, VAL_SPLIT, read_manifest
 from fersynth.errors import FersynthError
-from fersynth.evaluate import compute_metrics, pick_device, predict_probabilities
 from fersynth.files import atomic_write_bytes, atomic_write_text
+from fersynth.inference import compute_metrics, pick_device, predict_probabilities
 from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import TrainSettings, resolved_dict, save_resolved

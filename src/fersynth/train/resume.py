@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fersynth.errors import FersynthError
+from fersynth.settings import flatten
 
 # Dotted keys of {"seed": ..., "train": TrainSettings} that may change on --resume.
 SCHEDULE_KEYS = (
@@ -47,23 +48,12 @@ IGNORED = ("train.output",)
 CHANGES_KEY = "resumed_with_changes"
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
 def settings_changes(saved: dict[str, Any], current: dict[str, Any], output: Path) -> dict[str, list]:
     """{dotted key: [started with, now]} for the settings `current` changes that resume applies
     (APPLIED_ON_RESUME); both mappings are resolved settings ({"seed", "train"}, JSON values).
 
     Raises FersynthError naming the first other key that differs, with both values."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     changes: dict[str, list] = {}
     for key in sorted(set(old) | set(new)):
         if key in IGNORED or key.startswith(f"{CHANGES_KEY}.") or key == CHANGES_KEY:

@@ -29,9 +29,9 @@ from fersynth.dataset import (
     write_manifest,
 )
 from fersynth.errors import FersynthError
-from fersynth.evaluate import pick_device
 from fersynth.files import link_or_copy, staged_folder
 from fersynth.folds import fold_folder
+from fersynth.inference import pick_device
 from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import SEED_PREFIX, GuardSettings, VerifySettings, save_resolved
