@@ -197,8 +197,56 @@ def test_the_reader_follows_module_imports_lazy_imports_and_calls():
     files = {p.relative_to(SRC / PACKAGE).as_posix() for p in command_files("train")}
     # cli -> stages.train (a lazy import in the command) -> run_train (a lazy import in stages)
     # -> the loop's module-level imports; tracking.track_training -> its lazy model import.
-    assert {"cli.py", "stages.py", "train/loop.py", "inference.py", "train/models.py", "tracking.py"} <= files
+    assert {
+        "cli.py",
+        "stages.py",
+        "train/loop.py",
+        "train/inference.py",
+        "train/models.py",
+        "tracking.py",
+    } <= files
     assert {"__init__.py", "train/__init__.py", "settings.py", "memory.py", "train/resume.py"} <= files
     assert not {"report.py", "generate/__init__.py", "verify/voting.py"} & files  # never called by train
     report = {p.relative_to(SRC / PACKAGE).as_posix() for p in command_files("report")}
     assert "report.py" in report and "train/loop.py" not in report
+
+
+def write_deps(path: Path = ROOT / "dvc.yaml") -> None:
+    """Rewrite each stage's `src/` deps from the imports (a package folder when every module of
+    it runs), keeping its other deps, the templates and the file's comments (ruamel, which DVC
+    itself reads dvc.yaml with). `python tests/test_dvc_deps.py` runs it."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    round_trip = YAML()
+    round_trip.width, round_trip.preserve_quotes = 4096, True
+    round_trip.indent(mapping=2, sequence=4, offset=2)
+    document = round_trip.load(path.read_text())
+    package = SRC / PACKAGE
+    for stage in document["stages"].values():
+        body = stage.get("do", stage)
+        needed: set[Path] = set()
+        for command in _commands(body["cmd"]):
+            needed |= command_files(command)
+        files = {p.relative_to(ROOT).as_posix() for p in needed}
+        folders = []
+        for folder in sorted({p.parent for p in needed if p.parent != package}):
+            inside = {f.relative_to(ROOT).as_posix() for f in folder.glob("*.py")}
+            if inside <= files:
+                folders.append(folder.relative_to(ROOT).as_posix())
+                files -= inside
+        deps = body["deps"]
+        templates = [d for d in deps if isinstance(d, str) and d.startswith("src/") and not d.endswith(".py")]
+        templates = [d for d in templates if not (ROOT / d / "__init__.py").is_file()]
+        for index in reversed(range(len(deps))):
+            if isinstance(deps[index], str) and deps[index].startswith("src/"):
+                del deps[index]
+        deps.extend([*folders, *sorted(files), *templates])
+    text = io.StringIO()
+    round_trip.dump(document, text)
+    path.write_text(text.getvalue())
+
+
+if __name__ == "__main__":
+    write_deps()

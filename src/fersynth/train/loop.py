@@ -30,7 +30,6 @@ from fersynth.classes import CLASSES
 from fersynth.dataset import TRAIN_SPLIT, VAL_SPLIT, read_manifest
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_bytes, atomic_write_text
-from fersynth.inference import compute_metrics, pick_device, predict_probabilities
 from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import TrainSettings, resolved_dict, save_resolved
@@ -42,6 +41,7 @@ from fersynth.train.data import (
     train_transform,
     use_in_memory,
 )
+from fersynth.train.inference import compute_metrics, pick_device, predict_probabilities
 from fersynth.train.losses import (
     attention_consistency,
     mek_class_weights,
