@@ -981,6 +981,14 @@ class Layout:
     def comparison(self, test_set: str) -> Path:
         return self.runs / "compare" / test_set
 
+    def row_metrics(self, key: str) -> Path:
+        # A row's DVC metrics file and plots (fersynth.dvc_metrics), apart from its results
+        # folder: DVC refuses a metrics output inside another output.
+        return self.runs / "metrics" / f"{key}.json"
+
+    def row_plots(self, key: str) -> Path:
+        return self.runs / "plots" / key
+
     def augmented(self, variant: str, pool: str = "generated") -> Path:
         # The copy twins' sets sit beside the variants (a variant is never called copies_*).
         return self.data / "augmented" / (variant if pool == "generated" else f"copies_{variant}")

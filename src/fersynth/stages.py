@@ -141,6 +141,7 @@ def evaluate_row(
     into `output/seed_<s>` (default: runs/<experiment>/eval/<row>). [(seed, results)]."""
     settings.row(row)  # a clear error for an unknown row
     models = Path(models) if models is not None else settings.row_folder(row)
+    in_layout = output is None  # the DVC graph's run: also the files DVC compares experiments by
     output = Path(output) if output is not None else settings.layout.evaluation(row)
     outcomes = []
     for seed in settings.seeds:
@@ -149,6 +150,10 @@ def evaluate_row(
         )
         results = evaluate(settings.model_copy(update={"evaluate": evaluate_settings}), progress=progress)
         outcomes.append((seed, results))
+    if in_layout:
+        from fersynth.dvc_metrics import write_row_files
+
+        write_row_files(settings.layout.row_metrics(row), settings.layout.row_plots(row), outcomes, models)
     return outcomes
 
 
