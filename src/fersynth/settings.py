@@ -1243,6 +1243,11 @@ class Settings(Strict):
         """A grid row's folder: one model folder per seed inside (`seed_folder`)."""
         return self.layout.model(key, on_original=key in self.experiment.grid.original)
 
+    def first_seed_folder(self, folder: Path) -> Path:
+        """A row's folder (models or results) -> its first seed's; any other folder itself."""
+        candidate = Path(folder) / seed_folder(self.seeds[0])
+        return candidate if candidate.is_dir() else Path(folder)
+
     def model_folder(self, key_or_path: str, seed: int | None = None) -> Path:
         """A model folder: a grid row's (its first seed's unless `seed` is given), a voter's
         (experiment.voters), or the path itself (any fersynth model)."""
