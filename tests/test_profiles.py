@@ -37,7 +37,8 @@ def dvc_plan(profile: Path, tmp_path: Path) -> dict[str, list[str]]:
     plan = {}
     for line in done.stdout.splitlines():
         name, _, rest = line.partition(" ")
-        plan[name] = [o.strip() for o in rest.strip().removeprefix("Outputs ").split(",")]
+        outputs = rest.strip().split("; ")[0]  # "; Reports <metrics>, <plots>" follows (cut short)
+        plan[name] = [o.strip() for o in outputs.removeprefix("Outputs ").split(",")]
     return plan
 
 

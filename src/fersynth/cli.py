@@ -768,13 +768,8 @@ def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path
     Without RUNS: every row of experiment.grid, one table per test set. Each RESULTS is an
     `fersynth evaluate` output folder, e.g. Original_SL=runs/demo/eval/original_sl.
     """
-    from fersynth.compare import (
-        comparison_table,
-        load_result,
-        parse_run_arguments,
-        to_markdown,
-        write_comparison,
-    )
+    from fersynth import stages
+    from fersynth.compare import parse_run_arguments
     from fersynth.stages import grid_folders
 
     settings = obj.settings()
@@ -794,19 +789,16 @@ def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path
         test_sets = [test_set] if test_set else settings.experiment.test_sets()
     if output is not None and len(test_sets) > 1:
         raise FersynthError(f"--output holds one table: add --test-set (one of {', '.join(test_sets)})")
-    for name in test_sets:
-        # The grid's rows: exactly its seeds, so a stale seed folder never counts.
-        seeds = None if runs else settings.seeds
-        results = [load_result(label, folder, name, seeds) for label, folder in named]
-        table = comparison_table(results)
-        ran = [r for r in results if r.metrics is not None]
-        shown = name or (ran[0].metrics.get("test_set", "test") if ran else "test")
-        title = f"Accuracy (%) on {shown}"
+
+    def target(shown: str) -> Path:
         # The grid's tables are DVC's output; other comparisons go to runs/compare/<test set>.
         default = settings.layout.comparison(shown) if not runs else Path("runs") / "compare" / shown
-        target = output if output is not None else default
-        markdown_path, csv_path = write_comparison(table, target, title)
-        click.echo(to_markdown(table, title))
+        return output if output is not None else default
+
+    # The grid's rows: exactly its seeds, so a stale seed folder never counts.
+    tables = stages.compare(named, test_sets, target, None if runs else settings.seeds)
+    for _, markdown, markdown_path, csv_path in tables:
+        click.echo(markdown)
         click.echo(f"table: {markdown_path} and {csv_path}")
 
 

@@ -16,11 +16,11 @@ from fersynth.dataset import read_manifest
 from fersynth.errors import FersynthError
 from fersynth.figures import save_figure
 from fersynth.files import atomic_write_text, staged_folder
-from fersynth.inference import compute_metrics, pick_device, predict_probabilities
 from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import EvaluateSettings, save_resolved
 from fersynth.skipped import skipped_reason, write_skipped
+from fersynth.train.inference import compute_metrics, pick_device, predict_probabilities
 from fersynth.train.models import LoadedModel, load_model
 
 

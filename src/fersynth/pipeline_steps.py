@@ -204,8 +204,7 @@ def train(data: str, output: str, row: str, overrides: Iterable[str] | str | Pat
 
 def first_seed(settings: Settings, folder: str | Path) -> Path:
     """The model (or results) of a row's first seed, as `Settings.model_folder(row)` names it."""
-    candidate = Path(folder) / seed_folder(settings.seeds[0])
-    return candidate if candidate.is_dir() else Path(folder)
+    return settings.first_seed_folder(Path(folder))
 
 
 def evaluate(
@@ -217,20 +216,12 @@ def evaluate(
     named = _linked(test_sets)
     outcomes = []
     try:
-        data = [str(named / name) for name in test_sets]
-        resolved = settings_from(overrides)
+        settings = settings_from(overrides, evaluate__data=[str(named / name) for name in test_sets])
         # A row's artifact: every seed's model, in the grid's order (the first one's results
         # are the step's metrics); a voter's or a plain model: the folder itself.
-        seeds = [
-            Path(model) / seed_folder(s) for s in resolved.seeds if (Path(model) / seed_folder(s)).is_dir()
-        ]
-        for folder in seeds or [Path(model)]:
-            target = Path(output) / folder.name if seeds else Path(output)  # seed_<s>, as the model
-            settings = settings_from(
-                overrides, evaluate__model=str(folder), evaluate__data=data, evaluate__output=str(target)
-            )
-            results = stages.evaluate(settings, progress=False)
-            outcomes = outcomes or [{"test_set": r.name, **r.metrics} for r in results]  # the first seed's
+        seeds = [s for s in settings.seeds if (Path(model) / seed_folder(s)).is_dir()]
+        evaluated = stages.evaluate_seeds(settings, Path(model), Path(output), seeds, progress=False)
+        outcomes = [{"test_set": r.name, **r.metrics} for r in evaluated[0][1]]  # the first seed's
     finally:
         shutil.rmtree(named, ignore_errors=True)
     return outcomes
@@ -333,15 +324,11 @@ def augment(original: str, synthetic: str, output: str, overrides: Iterable[str]
 
 def compare(results: Mapping[str, str], test_sets: list[str], output: str) -> dict[str, str]:
     """One comparison table per test set, as `output/<test set>/comparison.{md,csv}`."""
-    from fersynth.compare import comparison_table, load_result, to_markdown, write_comparison
+    from fersynth import stages
 
-    tables = {}
-    for test_set in test_sets:
-        table = comparison_table([load_result(name, folder, test_set) for name, folder in results.items()])
-        title = f"Accuracy (%) on {test_set}"
-        write_comparison(table, Path(output) / test_set, title)
-        tables[test_set] = to_markdown(table, title)
-    return tables
+    named = [(name, Path(folder)) for name, folder in results.items()]
+    tables = stages.compare(named, list(test_sets), lambda test_set: Path(output) / test_set)
+    return {test_set: markdown for test_set, markdown, _, _ in tables}
 
 
 def report(

@@ -18,9 +18,9 @@ from tqdm import tqdm
 from fersynth.classes import CLASSES
 from fersynth.dataset import ImageDecodeError, load_image
 from fersynth.errors import FersynthError
-from fersynth.inference import pick_device
 from fersynth.memory import batch_fits
 from fersynth.train.data import test_transform
+from fersynth.train.inference import pick_device
 from fersynth.train.models import LoadedModel, load_model
 
 FACE_MARGIN = 0.2  # widen the detected box: the cascade's box is tight around the features

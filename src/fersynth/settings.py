@@ -981,6 +981,14 @@ class Layout:
     def comparison(self, test_set: str) -> Path:
         return self.runs / "compare" / test_set
 
+    def row_metrics(self, key: str) -> Path:
+        # A row's DVC metrics file and plots (fersynth.dvc_metrics), apart from its results
+        # folder: DVC refuses a metrics output inside another output.
+        return self.runs / "metrics" / f"{key}.json"
+
+    def row_plots(self, key: str) -> Path:
+        return self.runs / "plots" / key
+
     def augmented(self, variant: str, pool: str = "generated") -> Path:
         # The copy twins' sets sit beside the variants (a variant is never called copies_*).
         return self.data / "augmented" / (variant if pool == "generated" else f"copies_{variant}")
@@ -1234,6 +1242,11 @@ class Settings(Strict):
     def row_folder(self, key: str) -> Path:
         """A grid row's folder: one model folder per seed inside (`seed_folder`)."""
         return self.layout.model(key, on_original=key in self.experiment.grid.original)
+
+    def first_seed_folder(self, folder: Path) -> Path:
+        """A row's folder (models or results) -> its first seed's; any other folder itself."""
+        candidate = Path(folder) / seed_folder(self.seeds[0])
+        return candidate if candidate.is_dir() else Path(folder)
 
     def model_folder(self, key_or_path: str, seed: int | None = None) -> Path:
         """A model folder: a grid row's (its first seed's unless `seed` is given), a voter's

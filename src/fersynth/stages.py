@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,44 @@ def evaluate(settings: Settings, *, progress: bool = True) -> list:
     return results
 
 
+def evaluate_seeds(
+    settings: Settings, models: Path, output: Path, seeds: list[int], *, progress: bool = True
+) -> list[tuple[int | None, list]]:
+    """Each seed's model `models/seed_<s>` on every test set of `settings.evaluate.data`, into
+    `output/seed_<s>`; with no seeds, the model folder itself into `output` (a voter's, or any
+    model). [(seed or None, results)]."""
+    jobs = [(seed, models / seed_folder(seed), output / seed_folder(seed)) for seed in seeds]
+    outcomes = []
+    for seed, model, target in jobs or [(None, Path(models), Path(output))]:
+        evaluate_settings = settings.evaluate.model_copy(update={"model": model, "output": target})
+        results = evaluate(settings.model_copy(update={"evaluate": evaluate_settings}), progress=progress)
+        outcomes.append((seed, results))
+    return outcomes
+
+
+def compare(
+    named: list[tuple[str, Path]],
+    test_sets: list[str | None],
+    target: Callable[[str], Path],
+    seeds: list[int] | None = None,
+) -> list[tuple[str, str, Path, Path]]:
+    """One comparison table per test set (None: the first the results hold) of the named
+    results folders, written to `target(test set)`; `seeds`: exactly these seed folders (the
+    grid's), else every one found. [(test set, markdown, .md path, .csv path)]."""
+    from fersynth.compare import comparison_table, load_result, to_markdown, write_comparison
+
+    tables = []
+    for name in test_sets:
+        results = [load_result(label, folder, name, seeds) for label, folder in named]
+        table = comparison_table(results)
+        ran = [r for r in results if r.metrics is not None]
+        shown = name or (ran[0].metrics.get("test_set", "test") if ran else "test")
+        title = f"Accuracy (%) on {shown}"
+        markdown_path, csv_path = write_comparison(table, target(shown), title)
+        tables.append((shown, to_markdown(table, title), markdown_path, csv_path))
+    return tables
+
+
 def evaluate_row(
     settings: Settings, row: str, models: Path | None = None, output: Path | None = None, *, progress=True
 ) -> list[tuple[int, list]]:
@@ -141,14 +180,13 @@ def evaluate_row(
     into `output/seed_<s>` (default: runs/<experiment>/eval/<row>). [(seed, results)]."""
     settings.row(row)  # a clear error for an unknown row
     models = Path(models) if models is not None else settings.row_folder(row)
+    in_layout = output is None  # the DVC graph's run: also the files DVC compares experiments by
     output = Path(output) if output is not None else settings.layout.evaluation(row)
-    outcomes = []
-    for seed in settings.seeds:
-        evaluate_settings = settings.evaluate.model_copy(
-            update={"model": models / seed_folder(seed), "output": output / seed_folder(seed)}
-        )
-        results = evaluate(settings.model_copy(update={"evaluate": evaluate_settings}), progress=progress)
-        outcomes.append((seed, results))
+    outcomes = evaluate_seeds(settings, models, output, settings.seeds, progress=progress)
+    if in_layout:
+        from fersynth.dvc_metrics import write_row_files
+
+        write_row_files(settings.layout.row_metrics(row), settings.layout.row_plots(row), outcomes, models)
     return outcomes
 
 

@@ -48,10 +48,10 @@ from fersynth.generate.backends import (
     to_seed_size,
 )
 from fersynth.generate.prompts import identity_prompt
-from fersynth.inference import pick_device
 from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import IDENTITY_SD_SCALE, GenerateSettings, resolved_dict
+from fersynth.train.inference import pick_device
 
 RECORDS = "records"
 IMAGES = "images"

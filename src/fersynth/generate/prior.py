@@ -28,12 +28,12 @@ from fersynth.errors import FersynthError
 from fersynth.figures import contact_sheet, save_png
 from fersynth.files import atomic_write_text, staged_folder
 from fersynth.generate.backends import to_uint8
-from fersynth.inference import pick_device
 from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import PriorSettings, save_resolved
 from fersynth.splits import draw_validation
 from fersynth.train.data import InMemoryBatches, ManifestImages, SampleStream, use_in_memory
+from fersynth.train.inference import pick_device
 from fersynth.train.loop import split_validation
 
 PRIOR_JSON = "prior.json"

@@ -25,13 +25,13 @@ from fersynth.dataset import (
 from fersynth.errors import FersynthError
 from fersynth.figures import save_png
 from fersynth.files import link_or_copy, staged_folder
-from fersynth.inference import pick_device
 from fersynth.memory import batch_fits
 from fersynth.parallel import imap
 from fersynth.quality.report import QualityResult, write_report
 from fersynth.quality.scores import SCORE_NAMES, score_file
 from fersynth.quality.superres import SuperResolver, check_weights_exist, resize_to
 from fersynth.settings import QualitySettings, save_resolved
+from fersynth.train.inference import pick_device
 
 SCORE_COLUMNS = [f"q_{name}" for name in SCORE_NAMES]
 

@@ -7,7 +7,6 @@ predict), `checkpoint.pt` (everything needed to resume), `train_log.jsonl`,
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
@@ -29,12 +27,12 @@ from fersynth.augment import REPORT_JSON as AUGMENT_REPORT
 from fersynth.classes import CLASSES
 from fersynth.dataset import TRAIN_SPLIT, VAL_SPLIT, read_manifest
 from fersynth.errors import FersynthError
-from fersynth.files import atomic_write_bytes, atomic_write_text
-from fersynth.inference import compute_metrics, pick_device, predict_probabilities
+from fersynth.files import atomic_write_text
 from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import TrainSettings, resolved_dict, save_resolved
 from fersynth.skipped import write_skipped
+from fersynth.train.checkpoint import CHECKPOINT, CheckpointSaver
 from fersynth.train.data import (
     InMemoryBatches,
     ManifestImages,
@@ -42,20 +40,16 @@ from fersynth.train.data import (
     train_transform,
     use_in_memory,
 )
-from fersynth.train.losses import (
-    attention_consistency,
-    mek_class_weights,
-    rebalanced_targets,
-    soft_cross_entropy,
-)
+from fersynth.train.inference import compute_metrics, pick_device, predict_probabilities
+from fersynth.train.losses import mek_class_weights
 from fersynth.train.models import (
     MODEL_FILE,
     ModelSpec,
-    class_activation_maps,
     create_model,
     default_resize,
     save_model,
 )
+from fersynth.train.objectives import Mek, Supervised
 from fersynth.train.resume import (
     CHANGES_KEY,
     SCHEDULE_KEYS,
@@ -66,8 +60,6 @@ from fersynth.train.resume import (
 )
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"
-BEST_WEIGHTS = "best_weights.pt"
 LOG_FILE = "train_log.jsonl"
 SUMMARY = "train_summary.json"
 SPEED_FILE = "train_speed.jsonl"  # images/s per log window (left out of DVC hashes)
@@ -165,25 +157,34 @@ def mek_weight_counts(data: Path, train_frame: pd.DataFrame, choice: str) -> tup
     return counts, AUGMENT_REPORT
 
 
+def _mek_weights(settings: TrainSettings, train_frame: pd.DataFrame) -> tuple[torch.Tensor | None, dict]:
+    """MEK's class weights w_c (None for SL) and the record of where they came from (written to
+    model.pt, train_summary.json and MLflow tags): pinned, or from `mek_weight_counts`."""
+    if settings.method != "mek":
+        return None, {}
+    if settings.mek.class_weights:
+        class_weights = torch.tensor(settings.mek.class_weights)
+        weights_info: dict[str, Any] = {"mek_class_weights_from": "pinned"}
+    else:
+        choice = settings.mek.class_weights_from
+        weight_counts, source = mek_weight_counts(settings.data, train_frame, choice)
+        class_weights = mek_class_weights(weight_counts)
+        weights_info = {
+            "mek_class_weights_from": choice,
+            "mek_class_weight_counts_source": source,
+            "mek_class_weight_counts": dict(zip(CLASSES, weight_counts, strict=True)),
+        }
+        log.info("MEK class weights from %s counts (%s)", choice, source)
+    weights_info["mek_class_weights"] = [round(float(w), 4) for w in class_weights]
+    return class_weights, weights_info
+
+
 def _precision(settings: TrainSettings, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for float32."""
     choice = settings.precision
     if choice == "auto":
         choice = "fp16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _save(path: Path, payload: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _logged_step(line: str) -> float:
@@ -273,24 +274,7 @@ def run_train(
         write_skipped(output, reason, settings_record, force=force or resume, data=str(settings.data))
         return TrainResult(output, 0, 0, None, 0.0, skipped=reason)
     counts = [int((train_frame["label"] == name).sum()) for name in CLASSES]
-    class_weights, weights_info = None, {}
-    if settings.method == "mek":
-        # Recorded in model.pt and train_summary.json (and MLflow tags): which counts gave w_c.
-        pinned = settings.mek.class_weights
-        if pinned:
-            class_weights = torch.tensor(pinned)
-            weights_info = {"mek_class_weights_from": "pinned"}
-        else:
-            choice = settings.mek.class_weights_from
-            weight_counts, source = mek_weight_counts(settings.data, train_frame, choice)
-            class_weights = mek_class_weights(weight_counts)
-            weights_info = {
-                "mek_class_weights_from": choice,
-                "mek_class_weight_counts_source": source,
-                "mek_class_weight_counts": dict(zip(CLASSES, weight_counts, strict=True)),
-            }
-            log.info("MEK class weights from %s counts (%s)", choice, source)
-        weights_info["mek_class_weights"] = [round(float(w), 4) for w in class_weights]
+    class_weights, weights_info = _mek_weights(settings, train_frame)
     resuming = _prepare_output(output, resume, force)
     record = {"seed": seed, "train": settings}
     changes: dict[str, list] = {}
@@ -319,32 +303,18 @@ def run_train(
     if memory_format is not None:
         model = model.to(memory_format=memory_format)
     rates = effective_rates(settings)
-    if rates["lr"] != settings.lr or rates["warmup_steps"] != settings.warmup_steps:
-        log.info(
-            "MEK rates (train.mek): lr %.4g, warmup_lr %.4g, min_lr %.4g, warm-up %d steps",
-            rates["lr"],
-            rates["warmup_lr"],
-            rates["min_lr"],
-            rates["warmup_steps"],
-        )
-    optimizer = create_optimizer_v2(model, "adamw", lr=rates["lr"], weight_decay=settings.weight_decay)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        # Linear warm-up, then one cosine from the peak to min_lr at the last step.
-        t_initial=max(1, settings.steps - rates["warmup_steps"]),
-        lr_min=rates["min_lr"],
-        warmup_t=rates["warmup_steps"],
-        warmup_lr_init=rates["warmup_lr"],
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    optimizer, scheduler = _optimizer_and_schedule(model, settings, rates)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if class_weights is not None:
-        class_weights = class_weights.to(device)
+    objective = (
+        Supervised(settings.label_smoothing)
+        if class_weights is None
+        else Mek(class_weights.to(device), settings.mek.smoothing, settings.mek.attention_weight)
+    )
 
-    step, best_step, best_score, best_metrics = 0, 0, -1.0, None
+    saver = CheckpointSaver(output)
+    step = 0
     if resuming:
-        state = torch.load(output / CHECKPOINT, map_location="cpu", weights_only=True)
+        state = saver.load_resume()
         check_steps(settings.steps, state["step"], output)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -356,8 +326,7 @@ def run_train(
         else:
             scheduler.load_state_dict(state["scheduler"])
         restore_scaler(scaler, state["scaler"])
-        step, best_step, best_score = state["step"], state["best_step"], state["best_score"]
-        best_metrics = state["best_metrics"] or None
+        step = state["step"]
         _drop_logged_after(output, step)
         log.info("resuming %s at step %d", output, step)
         if changes:
@@ -370,13 +339,132 @@ def run_train(
         for name in APPENDED:  # a run started over (--resume without a checkpoint) logs anew
             (output / name).unlink(missing_ok=True)
 
+    batches = _batches(settings, spec, dataset.root, train_frame, seed, step, device, progress)
+    if resuming:
+        restore_rng(state["rng"])
+
+    bar = tqdm(
+        total=settings.steps, initial=step, desc=f"train {settings.method}", unit="step", disable=not progress
+    )
+    total_images, total_time = 0, 0.0
+    step_state = _StepState(
+        model, objective, optimizer, scheduler, scaler, device, dtype, memory_format, settings.grad_clip
+    )
+    # Speed lives in its own file, which .dvcignore leaves out of the output's hash: the rest of
+    # the folder is the same bytes on every run of the same settings.
+    with (
+        (output / LOG_FILE).open("a", encoding="utf-8") as log_file,
+        (output / SPEED_FILE).open("a", encoding="utf-8") as speed_file,
+        batch_fits(
+            "train",
+            f"a {settings.method.upper()} batch of {settings.batch_size} images at {spec.image_size} px",
+            device,
+            [f"train.batch_size (now {settings.batch_size})", f"train.image_size (now {spec.image_size})"],
+        ),
+    ):
+        model.train()
+        while step < settings.steps:
+            # Up to the next event: a log line, a validation or a checkpoint (or the end).
+            stop = min(
+                _next_multiple(step, every)
+                for every in (settings.log_every, settings.eval_every, settings.checkpoint_every)
+            )
+            done = train_steps(step_state, batches, step, min(stop, settings.steps), bar)
+            step = done["step"]
+            if step % settings.log_every == 0 or step == settings.steps:
+                speed = done["images"] / max(done["seconds"], 1e-9)
+                total_images, total_time = total_images + done["images"], total_time + done["seconds"]
+                record_line = {"step": step, "loss": done["loss"], "lr": optimizer.param_groups[0]["lr"]}
+                log_file.write(json.dumps({**record_line, **done["parts"]}) + "\n")
+                log_file.flush()
+                speed_file.write(json.dumps({"step": step, "images_per_s": round(speed, 1)}) + "\n")
+                speed_file.flush()
+                bar.set_postfix(loss=f"{done['loss']:.3f}", img_s=f"{speed:.0f}")
+            else:  # images of a window split by a validation or a checkpoint still count
+                step_state.carry(done)
+            if step % settings.eval_every == 0 or step == settings.steps:
+                metrics = validate(model, spec, dataset.root, val_frame, settings.batch_size, device)
+                if metrics:
+                    val_line = {
+                        "step": step,
+                        "val_accuracy": metrics["accuracy"],
+                        "val_mean_accuracy": metrics["mean_accuracy"],
+                    }
+                    log_file.write(json.dumps(val_line) + "\n")
+                saver.offer(step, metrics[settings.select_metric] if metrics else float(step), metrics, model)
+                model.train()
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                saver.save_resume(step, model, optimizer, scheduler, scaler)
+    bar.close()
+
+    model.load_state_dict(saver.best_weights())
+    best = saver.best
+    save_model(
+        output / MODEL_FILE,
+        model,
+        spec,
+        extra={"method": settings.method, "step": best.step, **weights_info},
+    )
+    speed = total_images / total_time if total_time else _logged_speed(output)
+    summary = {
+        "method": settings.method,
+        "arch": settings.arch,
+        "steps": settings.steps,
+        "best_step": best.step,
+        "select_metric": settings.select_metric,
+        "val_metrics": best.metrics
+        and {k: best.metrics[k] for k in ("accuracy", "mean_accuracy", "per_class_accuracy")},
+        "train_counts": spec.train_counts,
+        "val_images": len(val_frame),
+        "device": str(device),
+        "precision": str(dtype).replace("torch.", "") if dtype else "float32",
+        "cpu_threads": torch.get_num_threads(),  # train.cpu_threads, or torch's choice here for 0
+        "effective_lr": rates,  # the rates the optimiser and scheduler really used
+        **weights_info,
+    }
+    atomic_write_text(output / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return TrainResult(output, step, best.step, best.metrics, speed)
+
+
+def _next_multiple(step: int, every: int) -> int:
+    return (step // every + 1) * every
+
+
+def _optimizer_and_schedule(model: torch.nn.Module, settings: TrainSettings, rates: dict[str, Any]):
+    """AdamW and a linear warm-up, then one cosine from the peak to min_lr at the last step."""
+    if rates["lr"] != settings.lr or rates["warmup_steps"] != settings.warmup_steps:
+        log.info(
+            "MEK rates (train.mek): lr %.4g, warmup_lr %.4g, min_lr %.4g, warm-up %d steps",
+            rates["lr"],
+            rates["warmup_lr"],
+            rates["min_lr"],
+            rates["warmup_steps"],
+        )
+    optimizer = create_optimizer_v2(model, "adamw", lr=rates["lr"], weight_decay=settings.weight_decay)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, settings.steps - rates["warmup_steps"]),
+        lr_min=rates["min_lr"],
+        warmup_t=rates["warmup_steps"],
+        warmup_lr_init=rates["warmup_lr"],
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    return optimizer, scheduler
+
+
+def _batches(
+    settings: TrainSettings, spec: ModelSpec, root: Path, frame, seed: int, step: int, device, progress
+):
+    """The training batches from `step` on: decoded once and augmented whole on the device
+    (in memory), or through a DataLoader."""
     transform = train_transform(
         spec.image_size, spec.resize, settings.hflip, settings.rotation, spec.mean, spec.std
     )
-    images = ManifestImages(dataset.root, train_frame, transform, seed=seed)
+    images = ManifestImages(root, frame, transform, seed=seed)
     sampler = SampleStream(images.labels, seed, settings.balanced_sampler, start=step * settings.batch_size)
     if use_in_memory(settings.in_memory, len(images), spec.resize):
-        batches = InMemoryBatches(
+        return InMemoryBatches(
             images,
             sampler,
             settings.batch_size,
@@ -389,177 +477,93 @@ def run_train(
             device=device,
             progress=progress,
         )
-    else:
-        loader = DataLoader(
-            images,
-            batch_size=settings.batch_size,
-            sampler=sampler,
-            num_workers=settings.workers,
-            pin_memory=device.type == "cuda",
-            drop_last=True,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        batches = iter(loader)
-    if resuming:
-        restore_rng(state["rng"])
-
-    def evaluate_val() -> dict[str, Any] | None:
-        if val_frame.empty:
-            return None
-        probs = predict_probabilities(
-            model,
-            spec,
-            dataset.root,
-            val_frame,
-            batch_size=max(64, settings.batch_size),
-            device=device,
-            tta_flip=False,
-        )
-        y_true = np.array([CLASSES.index(v) for v in val_frame["label"]])
-        return compute_metrics(y_true, probs.argmax(axis=1))
-
-    def checkpoint() -> None:
-        _save(
-            output / CHECKPOINT,
-            {
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _rng_state(),
-                "best_step": best_step,
-                "best_score": best_score,
-                "best_metrics": best_metrics or {},
-            },
-        )
-
-    model.train()
-    bar = tqdm(
-        total=settings.steps,
-        initial=step,
-        desc=f"train {settings.method}",
-        unit="step",
-        disable=not progress,
+    loader = DataLoader(
+        images,
+        batch_size=settings.batch_size,
+        sampler=sampler,
+        num_workers=settings.workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
     )
-    window_start, window_images, total_images, total_time = time.perf_counter(), 0, 0, 0.0
-    # Speed lives in its own file, which .dvcignore leaves out of the output's hash: the rest of
-    # the folder is the same bytes on every run of the same settings.
-    with (
-        (output / LOG_FILE).open("a", encoding="utf-8") as log_file,
-        (output / SPEED_FILE).open("a", encoding="utf-8") as speed_file,
-        batch_fits(
-            "train",
-            f"a {settings.method.upper()} batch of {settings.batch_size} images at {spec.image_size} px",
-            device,
-            [
-                f"train.batch_size (now {settings.batch_size})",
-                f"train.image_size (now {spec.image_size})",
-            ],
-        ),
-    ):
-        while step < settings.steps:
-            x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if memory_format is not None:
-                x = x.contiguous(memory_format=memory_format)
-            scheduler.step_update(step)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                if class_weights is None:
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
-                    parts = {}
-                else:
-                    batch = x.shape[0]
-                    features = model.forward_features(torch.cat([x, x.flip(dims=(3,))]))
-                    logits = model.forward_head(features)[:batch]
-                    maps = class_activation_maps(model, features)
-                    targets = rebalanced_targets(y, class_weights, settings.mek.smoothing)
-                    rsl = soft_cross_entropy(logits, targets)
-                    rac = attention_consistency(maps[:batch], maps[batch:], class_weights)
-                    loss = rsl + settings.mek.attention_weight * rac
-                    parts = {"loss_rsl": rsl.detach(), "loss_rac": rac.detach()}
-            if not torch.isfinite(loss):
-                raise FersynthError(
-                    f"training diverged at step {step} (loss {float(loss)}); "
-                    "lower train.lr or use train.precision=bf16"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if settings.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            window_images += x.shape[0]
+    return iter(loader)
+
+
+@dataclass
+class _StepState:
+    """What a training step works on; `window` counts the images and seconds of a log window
+    that a validation or checkpoint split."""
+
+    model: torch.nn.Module
+    objective: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None
+    memory_format: torch.memory_format | None
+    grad_clip: float | None
+    window: tuple[int, float] = (0, 0.0)
+
+    def carry(self, done: dict[str, Any]) -> None:
+        self.window = (done["images"], done["seconds"])
+
+
+def train_steps(state: _StepState, batches, start: int, stop: int, bar=None) -> dict[str, Any]:
+    """Steps `start` .. `stop` - 1: the batch to the device, the learning rate of the step, the
+    objective under autocast, backward (scaled for fp16), clipping, the optimizer step.
+
+    Returns {"step": stop, "loss": the last step's loss (a float), "parts": the objective's
+    logged parts, "images": images trained since the log window began, "seconds": its training
+    time}. Raises FersynthError when the loss stops being finite."""
+    images, seconds = state.window
+    state.window = (0, 0.0)
+    began = time.perf_counter()
+    loss, parts = None, {}
+    for step in range(start, stop):
+        x, y = next(batches)
+        x, y = x.to(state.device, non_blocking=True), y.to(state.device, non_blocking=True)
+        if state.memory_format is not None:
+            x = x.contiguous(memory_format=state.memory_format)
+        state.scheduler.step_update(step)
+        with torch.autocast(
+            state.device.type, dtype=state.dtype or torch.float32, enabled=state.dtype is not None
+        ):
+            loss, parts = state.objective(state.model, x, y)
+        if not torch.isfinite(loss):
+            raise FersynthError(
+                f"training diverged at step {step} (loss {float(loss)}); "
+                "lower train.lr (--resume applies it) or use train.precision=bf16"
+            )
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        if state.grad_clip:
+            state.scaler.unscale_(state.optimizer)
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        images += x.shape[0]
+        if bar is not None:
             bar.update(1)
-
-            if step % settings.log_every == 0 or step == settings.steps:
-                elapsed = time.perf_counter() - window_start
-                speed = window_images / max(elapsed, 1e-9)
-                total_images, total_time = total_images + window_images, total_time + elapsed
-                record = {
-                    "step": step,
-                    "loss": round(loss.item(), 5),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    **{k: round(v.item(), 5) for k, v in parts.items()},
-                }
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                speed_file.write(json.dumps({"step": step, "images_per_s": round(speed, 1)}) + "\n")
-                speed_file.flush()
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.0f}")
-                window_start, window_images = time.perf_counter(), 0
-            if step % settings.eval_every == 0 or step == settings.steps:
-                validation_start = time.perf_counter()
-                metrics = evaluate_val()
-                score = metrics[settings.select_metric] if metrics else float(step)
-                if metrics:
-                    log_file.write(
-                        json.dumps(
-                            {
-                                "step": step,
-                                "val_accuracy": metrics["accuracy"],
-                                "val_mean_accuracy": metrics["mean_accuracy"],
-                            }
-                        )
-                        + "\n"
-                    )
-                if score > best_score:
-                    best_step, best_score, best_metrics = step, score, metrics
-                    _save(output / BEST_WEIGHTS, {"step": step, "model": model.state_dict()})
-                # Validation time is not training time: move the window's start past it (the
-                # window's images so far stay counted against the training time before it).
-                window_start += time.perf_counter() - validation_start
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
-                checkpoint()
-    bar.close()
-
-    best = torch.load(output / BEST_WEIGHTS, map_location="cpu", weights_only=True)
-    model.load_state_dict(best["model"])
-    save_model(
-        output / MODEL_FILE,
-        model,
-        spec,
-        extra={"method": settings.method, "step": best_step, **weights_info},
-    )
-    speed = total_images / total_time if total_time else _logged_speed(output)
-    summary = {
-        "method": settings.method,
-        "arch": settings.arch,
-        "steps": settings.steps,
-        "best_step": best_step,
-        "select_metric": settings.select_metric,
-        "val_metrics": best_metrics
-        and {k: best_metrics[k] for k in ("accuracy", "mean_accuracy", "per_class_accuracy")},
-        "train_counts": spec.train_counts,
-        "val_images": len(val_frame),
-        "device": str(device),
-        "precision": str(dtype).replace("torch.", "") if dtype else "float32",
-        "cpu_threads": torch.get_num_threads(),  # train.cpu_threads, or torch's choice here for 0
-        "effective_lr": rates,  # the rates the optimiser and scheduler really used
-        **weights_info,
+    return {
+        "step": stop,
+        "loss": round(loss.item(), 5),
+        "parts": {k: round(v.item(), 5) for k, v in parts.items()},
+        "images": images,
+        "seconds": seconds + time.perf_counter() - began,
     }
-    atomic_write_text(output / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    return TrainResult(output, step, best_step, best_metrics, speed)
+
+
+@torch.inference_mode()
+def validate(
+    model: torch.nn.Module, spec: ModelSpec, root: Path, frame, batch_size: int, device
+) -> dict[str, Any] | None:
+    """Metrics (fersynth.train.inference.compute_metrics) of `model` on the validation rows,
+    without flip test-time augmentation; None without a validation split."""
+    if frame.empty:
+        return None
+    probs = predict_probabilities(
+        model, spec, root, frame, batch_size=max(64, batch_size), device=device, tta_flip=False
+    )
+    y_true = np.array([CLASSES.index(v) for v in frame["label"]])
+    return compute_metrics(y_true, probs.argmax(axis=1))

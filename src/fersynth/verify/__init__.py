@@ -31,10 +31,10 @@ from fersynth.dataset import (
 from fersynth.errors import FersynthError
 from fersynth.files import link_or_copy, staged_folder
 from fersynth.folds import fold_folder
-from fersynth.inference import pick_device
 from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import SEED_PREFIX, GuardSettings, VerifySettings, save_resolved
+from fersynth.train.inference import pick_device
 from fersynth.train.models import load_model
 from fersynth.verify.crossfit import UNSEEDED_FOLD, image_folds, voter_folds
 from fersynth.verify.fidelity import distance_to_seed, extract_features, fidelity_table

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from fersynth.classes import CLASS_INDEX, CLASSES
-from fersynth.inference import predict_probabilities
+from fersynth.train.inference import predict_probabilities
 from fersynth.train.models import load_model
 
 VOTE_COLUMNS = ["v_votes", "v_agree", "v_mean_prob", "v_accepted", "v_reason", "v_rejected_by"]

@@ -1,6 +1,7 @@
 """Inference helpers every stage shares: the device, class probabilities of manifest rows
-(with flip test-time augmentation), and the metrics of a set of predictions. Below both
-`fersynth.train` and `fersynth.evaluate`, so that neither imports the other for them."""
+(with flip test-time augmentation), and the metrics of a set of predictions. Beside the model
+and data code they use, below the training loop and `fersynth.evaluate`, so that neither
+imports the other (the loop validates with them, evaluate tests with them)."""
 
 from __future__ import annotations
 
