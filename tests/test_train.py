@@ -15,8 +15,9 @@ import torch
 
 from fersynth.classes import CLASSES
 from fersynth.errors import FersynthError
+from fersynth.train.checkpoint import BEST_WEIGHTS, CHECKPOINT
 from fersynth.train.data import InMemoryBatches, SampleStream, use_in_memory
-from fersynth.train.loop import BEST_WEIGHTS, CHECKPOINT, run_train, split_validation
+from fersynth.train.loop import run_train, split_validation
 from fersynth.train.models import ModelSpec, create_model, load_model
 from helpers import colour_dataset, make_demo_dataset, tiny_train_settings
 
