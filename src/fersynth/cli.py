@@ -662,7 +662,7 @@ def verify_command(obj: _Context, data, reference, output, voters, relabel, forc
     from fersynth.augment import COPY_KIND
 
     frame = result.manifest
-    twins = (frame["gen_kind"] == COPY_KIND) if "gen_kind" in frame else frame["label"] != frame["label"]
+    twins = frame["gen_kind"].eq(COPY_KIND) if "gen_kind" in frame else frame.index.isin([])
     copies, frame = frame[twins], frame[~twins]  # the copy twins (the control) are counted apart
     accepted = frame[frame["v_accepted"] == "true"]["label"].value_counts()
     total = frame["label"].value_counts()

@@ -126,9 +126,13 @@ def _log_training(result, settings: Settings, row: str | None, seed: int) -> str
 def evaluate(settings: Settings, *, progress: bool = True) -> list:
     """Evaluate `settings.evaluate.model` on every test set (named by folder) and log each
     test set's metrics into the model's MLflow run; [] for a skipped row."""
+    tracking.check_artifact_store("evaluation")
+    return _evaluate_one(settings, progress)
+
+
+def _evaluate_one(settings: Settings, progress: bool) -> list:
     from fersynth.evaluate import run_evaluate
 
-    tracking.check_artifact_store("evaluation")
     results = run_evaluate(settings.evaluate, progress=progress)
     for result in results:
         tracking.track_evaluation(Path(settings.evaluate.model), result)
@@ -142,10 +146,11 @@ def evaluate_seeds(
     `output/seed_<s>`; with no seeds, the model folder itself into `output` (a voter's, or any
     model). [(seed or None, results)]."""
     jobs = [(seed, models / seed_folder(seed), output / seed_folder(seed)) for seed in seeds]
+    tracking.check_artifact_store("evaluation")  # once, not once per seed
     outcomes = []
     for seed, model, target in jobs or [(None, Path(models), Path(output))]:
         evaluate_settings = settings.evaluate.model_copy(update={"model": model, "output": target})
-        results = evaluate(settings.model_copy(update={"evaluate": evaluate_settings}), progress=progress)
+        results = _evaluate_one(settings.model_copy(update={"evaluate": evaluate_settings}), progress)
         outcomes.append((seed, results))
     return outcomes
 

@@ -343,7 +343,7 @@ def run_generate(
     new_faces = todo[todo["kind"] == "identity"]
     if not new_faces.empty:
         written += _generate_identities(
-            settings, backend, size, new_faces, dataset, folder, seed, params, bar
+            settings, backend, device, size, new_faces, dataset, folder, seed, params, bar
         )
     rows = list(todo[todo["kind"] != "identity"].itertuples(index=False))
     # One strength per batch (gif-sd noises the whole batch alike): batches never mix them. A
@@ -454,7 +454,7 @@ def _batch_fits(settings: GenerateSettings, device, outputs: int, size: int | No
     return batch_fits("generate", f"a batch of {outputs} generated images{at}", device, lower)
 
 
-def _generate_identities(settings, backend, size, jobs, dataset, folder, seed, params, bar) -> int:
+def _generate_identities(settings, backend, device, size, jobs, dataset, folder, seed, params, bar) -> int:
     """New identities, K per job, each from its own generator and prompt (text-to-image from
     noise, no GIF step: there is no seed to stay close to). A batch holds `seeds_per_batch`
     jobs, as an expansion batch does. Returns how many images were written."""
@@ -472,7 +472,7 @@ def _generate_identities(settings, backend, size, jobs, dataset, folder, seed, p
         chunk = rows[start : start + settings.seeds_per_batch]
         outputs = [(row, k, output_seed(seed, row.key, k)) for row in chunk for k in range(row.k)]
         prompts = [identity_prompt(row.target, np.random.default_rng(s)) for row, _, s in outputs]
-        with _batch_fits(settings, getattr(backend, "device", "the device's"), len(outputs), size):
+        with _batch_fits(settings, device, len(outputs), size):
             images = backend.identities(
                 [row.target for row, _, _ in outputs],
                 prompts,

@@ -29,6 +29,15 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def restore_rng(state: dict[str, Any]) -> None:
+    """The random generators `rng_state` saved: the CPU one always; CUDA's where the checkpoint
+    and this machine both have CUDA (a run saved on a GPU resumes on a CPU and back; the data
+    order and augmentation come from seeded CPU generators, fersynth.train.data)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) <= torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _save(path: Path, payload: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)

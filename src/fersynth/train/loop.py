@@ -32,7 +32,7 @@ from fersynth.memory import batch_fits
 from fersynth.parallel import pins_torch_threads
 from fersynth.settings import TrainSettings, resolved_dict, save_resolved
 from fersynth.skipped import write_skipped
-from fersynth.train.checkpoint import CHECKPOINT, CheckpointSaver
+from fersynth.train.checkpoint import CHECKPOINT, CheckpointSaver, restore_rng
 from fersynth.train.data import (
     InMemoryBatches,
     ManifestImages,
@@ -54,7 +54,6 @@ from fersynth.train.resume import (
     CHANGES_KEY,
     SCHEDULE_KEYS,
     check_steps,
-    restore_rng,
     restore_scaler,
     settings_changes,
 )
@@ -347,6 +346,7 @@ def run_train(
         total=settings.steps, initial=step, desc=f"train {settings.method}", unit="step", disable=not progress
     )
     total_images, total_time = 0, 0.0
+    window_images, window_seconds = 0, 0.0  # the log window so far (a validation may split it)
     step_state = _StepState(
         model, objective, optimizer, scheduler, scaler, device, dtype, memory_format, settings.grad_clip
     )
@@ -371,17 +371,17 @@ def run_train(
             )
             done = train_steps(step_state, batches, step, min(stop, settings.steps), bar)
             step = done["step"]
+            window_images, window_seconds = window_images + done["images"], window_seconds + done["seconds"]
             if step % settings.log_every == 0 or step == settings.steps:
-                speed = done["images"] / max(done["seconds"], 1e-9)
-                total_images, total_time = total_images + done["images"], total_time + done["seconds"]
+                speed = window_images / max(window_seconds, 1e-9)
+                total_images, total_time = total_images + window_images, total_time + window_seconds
+                window_images, window_seconds = 0, 0.0
                 record_line = {"step": step, "loss": done["loss"], "lr": optimizer.param_groups[0]["lr"]}
                 log_file.write(json.dumps({**record_line, **done["parts"]}) + "\n")
                 log_file.flush()
                 speed_file.write(json.dumps({"step": step, "images_per_s": round(speed, 1)}) + "\n")
                 speed_file.flush()
                 bar.set_postfix(loss=f"{done['loss']:.3f}", img_s=f"{speed:.0f}")
-            else:  # images of a window split by a validation or a checkpoint still count
-                step_state.carry(done)
             if step % settings.eval_every == 0 or step == settings.steps:
                 metrics = validate(model, spec, dataset.root, val_frame, settings.batch_size, device)
                 if metrics:
@@ -392,7 +392,6 @@ def run_train(
                     }
                     log_file.write(json.dumps(val_line) + "\n")
                 saver.offer(step, metrics[settings.select_metric] if metrics else float(step), metrics, model)
-                model.train()
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 saver.save_resume(step, model, optimizer, scheduler, scaler)
     bar.close()
@@ -491,8 +490,7 @@ def _batches(
 
 @dataclass
 class _StepState:
-    """What a training step works on; `window` counts the images and seconds of a log window
-    that a validation or checkpoint split."""
+    """What a training step works on."""
 
     model: torch.nn.Module
     objective: Any
@@ -503,10 +501,6 @@ class _StepState:
     dtype: torch.dtype | None
     memory_format: torch.memory_format | None
     grad_clip: float | None
-    window: tuple[int, float] = (0, 0.0)
-
-    def carry(self, done: dict[str, Any]) -> None:
-        self.window = (done["images"], done["seconds"])
 
 
 def train_steps(state: _StepState, batches, start: int, stop: int, bar=None) -> dict[str, Any]:
@@ -514,11 +508,9 @@ def train_steps(state: _StepState, batches, start: int, stop: int, bar=None) -> 
     objective under autocast, backward (scaled for fp16), clipping, the optimizer step.
 
     Returns {"step": stop, "loss": the last step's loss (a float), "parts": the objective's
-    logged parts, "images": images trained since the log window began, "seconds": its training
-    time}. Raises FersynthError when the loss stops being finite."""
-    images, seconds = state.window
-    state.window = (0, 0.0)
-    began = time.perf_counter()
+    logged parts, "images": images trained, "seconds": the time they took}. Raises
+    FersynthError when the loss stops being finite."""
+    images, began = 0, time.perf_counter()
     loss, parts = None, {}
     for step in range(start, stop):
         x, y = next(batches)
@@ -550,16 +542,16 @@ def train_steps(state: _StepState, batches, start: int, stop: int, bar=None) -> 
         "loss": round(loss.item(), 5),
         "parts": {k: round(v.item(), 5) for k, v in parts.items()},
         "images": images,
-        "seconds": seconds + time.perf_counter() - began,
+        "seconds": time.perf_counter() - began,
     }
 
 
-@torch.inference_mode()
 def validate(
     model: torch.nn.Module, spec: ModelSpec, root: Path, frame, batch_size: int, device
 ) -> dict[str, Any] | None:
     """Metrics (fersynth.train.inference.compute_metrics) of `model` on the validation rows,
-    without flip test-time augmentation; None without a validation split."""
+    without flip test-time augmentation; None without a validation split. The model is left in
+    the mode it was in (predict_probabilities restores it)."""
     if frame.empty:
         return None
     probs = predict_probabilities(

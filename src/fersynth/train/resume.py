@@ -56,7 +56,7 @@ def settings_changes(saved: dict[str, Any], current: dict[str, Any], output: Pat
     old, new = flatten(saved), flatten(current)
     changes: dict[str, list] = {}
     for key in sorted(set(old) | set(new)):
-        if key in IGNORED or key.startswith(f"{CHANGES_KEY}.") or key == CHANGES_KEY:
+        if key in IGNORED or key == CHANGES_KEY:
             continue
         before, after = old.get(key), new.get(key)
         if before == after:
@@ -87,12 +87,3 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
     starts afresh, as a new fp16 run does. A disabled scaler (fp32, bf16) needs no state."""
     if state and scaler.is_enabled():
         scaler.load_state_dict(state)
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """The random generators at the checkpoint: the CPU one always; CUDA's where the checkpoint
-    and this machine both have CUDA (a run saved on a GPU resumes on a CPU and back; the data
-    order and augmentation come from seeded CPU generators, fersynth.train.data)."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) <= torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
