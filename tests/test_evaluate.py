@@ -184,6 +184,32 @@ def test_predict_folder_reads_every_file_by_content_and_names_each_one_it_cannot
     assert f"not predicted: {folder / 'notes.txt'}: not a readable image format" in captured.err
 
 
+def test_predict_on_a_dataset_folder_reads_the_images_its_manifest_lists_with_their_labels(
+    trained, tmp_path, capsys
+):
+    """A dataset folder's manifest, reports and figures are not images of the set: only the
+    manifest's images get rows, each with its label, and the CLI says how many match."""
+    import shutil
+
+    from fersynth.dataset import read_manifest
+
+    folder = tmp_path / "ds"
+    shutil.copytree(trained / "ds", folder)
+    (folder / "report.json").write_text("{}")
+    shutil.copy(next((folder / "images" / "test").iterdir()), folder / "preview.png")  # a figure
+    manifest = read_manifest(folder).manifest
+    output = tmp_path / "predictions.csv"
+    assert main(["predict", str(folder), "--model", str(trained / "model"), "--output", str(output)]) == 0
+    table = pd.read_csv(output, keep_default_na=False)
+    assert list(table["path"]) == [str(folder / p) for p in manifest["path"]]
+    assert list(table["label"]) == list(manifest["label"])
+    assert (table["error"] == "").all() and set(table["predicted"]) <= set(CLASSES)
+    hits = int((table["predicted"] == table["label"]).sum())
+    captured = capsys.readouterr()
+    assert f"{len(manifest)} files: {len(manifest)} predicted, 0 not" in captured.out
+    assert f"{hits} of {len(manifest)} predicted images match their manifest label" in captured.err
+
+
 def test_face_crop_finds_a_real_face():
     from skimage import data
 

@@ -882,7 +882,8 @@ def predict_command(
     no_tta: bool,
     batch_size: int,
 ) -> None:
-    """Predict the expression of an image, or of every image in a folder."""
+    """Predict the expression of an image, or of every image in a folder (a fersynth dataset
+    folder: the images its manifest lists, with their labels beside the predictions)."""
     from fersynth.files import atomic_write_text
     from fersynth.predict import Predictor, predict
 
@@ -900,6 +901,11 @@ def predict_command(
     failed = table[table["error"] != ""]
     if output is not None:
         click.echo(f"{len(table)} files: {len(table) - len(failed)} predicted, {len(failed)} not -> {output}")
+    if "label" in table:  # a fersynth dataset folder: its manifest gives the labels
+        done = table[table["error"] == ""]
+        hits = int((done["predicted"] == done["label"]).sum())
+        share = f" ({100 * hits / len(done):.1f}%)" if len(done) else ""
+        click.echo(f"{hits} of {len(done)} predicted images match their manifest label{share}", err=True)
     for path, reason in list(zip(failed["path"], failed["error"], strict=True))[:10]:
         click.echo(f"not predicted: {path}: {reason}", err=True)
     if len(failed) > 10:

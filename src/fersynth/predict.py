@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from fersynth.classes import CLASSES
-from fersynth.dataset import ImageDecodeError, load_image
+from fersynth.dataset import MANIFEST_NAME, ImageDecodeError, load_image, read_manifest
 from fersynth.errors import FersynthError
 from fersynth.memory import batch_fits
 from fersynth.train.data import test_transform
@@ -52,35 +52,68 @@ def crop_face(pixels: np.ndarray) -> tuple[np.ndarray, bool]:
     return pixels[top:bottom, left:right], True
 
 
-def list_images(target: Path) -> list[tuple[Path, str]]:
-    """(path, problem) for an image file, or for every file under a folder, sorted: the format is
-    read from the file's content, never its name (`.jfif`, `.JPG`, no extension), so every file
-    is predicted or reported. `problem` is "" for a file to decode, else why it is not read: a
-    link that leaves the folder, a broken link."""
+@dataclass(frozen=True)
+class Target:
+    """One file to predict: its path, why it is not read ("" when it is), and its label when
+    the folder is a fersynth dataset ("" otherwise)."""
+
+    path: Path
+    problem: str = ""
+    label: str = ""
+
+
+def list_images(target: Path) -> list[Target]:
+    """Every file to predict, sorted.
+
+    - An image file: itself.
+    - A fersynth dataset folder (`manifest.csv` at its top): the images its manifest lists, with
+      their labels; the manifest, reports and figures beside them are not images of the set.
+      A manifest path that leaves the folder is refused by `dataset.safe_join`.
+    - Any other folder: every file under it, the format read from the file's content, never its
+      name (`.jfif`, `.JPG`, no extension), so every file is predicted or reported; a link that
+      leaves the folder and a broken link are reported, not followed.
+
+    Raises FersynthError for a missing target, an empty folder or an invalid manifest.
+    """
     target = Path(target)
     if target.is_file():
-        return [(target, "")]
+        return [Target(target)]
     if not target.is_dir():
         raise FersynthError(f"{target}: no such image or folder")
+    if (target / MANIFEST_NAME).is_file():
+        return _dataset_images(target)
     root = target.resolve()
-    found: list[tuple[Path, str]] = []
+    found: list[Target] = []
     for path in sorted(target.rglob("*")):
         if path.is_symlink():
             try:
                 resolved = path.resolve(strict=True)
             except (OSError, RuntimeError):
-                found.append((path, "a broken link (its target does not exist) or a link loop"))
+                found.append(Target(path, "a broken link (its target does not exist) or a link loop"))
                 continue
             if not resolved.is_relative_to(root):
-                found.append((path, "a link that leads outside the folder: not followed"))
+                found.append(Target(path, "a link that leads outside the folder: not followed"))
                 continue
             if resolved.is_dir():
                 continue  # its files are listed where they lie, inside the folder
         elif path.is_dir():
             continue
-        found.append((path, ""))
+        found.append(Target(path))
     if not found:
         raise FersynthError(f"{target}: no files")
+    return found
+
+
+def _dataset_images(folder: Path) -> list[Target]:
+    dataset = read_manifest(folder)
+    found: list[Target] = []
+    for relative, label in zip(dataset.manifest["path"], dataset.manifest["label"], strict=True):
+        try:
+            found.append(Target(dataset.image_path(relative), label=label))
+        except FersynthError as exc:
+            found.append(Target(folder / relative, str(exc), label))
+    if not found:
+        raise FersynthError(f"{folder / MANIFEST_NAME}: lists no images")
     return found
 
 
@@ -120,8 +153,9 @@ def predict(
     batch_size: int = 64,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """One row per file (`list_images`): path, predicted class, probabilities; a file that is
-    not a readable image gets the reason in `error` instead."""
+    """One row per file (`list_images`): path, the label when `target` is a fersynth dataset,
+    predicted class, confidence, probabilities; a file that is not a readable image gets the
+    reason in `error` instead."""
     files = list_images(target)
     rows: list[dict] = []
     pending: list[tuple[dict, np.ndarray]] = []
@@ -138,13 +172,16 @@ def predict(
             row.update({f"p_{name}": round(float(v), 6) for name, v in zip(CLASSES, p, strict=True)})
         pending.clear()
 
-    for path, problem in tqdm(files, desc="predict", unit="file", disable=not progress or len(files) < 2):
-        row: dict = {"path": str(path), "predicted": "", "confidence": np.nan, "error": problem}
+    labelled = any(file.label for file in files)
+    for file in tqdm(files, desc="predict", unit="file", disable=not progress or len(files) < 2):
+        row: dict = {"path": str(file.path), "predicted": "", "confidence": np.nan, "error": file.problem}
+        if labelled:
+            row["label"] = file.label
         rows.append(row)
-        if problem:
+        if file.problem:
             continue
         try:
-            pixels = load_image(path)
+            pixels = load_image(file.path)
         except ImageDecodeError as exc:
             row["error"] = str(exc)
             continue
@@ -157,4 +194,6 @@ def predict(
     columns = ["path", "predicted", "confidence", *[f"p_{c}" for c in CLASSES], "error"]
     if face_crop:
         columns.insert(3, "face_found")
+    if labelled:
+        columns.insert(1, "label")
     return pd.DataFrame(rows).reindex(columns=columns)
