@@ -26,7 +26,7 @@ from fersynth.dataset import read_manifest
 from fersynth.demo import draw_face
 from fersynth.ingest import run_ingest
 from fersynth.parallel import imap, worker_count
-from fersynth.quality.scores import score_file
+from fersynth.quality_scores import score_file
 from fersynth.settings import IngestSettings
 
 HERE = Path(__file__).resolve().parent

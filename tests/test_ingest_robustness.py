@@ -190,7 +190,7 @@ def test_train_stops_on_a_bomb_with_one_line_naming_it(tmp_path):
 
 
 def test_quality_scores_refuse_a_bomb(tmp_path):
-    from fersynth.quality.scores import score_file
+    from fersynth.quality_scores import score_file
 
     path = write_png_header(tmp_path / "bomb.png", 100_000, 100_000)
     assert score_file(path, 0.25).startswith("100000 x 100000 = 10,000,000,000 pixels")

@@ -240,8 +240,8 @@ def test_a_new_commit_of_the_data_repository_is_what_the_next_run_fetches(s3_env
 
 
 def test_a_failed_fetch_names_dvc_s_error_not_its_support_footer(tmp_path):
+    from components.artifacts import fetch_data
     from fersynth.errors import FersynthError
-    from fersynth.pipeline_steps import fetch_data
 
     with pytest.raises(FersynthError) as failed:
         fetch_data(str(tmp_path / "no-project"), "data/raw", "HEAD", tmp_path / "out")
@@ -305,22 +305,40 @@ def check_pipeline_outputs(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_synthetic_row_with_no_images_is_skipped_by_the_pipeline_steps(tmp_path):
-    """What the train, evaluate and compare components do when the vote accepted nothing."""
-    from fersynth import pipeline_steps
+def test_a_synthetic_row_with_no_images_is_skipped_by_the_components(tmp_path):
+    """What the train, evaluate and compare components do when the vote accepted nothing: the
+    component functions themselves, on real KFP artifact objects, without KFP running them."""
+    from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Markdown, Metrics, Model
+
+    from components import stages as component
+    from components.artifacts import by_grid_row, resolve_overrides
     from helpers import colour_dataset
 
-    empty = colour_dataset(tmp_path / "synthetic", per_class=0, test_per_class=1)
+    empty = Dataset(uri=str(colour_dataset(tmp_path / "synthetic", per_class=0, test_per_class=1)))
+    settings = Artifact(uri=str(tmp_path / "settings"))
+    resolve_overrides({}, [], settings.path)  # the package defaults, as the pipeline's first step writes them
+
+    def row(key: str, label: str) -> str:
+        return json.dumps({"key": key, "label": label, "variant": ""})
+
     with pytest.raises(Exception, match="no training images"):  # a row on the original data
-        pipeline_steps.train(str(empty), str(tmp_path / "m0"), "original_mek")
-    outcome = pipeline_steps.train(str(empty), str(tmp_path / "model"), "synthetic_mek")
-    assert "no training images" in outcome["skipped"]
-    pipeline_steps.mark_grid_row(tmp_path / "model", "Synthetic_MEK")
-    assert pipeline_steps.by_grid_row([tmp_path / "model"]) == {"Synthetic_MEK": str(tmp_path / "model")}
-    results = tmp_path / "results"
-    assert pipeline_steps.evaluate(str(tmp_path / "model"), {"in_domain": str(empty)}, str(results)) == []
-    tables = pipeline_steps.compare({"Synthetic_MEK": str(results)}, ["in_domain"], str(tmp_path / "c"))
-    assert "Synthetic_MEK: skipped, " in tables["in_domain"]
+        component.train(
+            empty, row("original_mek", "Original_MEK"), settings, "", Model(uri=str(tmp_path / "m0"))
+        )
+    model = Model(uri=str(tmp_path / "model"))
+    component.train(empty, row("synthetic_mek", "Synthetic_MEK"), settings, "", model)
+    assert "no training images" in model.metadata["skipped"] and model.metadata["grid_row"] == "Synthetic_MEK"
+    assert by_grid_row([model.path]) == {"Synthetic_MEK": model.path}
+    results, metrics = Artifact(uri=str(tmp_path / "results")), Metrics(uri=str(tmp_path / "metrics"))
+    (tmp_path / "test_sets").mkdir()
+    component.evaluate(
+        model, empty, Dataset(uri=str(tmp_path / "test_sets")), row("synthetic_mek", "Synthetic_MEK"),
+        settings, "", results, metrics, ClassificationMetrics(uri=str(tmp_path / "confusion")),
+    )  # fmt: skip
+    assert metrics.metadata == {} and by_grid_row([results.path]) == {"Synthetic_MEK": results.path}
+    table = Markdown(uri=str(tmp_path / "table.md"))
+    component.compare([results], [], settings, Artifact(uri=str(tmp_path / "comparisons")), table)
+    assert "Synthetic_MEK: skipped, " in Path(table.path).read_text()
 
 
 def _local_run(root: Path, profile: dict) -> None:

@@ -21,7 +21,7 @@ from fersynth.ingest.report import IngestReport, counts_table, rejections_table
 from fersynth.ingest.report import markdown as ingest_markdown
 from fersynth.quality.report import QualityResult, flagged_per_class
 from fersynth.quality.report import write_report as write_quality_report
-from fersynth.quality.scores import SCORE_NAMES
+from fersynth.quality_scores import SCORE_NAMES
 from fersynth.report import (
     acceptance_table,
     augment_class_table,

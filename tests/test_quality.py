@@ -12,8 +12,8 @@ import torch
 from fersynth.dataset import read_manifest
 from fersynth.errors import FersynthError
 from fersynth.quality import combine, run_quality
-from fersynth.quality.scores import SCORE_NAMES, score_grey
 from fersynth.quality.superres import SuperResolver, load_sr_model
+from fersynth.quality_scores import SCORE_NAMES, score_grey
 from fersynth.settings import QualitySettings, SuperResolutionSettings
 from helpers import make_demo_dataset, write_tiny_swinir
 

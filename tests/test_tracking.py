@@ -175,7 +175,7 @@ def test_the_run_report_is_logged_with_its_changes(mlflow_env, tmp_path):
 def test_a_failed_pipeline_is_an_mlflow_run(mlflow_env, tmp_path):
     from mlflow import MlflowClient
 
-    from fersynth.pipeline_steps import record_status
+    from components.artifacts import record_status
 
     status = {"state": "FAILED", "pipelineTaskName": "verify", "error": {"message": "no voters"}}
     record = record_status(status, str(tmp_path / "status.json"))

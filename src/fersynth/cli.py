@@ -17,7 +17,6 @@ from fersynth.classes import CLASS_MAP_PRESETS
 from fersynth.errors import FersynthError, one_line
 from fersynth.settings import (
     DEFAULT_PARAMS,
-    SEED_PREFIX,
     AugmentVariant,
     Backend,
     Settings,
@@ -218,7 +217,7 @@ def ingest_command(
     Writes manifest.csv, images/, the ingest report (Markdown, JSON, rejected inputs and
     duplicate groups as CSV) and the resolved settings.
     """
-    from fersynth.ingest import run_ingest
+    from fersynth import stages
     from fersynth.ingest.report import REPORT_MD, markdown
 
     drop = None if keep_test_duplicates is None else not keep_test_duplicates
@@ -244,7 +243,7 @@ def ingest_command(
     ):
         if value is not None and settings.ingest.source != source:
             raise FersynthError(f"{option} is for --source {source}, not {settings.ingest.source}")
-    report = run_ingest(settings.ingest, seed=settings.seed, force=force, progress=not quiet)
+    report = stages.ingest(settings, force=force, progress=not quiet)
     click.echo(markdown(report, figures=False))
     click.echo(f"report: {Path(report.output) / REPORT_MD}")
 
@@ -260,29 +259,16 @@ def test_set_command(obj: _Context, name: str, force: bool, quiet: bool) -> None
     The in-domain one (experiment.in_domain) is the ingested data's test split; a
     cross-dataset one (experiment.cross_sets) is ingested from its own source.
     """
-    from fersynth.dataset import write_split_dataset
-    from fersynth.ingest import run_ingest
+    from fersynth import stages
 
     settings = obj.settings()
+    output, images = stages.test_set(settings, name, force=force, progress=not quiet)
     experiment = settings.experiment
-    output = settings.layout.test_set(name)
     if name == experiment.in_domain:
-        dataset = write_split_dataset(
-            Path(settings.ingest.output), settings.evaluate.split, output, force=force
-        )
-        click.echo(f"test set {name}: {len(dataset.manifest)} images of {settings.ingest.output} -> {output}")
-        return
-    if name not in experiment.cross_sets:
-        known = ", ".join(experiment.test_sets())
-        raise FersynthError(f"experiment: no test set {name!r} (test sets: {known})")
-    cross = experiment.cross_sets[name]
-    overrides = [f"ingest.{key}={json.dumps(value)}" for key, value in cross.options.items()]
-    overrides += _option_overrides(
-        **{"ingest.source": cross.source, "ingest.input": cross.input, "ingest.output": output}
-    )
-    ingest = obj.settings(overrides).ingest
-    report = run_ingest(ingest, seed=settings.seed, force=force, progress=not quiet)
-    click.echo(f"test set {name}: {report.written} images from {cross.input} ({cross.source}) -> {output}")
+        click.echo(f"test set {name}: {images} images of {settings.ingest.output} -> {output}")
+    else:
+        cross = experiment.cross_sets[name]
+        click.echo(f"test set {name}: {images} images from {cross.input} ({cross.source}) -> {output}")
 
 
 @cli.command("quality")
@@ -303,7 +289,7 @@ def quality_command(obj: _Context, data, output, sr_model, workers, force: bool,
     Writes a new dataset folder (images hard-linked) with the scores in the manifest, the
     enhanced images, and quality_report.md with histograms and contact sheets.
     """
-    from fersynth.quality import run_quality
+    from fersynth import stages
     from fersynth.quality.report import REPORT_MD
 
     models = list(sr_model) if sr_model else None
@@ -319,7 +305,7 @@ def quality_command(obj: _Context, data, output, sr_model, workers, force: bool,
             }
         )
     )
-    result = run_quality(settings.quality, force=force, progress=not quiet)
+    result = stages.quality(settings, force=force, progress=not quiet)
     frame = result.manifest
     flagged = int((frame["q_flag"] != "").sum())
     enhanced = int((frame["q_action"] == "enhanced").sum())
@@ -387,12 +373,9 @@ def train_command(
             raise FersynthError(
                 "--voters trains every experiment voter into its own folder: drop --row/--output/--method"
             )
-        base = obj.settings()
-        base.layout.voters().mkdir(parents=True, exist_ok=True)  # the stage's output, even with no voter
-        for key in base.experiment.voters:
-            settings = stages.row_settings(obj.settings(_option_overrides(**{"train.data": data})), key)
-            for result, _ in stages.train(settings, key, resume=resume, force=force, progress=not quiet):
-                click.echo(f"voter {key}: trained {result.steps} steps -> {result.output}")
+        settings = obj.settings(_option_overrides(**{"train.data": data}))
+        for key, result in stages.train_voters(settings, resume=resume, force=force, progress=not quiet):
+            click.echo(f"voter {key}: trained {result.steps} steps -> {result.output}")
         return
     settings = obj.settings(
         _option_overrides(
@@ -478,11 +461,7 @@ def evaluate_command(obj: _Context, row, model, data, split, output, no_tta, qui
                 )
         return
     if model is not None and output is None and not obj.overridden("evaluate.output"):
-        # Another model's results never replace a grid row's: they go beside them, by its name.
-        given = Path(model).parent if Path(model).suffix else Path(model)
-        # A row's seed model (.../original_sl/seed_2048) is named by its row and seed.
-        name = f"{given.parent.name}_{given.name}" if given.name.startswith(SEED_PREFIX) else given.name
-        by_row = _option_overrides(**{"evaluate.output": base.layout.evaluation(f"model_{name}")})
+        by_row = _option_overrides(**{"evaluate.output": stages.model_results_folder(base, model)})
     settings = obj.settings(
         by_row
         + _option_overrides(
@@ -520,12 +499,12 @@ def evaluate_command(obj: _Context, row, model, data, split, output, no_tta, qui
 def train_prior_command(obj: _Context, data, output, steps, force: bool, quiet: bool) -> None:
     """Train the offline autoencoder prior of gif-prior on the training split and, with
     prior.diffusion.steps > 0, the class-conditional latent diffusion model of gif-ldm."""
-    from fersynth.generate.prior import run_train_prior
+    from fersynth import stages
 
     settings = obj.settings(
         _option_overrides(**{"prior.data": data, "prior.output": output, "prior.steps": steps})
     )
-    result = run_train_prior(settings.prior, seed=settings.seed, force=force, progress=not quiet)
+    result = stages.train_prior(settings, force=force, progress=not quiet)
     click.echo(
         f"prior: reconstruction error {result.mae:.2f} grey levels (PSNR {result.psnr:.1f} dB) "
         f"on held-out training images -> {result.output}"
@@ -549,19 +528,12 @@ def generate_command(
 
     Run shards 0..N-1 anywhere (e.g. one GPU each), then `fersynth merge --num-shards N`.
     """
-    from fersynth.generate import run_generate
+    from fersynth import stages
 
     settings = obj.settings(
         _option_overrides(**{"generate.data": data, "generate.output": output, "generate.backend": backend})
     )
-    result = run_generate(
-        settings.generate,
-        shard=shard,
-        num_shards=num_shards,
-        seed=settings.seed,
-        only=list(only) or None,
-        progress=not quiet,
-    )
+    result = stages.generate(settings, shard, num_shards, only=list(only) or None, progress=not quiet)
     click.echo(
         f"{result.folder.name}: {result.seeds} seeds, {result.skipped} already done, "
         f"{result.written} images written -> {result.folder}"
@@ -576,12 +548,10 @@ def generate_command(
 @click.pass_obj
 def merge_command(obj: _Context, num_shards: int, output, force: bool, quiet: bool) -> None:
     """Join generation shards into one synthetic dataset; fails if anything is missing or doubled."""
-    from fersynth.generate import run_merge
+    from fersynth import stages
 
     settings = obj.settings(_option_overrides(**{"generate.output": output}))
-    result = run_merge(
-        settings.generate, num_shards=num_shards, seed=settings.seed, force=force, progress=not quiet
-    )
+    result = stages.merge(settings, num_shards, force=force, progress=not quiet)
     counts = ", ".join(f"{k} {v}" for k, v in result.per_class.items())
     click.echo(f"merged {result.images} synthetic images ({counts}) -> {result.output}")
 
@@ -605,7 +575,7 @@ def guard_command(obj: _Context, data, output, test_sets, max_distance, force: b
 
     Writes a new dataset folder without them and guard_report.md listing every pair.
     """
-    from fersynth.verify import run_guard
+    from fersynth import stages
     from fersynth.verify.report import GUARD_MD
 
     settings = obj.settings(
@@ -618,7 +588,7 @@ def guard_command(obj: _Context, data, output, test_sets, max_distance, force: b
             }
         )
     )
-    result = run_guard(settings.guard, force=force, progress=not quiet)
+    result = stages.guard(settings, force=force, progress=not quiet)
     leaks = result.leaks
     click.echo(
         f"guard: removed {len(leaks)} images ({int((leaks['kind'] == 'exact').sum())} exact copies, "
@@ -644,7 +614,8 @@ def verify_command(obj: _Context, data, reference, output, voters, relabel, forc
     Also drops synthetic copies of test images and writes verify_report.md with acceptance,
     Frechet distance, KID and diversity per class.
     """
-    from fersynth.verify import run_verify
+    from fersynth import stages
+    from fersynth.augment import COPY_KIND
     from fersynth.verify.report import VERIFY_MD
 
     settings = obj.settings(
@@ -658,8 +629,7 @@ def verify_command(obj: _Context, data, reference, output, voters, relabel, forc
             }
         )
     )
-    result = run_verify(settings.verify, settings.guard, seed=settings.seed, force=force, progress=not quiet)
-    from fersynth.augment import COPY_KIND
+    result = stages.verify(settings, force=force, progress=not quiet)
 
     frame = result.manifest
     twins = frame["gen_kind"].eq(COPY_KIND) if "gen_kind" in frame else frame.index.isin([])
@@ -702,7 +672,8 @@ def augment_command(
     obj: _Context, original, synthetic, output, variant, rho, for_grid: bool, force: bool, quiet: bool
 ) -> None:
     """Add accepted synthetic images to the minor classes (thesis Algorithm 4)."""
-    from fersynth.augment import REPORT_MD, run_augment
+    from fersynth import stages
+    from fersynth.augment import REPORT_MD
 
     if for_grid:
         given = [
@@ -719,8 +690,6 @@ def augment_command(
             raise FersynthError(
                 f"--grid builds every variant of the grid in its own folder: drop {', '.join(given)}"
             )
-        from fersynth import stages
-
         for name, pool, result in stages.augment_grid(
             obj.settings(_option_overrides(**{"augment.rho": rho})), force=force, progress=not quiet
         ):
@@ -741,7 +710,7 @@ def augment_command(
             }
         )
     )
-    result = run_augment(settings.augment, seed=settings.seed, force=force, progress=not quiet)
+    result = stages.augment(settings, force=force, progress=not quiet)
     added = ", ".join(f"{k} +{v}" for k, v in result.added.items() if v)
     click.echo(
         f"augment ({settings.augment.variant}): class ratio {result.ratio_before:.2f} -> "
@@ -770,33 +739,12 @@ def compare_command(obj: _Context, runs: tuple[str, ...], test_set, output: Path
     """
     from fersynth import stages
     from fersynth.compare import parse_run_arguments
-    from fersynth.stages import grid_folders
 
     settings = obj.settings()
-    named = (
-        parse_run_arguments(runs)
-        if runs
-        else list(grid_folders(settings, settings.layout.evaluation).items())
-    )
-    if runs:  # a comparison of the user's own: the in-domain set when the results have it
-        in_domain = settings.experiment.in_domain
-        test_sets = [test_set or in_domain]
-        first = Path(named[0][1])
-        has_in_domain = (first / in_domain).is_dir() or any(first.glob(f"{SEED_PREFIX}*/{in_domain}"))
-        if test_set is None and not has_in_domain:
-            test_sets = [None]  # the first test set in the results folders
+    if runs:
+        tables = stages.compare_results(settings, parse_run_arguments(runs), test_set, output)
     else:
-        test_sets = [test_set] if test_set else settings.experiment.test_sets()
-    if output is not None and len(test_sets) > 1:
-        raise FersynthError(f"--output holds one table: add --test-set (one of {', '.join(test_sets)})")
-
-    def target(shown: str) -> Path:
-        # The grid's tables are DVC's output; other comparisons go to runs/compare/<test set>.
-        default = settings.layout.comparison(shown) if not runs else Path("runs") / "compare" / shown
-        return output if output is not None else default
-
-    # The grid's rows: exactly its seeds, so a stale seed folder never counts.
-    tables = stages.compare(named, test_sets, target, None if runs else settings.seeds)
+        tables = stages.compare_grid(settings, test_set, output)
     for _, markdown, markdown_path, csv_path in tables:
         click.echo(markdown)
         click.echo(f"table: {markdown_path} and {csv_path}")

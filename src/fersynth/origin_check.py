@@ -10,7 +10,7 @@ enhanced, synthetic) and gives a verdict against two stated tolerances:
 - sharpness: the synthetic images' median sharpness lies within a factor
   `SHARPNESS_FACTOR` = 2 of the real training images' median (both ways).
 
-Sharpness is the quality stage's score (`fersynth.quality.scores.sharpness`): the variance of
+Sharpness is the quality stage's score (`fersynth.quality_scores.sharpness`): the variance of
 the Laplacian of the grey image (OpenCV, 64-bit), in squared grey levels (0..255 scale) per
 pixel. It depends on content and on size (a smaller image of the same face scores higher),
 which is why synthetic images must first be at their seed's size.
@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from fersynth.dataset import ORIGINS, TRAIN_SPLIT, ImageDecodeError, load_image, read_manifest
-from fersynth.quality.scores import sharpness
+from fersynth.quality_scores import sharpness
 
 SHARPNESS_FACTOR = 2.0  # synthetic median sharpness within [real / 2, real * 2]
 SIZE_MISMATCH_TOLERANCE = 0.0  # fraction of synthetic images allowed to differ from their seed's size

@@ -1345,12 +1345,13 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_mappings(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` merged into `base` key by key, as an override is (an empty mapping replaces)."""
     merged = dict(base)
     for key, value in extra.items():
         # `-S section.map={}` empties a mapping; a non-empty one is merged key by key.
         if isinstance(value, dict) and value and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_mappings(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -1440,7 +1441,7 @@ def settings_from_mapping(
     the settings' `max_image_pixels` from now on (fersynth.image_limit)."""
     if overrides:
         extra = parse_overrides(overrides)
-        raw = _merge(_backend_switch(raw, extra), extra)
+        raw = merge_mappings(_backend_switch(raw, extra), extra)
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:

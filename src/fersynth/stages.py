@@ -1,7 +1,11 @@
-"""The stage entry points both orchestrators call: the CLI (which DVC runs) and the Kubeflow
-components (through `fersynth.pipeline_steps`). Each takes resolved `Settings`, runs the stage
-and tracks it to MLflow when tracking is on, so a local run and a cluster run log the same
-keys and tags."""
+"""The one stage layer: every stage's entry point, called by the CLI (which DVC runs) and by the
+Kubeflow components (`components/stages.py`) alike.
+
+Each function takes resolved `Settings` (plus the paths a caller chose), owns its grid, seed,
+fold and variant loops, runs the stage, tracks it to MLflow when tracking is on (so a local run
+and a cluster run log the same keys and tags) and returns its result. Adapters only parse
+options or unpack artifacts into `Settings` and print or record what comes back.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,122 @@ from fersynth import tracking
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
 from fersynth.folds import FOLD_PREFIX, fold_folder
-from fersynth.settings import Settings, row_label, seed_folder
+from fersynth.settings import SEED_PREFIX, Settings, row_label, seed_folder
 
 NOT_TRACKED = {"registered": False, "reason": "MLFLOW_TRACKING_URI is not set"}
+
+
+def ingest(settings: Settings, *, force: bool = False, progress: bool = True):
+    """`settings.ingest` into a dataset folder (fersynth.ingest). Returns the IngestReport."""
+    from fersynth.ingest import run_ingest
+
+    return run_ingest(settings.ingest, seed=settings.seed, force=force, progress=progress)
+
+
+def test_set(
+    settings: Settings, name: str, *, force: bool = False, progress: bool = True
+) -> tuple[Path, int]:
+    """One of the experiment's test sets into data/<experiment>/test_sets/<name>: the in-domain
+    one is the ingested data's evaluation split; a cross-dataset one (experiment.cross_sets) is
+    ingested from its own source with its own ingest options. Returns (folder, images)."""
+    from fersynth.dataset import write_split_dataset
+    from fersynth.ingest import run_ingest
+    from fersynth.settings import IngestSettings, merge_mappings
+
+    experiment = settings.experiment
+    output = settings.layout.test_set(name)
+    if name == experiment.in_domain:
+        dataset = write_split_dataset(
+            Path(settings.ingest.output), settings.evaluate.split, output, force=force
+        )
+        return output, len(dataset.manifest)
+    if name not in experiment.cross_sets:
+        known = ", ".join(experiment.test_sets())
+        raise FersynthError(f"experiment: no test set {name!r} (test sets: {known})")
+    cross = experiment.cross_sets[name]
+    values = merge_mappings(settings.ingest.model_dump(), cross.options)  # as `-S ingest.KEY=` would
+    ingest = IngestSettings.model_validate(
+        {**values, "source": cross.source, "input": cross.input, "output": output}
+    )
+    report = run_ingest(ingest, seed=settings.seed, force=force, progress=progress)
+    return output, report.written
+
+
+def quality(settings: Settings, *, force: bool = False, progress: bool = True):
+    """Quality scores and super-resolution of `settings.quality` (fersynth.quality)."""
+    from fersynth.quality import run_quality
+
+    return run_quality(settings.quality, force=force, progress=progress)
+
+
+def guard(settings: Settings, *, force: bool = False, progress: bool = True):
+    """Training images that copy a test image removed (`settings.guard`, fersynth.verify)."""
+    from fersynth.verify import run_guard
+
+    return run_guard(settings.guard, force=force, progress=progress)
+
+
+def train_prior(settings: Settings, *, force: bool = False, progress: bool = True):
+    """The offline prior of gif-prior / gif-ldm (`settings.prior`, fersynth.generate.prior)."""
+    from fersynth.generate.prior import run_train_prior
+
+    return run_train_prior(settings.prior, seed=settings.seed, force=force, progress=progress)
+
+
+def generate(
+    settings: Settings,
+    shard: int = 0,
+    num_shards: int = 1,
+    *,
+    only: list[str] | None = None,
+    progress: bool = True,
+):
+    """One shard of generation (`settings.generate`, fersynth.generate; resumable). A guide
+    given as a grid row's folder guides with its first seed's model, as the DVC graph does."""
+    from fersynth.generate import run_generate
+
+    guide = settings.generate.guide_model
+    if guide and Path(str(guide)).is_dir():
+        first = settings.first_seed_folder(Path(str(guide)))
+        settings = settings.model_copy(
+            update={"generate": settings.generate.model_copy(update={"guide_model": str(first)})}
+        )
+    return run_generate(
+        settings.generate,
+        shard=shard,
+        num_shards=num_shards,
+        seed=settings.seed,
+        only=only,
+        progress=progress,
+    )
+
+
+def merge(settings: Settings, num_shards: int = 1, *, force: bool = False, progress: bool = True):
+    """Join the generation shards under `settings.generate.output` into one synthetic dataset."""
+    from fersynth.generate import run_merge
+
+    return run_merge(
+        settings.generate, num_shards=num_shards, seed=settings.seed, force=force, progress=progress
+    )
+
+
+def verify(settings: Settings, *, force: bool = False, progress: bool = True):
+    """The vote (`settings.verify`, with the leakage check of `settings.guard`). A voter given
+    as a grid row's or a voter's folder votes with its first seed's model."""
+    from fersynth.verify import run_verify
+
+    verify_settings = settings.verify
+    if verify_settings.voters is not None:
+        voters = [str(settings.first_seed_folder(Path(voter))) for voter in verify_settings.voters]
+        verify_settings = verify_settings.model_copy(update={"voters": voters})
+    return run_verify(verify_settings, settings.guard, seed=settings.seed, force=force, progress=progress)
+
+
+def augment(settings: Settings, *, force: bool = False, progress: bool = True):
+    """One training set of Algorithm 4 (`settings.augment`, fersynth.augment)."""
+    from fersynth.augment import run_augment
+
+    return run_augment(settings.augment, seed=settings.seed, force=force, progress=progress)
 
 
 def row_settings(settings: Settings, row: str, data: Path | str | None = None, output=None) -> Settings:
@@ -107,6 +224,19 @@ def train(
     return outcomes
 
 
+def train_voters(settings: Settings, *, resume: bool = False, force: bool = False, progress: bool = True):
+    """Every experiment voter (experiment.voters) on `settings.train.data`, each into its own
+    folder, once per fold (`run_seeds`). Returns [(voter key, TrainResult)]."""
+    settings.layout.voters().mkdir(parents=True, exist_ok=True)  # the stage's output, even with no voter
+    outcomes = []
+    for key in settings.experiment.voters:
+        for result, _ in train(
+            row_settings(settings, key), key, resume=resume, force=force, progress=progress
+        ):
+            outcomes.append((key, result))
+    return outcomes
+
+
 def _log_training(result, settings: Settings, row: str | None, seed: int) -> str | None:
     """`tracking.track_training`; a failure to log keeps the trained model on disk and says how
     to log it again (the run's MLflow record is marked failed by MLflow)."""
@@ -176,6 +306,43 @@ def compare(
         markdown_path, csv_path = write_comparison(table, target(shown), title)
         tables.append((shown, to_markdown(table, title), markdown_path, csv_path))
     return tables
+
+
+def model_results_folder(settings: Settings, model: Path) -> Path:
+    """Where `evaluate --model` writes when no output is given: beside the grid rows' results,
+    named by the model's folder (a row's seed model, `.../original_sl/seed_2048`, by row and
+    seed), so another model's results never replace a grid row's."""
+    given = Path(model).parent if Path(model).suffix else Path(model)
+    name = f"{given.parent.name}_{given.name}" if given.name.startswith(SEED_PREFIX) else given.name
+    return settings.layout.evaluation(f"model_{name}")
+
+
+def compare_grid(
+    settings: Settings, test_set: str | None = None, output: Path | None = None
+) -> list[tuple[str, str, Path, Path]]:
+    """The grid's comparison tables (`compare`), one per test set of the experiment (or only
+    `test_set`), into runs/<experiment>/compare/<test set> (or `output`, for one table); each
+    row's exact grid seeds, so a stale seed folder never counts."""
+    named = list(grid_folders(settings, settings.layout.evaluation).items())
+    test_sets = [test_set] if test_set else settings.experiment.test_sets()
+    if output is not None and len(test_sets) > 1:
+        raise FersynthError(f"--output holds one table: add --test-set (one of {', '.join(test_sets)})")
+    return compare(
+        named, test_sets, lambda shown: output or settings.layout.comparison(shown), settings.seeds
+    )
+
+
+def compare_results(
+    settings: Settings, named: list[tuple[str, Path]], test_set: str | None = None, output: Path | None = None
+) -> list[tuple[str, str, Path, Path]]:
+    """A comparison of the user's own results folders (`compare`): on `test_set`, else the
+    in-domain set when the first folder has it, else the first test set the results hold;
+    into runs/compare/<test set> (or `output`)."""
+    in_domain = settings.experiment.in_domain
+    first = Path(named[0][1])
+    has_in_domain = (first / in_domain).is_dir() or any(first.glob(f"{SEED_PREFIX}*/{in_domain}"))
+    test_sets: list[str | None] = [test_set or in_domain] if test_set or has_in_domain else [None]
+    return compare(named, test_sets, lambda shown: output or Path("runs") / "compare" / shown)
 
 
 def evaluate_row(

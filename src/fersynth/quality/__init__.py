@@ -28,8 +28,8 @@ from fersynth.files import link_or_copy, staged_folder
 from fersynth.memory import batch_fits
 from fersynth.parallel import imap
 from fersynth.quality.report import QualityResult, write_report
-from fersynth.quality.scores import SCORE_NAMES, score_file
 from fersynth.quality.superres import SuperResolver, check_weights_exist, resize_to
+from fersynth.quality_scores import SCORE_NAMES, score_file
 from fersynth.settings import QualitySettings, save_resolved
 from fersynth.train.inference import pick_device
 

@@ -16,7 +16,7 @@ from fersynth.classes import CLASSES
 from fersynth.dataset import TRAIN_SPLIT, ImageDecodeError, load_image
 from fersynth.figures import contact_sheet, save_figure, save_png
 from fersynth.files import atomic_write_text
-from fersynth.quality.scores import SCORE_NAMES
+from fersynth.quality_scores import SCORE_NAMES
 
 if TYPE_CHECKING:
     from fersynth.settings import QualitySettings

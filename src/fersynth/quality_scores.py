@@ -1,4 +1,6 @@
-"""Image-quality scores on the grey image (thesis Algorithm 2).
+"""Image-quality scores on the grey image (thesis Algorithm 2): what the quality stage
+(`fersynth.quality`) and the augment report's origin check (`fersynth.origin_check`) measure,
+in a module of their own below both.
 
 Each score is larger for a better image:
 - sharpness: variance of the Laplacian;
