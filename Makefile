@@ -65,8 +65,12 @@ mlflow-server: $(STAMP) ## a tracking server for a team (settings: mlflow/README
 test: lint ## lint, then the whole test suite, slow tests on ../shared included (what CI runs)
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP) ## the test suite without the slow tests
+test-fast: $(STAMP) ## the test suite without the slow tests (under 5 minutes)
 	$(BIN)/python -m pytest -m "not slow and not image"
+
+TIER ?= unit
+test-tier: $(STAMP) ## one tier of tests/ (TIER=unit, data, model, pipeline or e2e), slow tests included
+	$(BIN)/python -m pytest -m "$(TIER)"
 
 lint: $(STAMP) ## ruff check and format check; hadolint on docker/
 	$(BIN)/ruff check src tests benchmarks components pipelines

@@ -2,7 +2,7 @@
 # Build the CPU and CUDA images and prove them on this machine: `make image-check`
 # (`make image` is its first four steps). What each step does and why: docs/deployment.md#images.
 #
-#   bash docker/image-check.sh               build both targets, then run tests/test_images.py
+#   bash docker/image-check.sh               build both targets, then run tests/image/test_images.py
 #   bash docker/image-check.sh --build-only  build both targets
 #
 # 1. A Docker engine; where none runs: Debian's docker.io installed and dockerd started with no
@@ -12,7 +12,7 @@
 # 4. Both targets, tagged with the git commit (`-dirty` for a tree with uncommitted changes),
 #    on the host's network, with the CA bundle (CA_BUNDLE, default the one this machine's pip
 #    or OpenSSL uses) as a build secret.
-# 5. tests/test_images.py; sizes, build times and the outcome go to benchmarks/results/images.json.
+# 5. tests/image/test_images.py; sizes, build times and the outcome go to benchmarks/results/images.json.
 #    The check adds a throwaway canary CA to the bundle it passes, so that the test that looks
 #    for the bundle in the images always has a certificate no image may hold.
 set -euo pipefail
@@ -124,7 +124,7 @@ if [ -n "$CA_BUNDLE" ]; then
   secret_file=$CA_BUNDLE
 fi
 if ! $build_only; then
-  # The canary: a CA made here, now, that no image may hold (tests/test_images.py looks for it).
+  # The canary: a CA made here, now, that no image may hold (tests/image/test_images.py looks for it).
   openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=fersynth image-check canary CA" \
     -keyout /dev/null -out "$OUT/canary-ca.pem" 2>/dev/null || die "openssl could not make the canary CA"
   cat ${CA_BUNDLE:+"$CA_BUNDLE"} "$OUT/canary-ca.pem" >"$OUT/build-ca-bundle.pem"
@@ -155,7 +155,7 @@ $build_only && exit 0
 start=$SECONDS
 set +e
 FERSYNTH_IMAGE=$CPU_IMAGE FERSYNTH_GPU_IMAGE=$GPU_IMAGE FERSYNTH_BASE_IMAGE=$base FERSYNTH_CA_BUNDLE=$secret_file \
-  "$BIN/python" -m pytest -m image -p no:cacheprovider tests/test_images.py 2>&1 | tee "$OUT/pytest.log"
+  "$BIN/python" -m pytest -m image -p no:cacheprovider tests/image/test_images.py 2>&1 | tee "$OUT/pytest.log"
 status=${PIPESTATUS[0]}
 set -e
 FERSYNTH_IMAGE=$CPU_IMAGE FERSYNTH_GPU_IMAGE=$GPU_IMAGE FERSYNTH_BASE_IMAGE=$base \

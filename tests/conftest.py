@@ -1,19 +1,49 @@
-"""Shared test set-up: offline hubs, the shared data's location, and the `slow` marker."""
+"""Shared test set-up: offline hubs, the shared data's location, the real servers, and the
+tier markers: each test gets the marker of its folder (unit, data, model, pipeline, e2e, image;
+docs/testing.md), so `pytest -m model` runs one tier."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from servers import S3Server, start_mlflow, start_s3
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub download in a test is a bug
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED_FER2013 = REPO.parent / "shared" / "datasets" / "fer2013" / "fer2013.csv.gz"
+
+
+TIERS = ("unit", "data", "model", "pipeline", "e2e", "image")  # test folders, cheapest first
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = item.path.parent.name
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.path}: a test file belongs in a tier folder ({', '.join(TIERS)})")
+        item.add_marker(tier)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment():
+    """Every test starts from the session's environment variables. Code a test runs in-process
+    may set them for good: a KFP component body sets KFP_RUN_ID and FERSYNTH_DVC_REV (it owns
+    its container's process), `mlflow.set_tracking_uri` sets MLFLOW_TRACKING_URI and MLflow's
+    own process-wide URI; none of that may reach the tests after it (a tier's tests run after
+    another tier's)."""
+    saved = dict(os.environ)
+    yield
+    if "mlflow" in sys.modules:  # MLflow's process-wide URI, back to "read the environment"
+        sys.modules["mlflow"].set_tracking_uri(None)
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+REPO = Path(__file__).resolve().parents[1]  # the repository: tests/ lies at its top
+
 
 def face_like(seed: int, size: int = 48, color: bool = True) -> np.ndarray:
     """A random but smooth uint8 image (distinct per seed)."""

@@ -62,6 +62,7 @@ def test_an_artifact_store_that_is_down_stops_training_before_it_starts(tmp_path
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow  # trains, fails to log, resumes and logs, three processes: about 32 s
 def test_a_store_that_fails_while_logging_keeps_the_model_and_resume_logs_it(tmp_path, data):
     import mlflow
 

@@ -303,6 +303,7 @@ def synthetic(tmp_path):
     return rows, images
 
 
+@pytest.mark.slow  # trains voters and votes: about 35 s
 def test_verify_accepts_what_the_voters_agree_on(voters, synthetic, tmp_path):
     reference, paths = voters
     rows, images = synthetic

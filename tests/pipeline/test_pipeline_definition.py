@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from fersynth.settings import load_settings
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 
 

@@ -26,9 +26,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import REPO
+
 pytestmark = pytest.mark.image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 DOCKER = os.environ.get("DOCKER", "docker")
 IMAGE = os.environ.get("FERSYNTH_IMAGE", "")
 GPU_IMAGE = os.environ.get("FERSYNTH_GPU_IMAGE", "")
@@ -290,9 +292,9 @@ def test_the_pipeline_runs_in_its_images_with_kfp_docker_runner(s3_env, mlflow_e
     from docker.types import Mount
     from kfp import local
     from mlflow import MlflowClient
+    from test_kfp_pipeline import DEMO, TINY, _data_project, check_pipeline_outputs, run_tiny_pipeline
 
     from fersynth.settings import load_settings
-    from test_kfp_pipeline import DEMO, TINY, _data_project, check_pipeline_outputs, run_tiny_pipeline
 
     work = shared_dir
     repo = _data_project(work, s3_env)

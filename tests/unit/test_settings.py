@@ -7,8 +7,9 @@ import pytest
 
 from fersynth.errors import FersynthError
 from fersynth.settings import Settings, load_settings, save_resolved
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -15,8 +15,9 @@ from fersynth.classes import CLASSES
 from fersynth.dvc_metrics import row_metrics, write_row_files
 from fersynth.evaluate import TestSetResult as SetResult  # not a test class to pytest
 from fersynth.settings import load_settings
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 DVC = str(Path(sys.executable).parent / "dvc")
 
 

@@ -227,6 +227,7 @@ def _cli_train(output: Path, data: Path, *extra: str, in_memory: str = "auto") -
     return [*args, "train", "--data", str(data), "--output", str(output), "--quiet", *extra]
 
 
+@pytest.mark.slow  # kills a real training process and resumes it: about 27 s each
 @pytest.mark.parametrize("in_memory", ["always", "never"])
 def test_killed_and_resumed_run_ends_with_identical_weights(demo_dataset, tmp_path, in_memory):
     straight = tmp_path / "straight"

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
+ROOT = REPO
 BIN = Path(sys.executable).parent
 PROFILE = ROOT / "profiles" / "fer2013.yaml"
 

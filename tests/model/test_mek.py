@@ -20,6 +20,7 @@ from fersynth.train.losses import (
     soft_cross_entropy,
 )
 from fersynth.train.models import ModelSpec, class_activation_maps, create_model, load_model
+from helpers import REPO
 
 
 def test_class_weights_match_mek_on_rafdb_counts():
@@ -188,7 +189,7 @@ def test_rates_are_as_given_unless_set_and_the_thesis_profile_follows_the_offici
         "min_lr": mek.min_lr,
         "warmup_steps": 2,
     }
-    thesis = load_settings(Path(__file__).resolve().parents[1] / "profiles" / "rafdb-thesis.yaml").train
+    thesis = load_settings(REPO / "profiles" / "rafdb-thesis.yaml").train
     assert thesis.mek.lr_scale_batch == 512 and thesis.mek.warmup_steps == 2000
     assert effective_rates(thesis.model_copy(update={"method": "mek"})) == pytest.approx(
         {"lr": 3.125e-05, "warmup_lr": 3.125e-08, "min_lr": 3.125e-07, "warmup_steps": 2000}

@@ -289,6 +289,7 @@ def _cli(output: Path, world, shard: int, num_shards: int) -> list[str]:
     return [*args, "generate", "--shard", str(shard), "--num-shards", str(num_shards), "--quiet"]
 
 
+@pytest.mark.slow  # kills a real generation process and resumes it: about 40 s
 def test_killed_shard_resumes_to_exactly_the_uninterrupted_set(world, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for shard in (0, 1):

@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from tests.helpers import run_cli
 
 from fersynth.cli import main
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 @pytest.mark.parametrize("command", [[], ["ingest"], ["demo-data"], ["params"]])

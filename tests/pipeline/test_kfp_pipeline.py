@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
+ROOT = REPO
 DEMO = ROOT / "profiles" / "demo.yaml"
 COMPILED = ROOT / "pipelines" / "compiled" / "demo.yaml"  # the demo profile's pipeline
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -373,6 +375,7 @@ def _row_runs(experiment: str, row: str) -> list:
     return client.search_runs([found.experiment_id], f"tags.grid_row = '{row}'")
 
 
+@pytest.mark.slow  # the whole grid through kfp.local: about 5 minutes
 def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, mlflow_env, tmp_path):
     """The whole grid through kfp.local; its MLflow runs carry the same metric keys and lineage
     tags as a local run of the same profile through the CLI, against the real MLflow server."""

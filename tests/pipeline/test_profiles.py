@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from fersynth.settings import load_settings, row_label
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 DVC = str(Path(sys.executable).parent / "dvc")
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 sys.path.insert(0, str(ROOT))  # pipelines/ and components/ live beside the package

@@ -28,9 +28,9 @@ from fersynth.dataset import read_manifest
 from fersynth.errors import FersynthError
 from fersynth.folds import fold_of
 from fersynth.settings import load_settings
-from helpers import make_demo_dataset, markdown_rows
+from helpers import REPO, make_demo_dataset, markdown_rows
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO
 
 
 def seeded_results(folder: Path, values: dict[int, float], fear: dict[int, float]) -> Path:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+# Standalone: `python tests/unit/test_dvc_deps.py` runs it as a script (write_deps).
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
 PACKAGE = "fersynth"
 
@@ -214,7 +215,7 @@ def test_the_reader_follows_module_imports_lazy_imports_and_calls():
 def write_deps(path: Path = ROOT / "dvc.yaml") -> None:
     """Rewrite each stage's `src/` deps from the imports (a package folder when every module of
     it runs), keeping its other deps, the templates and the file's comments (ruamel, which DVC
-    itself reads dvc.yaml with). `python tests/test_dvc_deps.py` runs it."""
+    itself reads dvc.yaml with). `python tests/unit/test_dvc_deps.py` runs it."""
     import io
 
     from ruamel.yaml import YAML
