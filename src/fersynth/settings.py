@@ -333,13 +333,19 @@ class TrainSettings(Strict):
     rotation: Annotated[float, Field(ge=0.0, le=180.0)] = 5.0
     mean: tuple[float, float, float] = THESIS_MEAN
     std: tuple[float, float, float] = THESIS_STD
-    workers: Annotated[int, Field(ge=0)] = 4
-    # Decode the training images once and augment whole batches (auto: when they fit in 1 GiB).
+    # DataLoader processes (the in-memory path needs none); auto: 4 on a CPU, on CUDA the
+    # machine's cores less two, at most 16 (fersynth.train.device_settings).
+    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # Decode the training images once and augment whole batches on the training device (auto:
+    # when they fit in 1 GiB).
     in_memory: Literal["auto", "always", "never"] = "auto"
     device: Device = "auto"
     # torch's CPU threads: part of the result on a CPU, which splits float sums by thread
-    # (docs/testing.md#reproducibility); 0: torch's choice (OMP_NUM_THREADS, else every core).
-    cpu_threads: Annotated[int, Field(ge=0)] = 2
+    # (docs/testing.md#reproducibility); 0: torch's choice (OMP_NUM_THREADS, else every core);
+    # auto: 2 on a CPU (reproducible tables), 0 on CUDA (every core feeds the GPU).
+    cpu_threads: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # torch.compile the training step (auto: on CUDA only; a CPU run compiles for minutes).
+    compile: bool | Literal["auto"] = "auto"
     channels_last: bool = True
     log_every: Positive = 100
     checkpoint_every: Positive = 2_000

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from fersynth.dataset import TRAIN_SPLIT, VAL_SPLIT, read_manifest
 from fersynth.errors import FersynthError
 from fersynth.files import atomic_write_text
 from fersynth.memory import batch_fits
-from fersynth.parallel import pins_torch_threads
+from fersynth.parallel import torch_threads
 from fersynth.settings import TrainSettings, resolved_dict, save_resolved
 from fersynth.skipped import write_skipped
 from fersynth.train.checkpoint import CHECKPOINT, CheckpointSaver, restore_rng
@@ -238,7 +239,22 @@ def _prepare_output(output: Path, resume: bool, force: bool) -> bool:
     return False
 
 
-@pins_torch_threads
+def device_settings(settings: TrainSettings, device: torch.device) -> TrainSettings:
+    """`settings` with the "auto" values that depend on the device resolved (what the run saves
+    in settings.json): on a CPU 2 torch threads (a table's bits depend on the thread count,
+    docs/testing.md#reproducibility), 4 DataLoader workers and no torch.compile; on CUDA every
+    core for torch, the cores less two (at most 16) for the DataLoader, and torch.compile."""
+    cuda = device.type == "cuda"
+    update: dict[str, Any] = {}
+    if settings.cpu_threads == "auto":
+        update["cpu_threads"] = 0 if cuda else 2
+    if settings.workers == "auto":
+        update["workers"] = min(16, max(1, (os.cpu_count() or 2) - 2)) if cuda else 4
+    if settings.compile == "auto":
+        update["compile"] = cuda
+    return settings.model_copy(update=update)
+
+
 def run_train(
     settings: TrainSettings,
     *,
@@ -250,7 +266,23 @@ def run_train(
 ) -> TrainResult:
     """Train, validate every `eval_every` steps, keep the best weights. `skip_if_empty`: a
     dataset without training images (a synthetic-only set whose vote accepted nothing) writes a
-    skipped record (fersynth.skipped) instead of failing."""
+    skipped record (fersynth.skipped) instead of failing. The device's "auto" settings are
+    resolved first (`device_settings`), and torch runs on `cpu_threads` threads."""
+    device = pick_device(settings.device)
+    settings = device_settings(settings, device)
+    with torch_threads(settings.cpu_threads):
+        return _run_train(settings, device, seed, resume, force, progress, skip_if_empty)
+
+
+def _run_train(
+    settings: TrainSettings,
+    device: torch.device,
+    seed: int,
+    resume: bool,
+    force: bool,
+    progress: bool,
+    skip_if_empty: bool,
+) -> TrainResult:
     output = Path(settings.output)
     dataset = read_manifest(settings.data)
     train_frame, val_frame = split_validation(dataset.manifest)
@@ -282,7 +314,6 @@ def run_train(
         changes = settings_changes(saved_record, resolved_dict(record), output)
         previous = saved_record.get(CHANGES_KEY, [])
 
-    device = pick_device(settings.device)
     dtype = _precision(settings, device)
     spec = ModelSpec(
         arch=settings.arch,
@@ -309,6 +340,8 @@ def run_train(
         if class_weights is None
         else Mek(class_weights.to(device), settings.mek.smoothing, settings.mek.attention_weight)
     )
+    if settings.compile:  # the whole objective, SL or MEK (MEK's two views and maps included)
+        objective = torch.compile(objective.__call__)
 
     saver = CheckpointSaver(output)
     step = 0
@@ -439,7 +472,12 @@ def _optimizer_and_schedule(model: torch.nn.Module, settings: TrainSettings, rat
             rates["min_lr"],
             rates["warmup_steps"],
         )
-    optimizer = create_optimizer_v2(model, "adamw", lr=rates["lr"], weight_decay=settings.weight_decay)
+    # One fused kernel for every parameter on CUDA (torch's for-each on a CPU would change the
+    # float summation order, and with it a CPU table's bits).
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    optimizer = create_optimizer_v2(
+        model, "adamw", lr=rates["lr"], weight_decay=settings.weight_decay, **fused
+    )
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=max(1, settings.steps - rates["warmup_steps"]),
@@ -482,6 +520,7 @@ def _batches(
         sampler=sampler,
         num_workers=settings.workers,
         pin_memory=device.type == "cuda",
+        prefetch_factor=4 if settings.workers else None,  # batches ready while the device steps
         drop_last=True,
         generator=torch.Generator().manual_seed(seed),
     )
@@ -505,13 +544,19 @@ class _StepState:
 
 def train_steps(state: _StepState, batches, start: int, stop: int, bar=None) -> dict[str, Any]:
     """Steps `start` .. `stop` - 1: the batch to the device, the learning rate of the step, the
-    objective under autocast, backward (scaled for fp16), clipping, the optimizer step.
+    objective under autocast, backward (scaled for fp16), clipping, the optimizer step. Nothing
+    in a step waits for the device; the loss is read once, at `stop` (a log, validation or
+    checkpoint step).
 
     Returns {"step": stop, "loss": the last step's loss (a float), "parts": the objective's
     logged parts, "images": images trained, "seconds": the time they took}. Raises
     FersynthError when the loss stops being finite."""
     images, began = 0, time.perf_counter()
     loss, parts = None, {}
+    # The first step whose loss was not finite, kept on the device: reading the loss every step
+    # would make the host wait for the accelerator every step. It is read once, at `stop`,
+    # before anything is validated or saved, so no weights trained past it are ever kept.
+    diverged = torch.full((), -1, dtype=torch.long, device=state.device)
     for step in range(start, stop):
         x, y = next(batches)
         x, y = x.to(state.device, non_blocking=True), y.to(state.device, non_blocking=True)
@@ -522,11 +567,7 @@ def train_steps(state: _StepState, batches, start: int, stop: int, bar=None) -> 
             state.device.type, dtype=state.dtype or torch.float32, enabled=state.dtype is not None
         ):
             loss, parts = state.objective(state.model, x, y)
-        if not torch.isfinite(loss):
-            raise FersynthError(
-                f"training diverged at step {step} (loss {float(loss)}); "
-                "lower train.lr (--resume applies it) or use train.precision=bf16"
-            )
+        diverged = torch.where((diverged < 0) & ~torch.isfinite(loss.detach()), step, diverged)
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
         if state.grad_clip:
@@ -537,12 +578,19 @@ def train_steps(state: _StepState, batches, start: int, stop: int, bar=None) -> 
         images += x.shape[0]
         if bar is not None:
             bar.update(1)
+    first_bad = int(diverged)  # the window's one wait for the device
+    if first_bad >= 0:
+        raise FersynthError(
+            f"training diverged at step {first_bad} (its loss was not finite); "
+            "lower train.lr (--resume applies it) or use train.precision=bf16"
+        )
+    last_loss = round(loss.item(), 5)
     return {
         "step": stop,
-        "loss": round(loss.item(), 5),
+        "loss": last_loss,
         "parts": {k: round(v.item(), 5) for k, v in parts.items()},
         "images": images,
-        "seconds": time.perf_counter() - began,
+        "seconds": time.perf_counter() - began,  # after the device caught up (the reads above)
     }
 
 

@@ -4,8 +4,8 @@ A run is resumed from `checkpoint.pt` with the settings it was started with (`se
 Settings that only steer how the rest of the run goes may change on resume and are applied,
 each named in the log and recorded in `settings.json` (`resumed_with_changes`): the learning
 rates and their schedule (the advice after a divergence is "lower train.lr"), the number of
-steps, the evaluation, checkpoint and log cadence, gradient clipping, precision, device and
-loader threads. Any other change would make the result a different run than its record says
+steps, the evaluation, checkpoint and log cadence, gradient clipping, precision, device, loader
+threads and torch.compile. Any other change would make the result a different run than its record says
 (another architecture, data, batch size, sampler, seed...): it is refused, naming the key and
 both values.
 """
@@ -42,6 +42,7 @@ APPLIED_ON_RESUME = (
     "train.workers",
     "train.cpu_threads",
     "train.in_memory",
+    "train.compile",
 )
 # Where the run is written, not what it is: never compared.
 IGNORED = ("train.output",)

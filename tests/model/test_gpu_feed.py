@@ -1,0 +1,79 @@
+"""Training that keeps an accelerator busy (issue 32), checked on the CPU: the device's "auto"
+settings, a divergence found without a per-step wait for the device, and the throughput
+benchmark at its tiny size, so that it never rots."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fersynth.errors import FersynthError
+from fersynth.train.loop import device_settings, run_train
+from helpers import REPO, colour_dataset, tiny_train_settings
+
+
+def test_auto_settings_follow_the_device(tmp_path):
+    settings = tiny_train_settings(
+        tmp_path, tmp_path / "m", workers="auto", cpu_threads="auto", compile="auto"
+    )
+    cpu = device_settings(settings, torch.device("cpu"))
+    assert (cpu.cpu_threads, cpu.workers, cpu.compile) == (2, 4, False)  # reproducible CPU tables
+    cuda = device_settings(settings, torch.device("cuda"))  # resolved only: no GPU needed
+    cores = os.cpu_count() or 2
+    assert (cuda.cpu_threads, cuda.compile) == (0, True)
+    assert cuda.workers == min(16, max(1, cores - 2))
+    given = tiny_train_settings(tmp_path, tmp_path / "m", workers=3, cpu_threads=1, compile=False)
+    assert device_settings(given, torch.device("cuda")) == given  # what a user sets stays
+
+
+def test_a_cpu_run_records_the_resolved_settings_and_trains_on_two_threads(tmp_path):
+    data = colour_dataset(tmp_path / "ds", per_class=4, test_per_class=1, val_per_class=1)
+    settings = tiny_train_settings(data, tmp_path / "m", steps=2, cpu_threads="auto", compile="auto")
+    run_train(settings, progress=False)
+    saved = json.loads((tmp_path / "m" / "settings.json").read_text())["train"]
+    assert (saved["cpu_threads"], saved["compile"], saved["workers"]) == (2, False, 0)
+    assert json.loads((tmp_path / "m" / "train_summary.json").read_text())["cpu_threads"] == 2
+
+
+def test_a_diverging_run_names_its_first_bad_step_and_keeps_no_weights_trained_past_it(tmp_path):
+    """The loss is read once per log window, yet the error names the first step whose loss was
+    not finite, and nothing trained after it is validated or saved."""
+    data = colour_dataset(tmp_path / "ds", per_class=4, test_per_class=1, val_per_class=1)
+    settings = tiny_train_settings(
+        data, tmp_path / "m", steps=8, lr=1e12, warmup_steps=0, grad_clip=None, log_every=8, eval_every=8
+    )
+    with pytest.raises(
+        FersynthError, match=r"training diverged at step (\d+) \(its loss was not finite\)"
+    ) as err:
+        run_train(settings, progress=False)
+    step = int(err.value.args[0].split("step ")[1].split(" ")[0])
+    assert 0 < step < 8
+    assert not (tmp_path / "m" / "model.pt").exists() and not (tmp_path / "m" / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_the_throughput_benchmark_runs_at_its_tiny_size(tmp_path):
+    """`benchmarks/gpu_throughput.py --tiny`: every measurement and ratio of the full run."""
+    output = tmp_path / "throughput.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--tiny", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(output.read_text())
+    assert result["size"] == "tiny"
+    runs = result["training"]["resnet18_32"]
+    for key in ("random_batches", "plain_loader", "fersynth_in_memory", "fersynth_loader", "fersynth_mek"):
+        assert runs[key]["images_per_s"] > 0, (key, runs[key])
+    assert runs["fersynth_in_memory"]["cpu_threads"] == 2
+    assert all(value > 0 for value in runs["ratios"].values()), runs["ratios"]
+    generation = result["generation"]
+    assert generation["plain_img2img"]["images_per_s"] > 0 and generation["gif_sd_guided"]["images_per_s"] > 0
+    assert generation["time_ratio_guided_over_plain"] > 0
