@@ -328,43 +328,13 @@ def run(tiny: bool) -> dict:
             runs: dict = {}
             _attempt(runs, "random_batches", plain_loop, arch, px, size, device, dtype, None)
             _attempt(runs, "plain_loader", plain_loop, arch, px, size, device, dtype, folder)
-            _attempt(
-                runs,
-                "fersynth_in_memory",
-                fersynth_loop,
-                arch,
-                px,
-                size,
-                device,
-                folder,
-                work,
-                in_memory="always",
-            )
-            _attempt(
-                runs,
-                "fersynth_loader",
-                fersynth_loop,
-                arch,
-                px,
-                size,
-                device,
-                folder,
-                work,
-                in_memory="never",
-            )
-            _attempt(
-                runs,
-                "fersynth_mek",
-                fersynth_loop,
-                arch,
-                px,
-                size,
-                device,
-                folder,
-                work,
-                in_memory="always",
-                method="mek",
-            )
+            variants = {
+                "fersynth_in_memory": {"in_memory": "always"},
+                "fersynth_loader": {"in_memory": "never"},
+                "fersynth_mek": {"in_memory": "always", "method": "mek"},
+            }
+            for key, changes in variants.items():
+                _attempt(runs, key, fersynth_loop, arch, px, size, device, folder, work, **changes)
             runs["ratios"] = {
                 "fersynth_in_memory_over_plain_loader": _ratio(runs, "fersynth_in_memory", "plain_loader"),
                 "fersynth_loader_over_plain_loader": _ratio(runs, "fersynth_loader", "plain_loader"),
