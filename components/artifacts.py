@@ -4,7 +4,8 @@ unordered), test-set folders inside a fetched artifact, artifact folders under s
 the data revision and `dvc get`, and the exit handler's record.
 
 The components run this module inside our images (pyproject installs `components` beside
-`fersynth`), so it is plain Python with no KFP import, and tested without KFP.
+`fersynth`); it is plain Python (importing it imports the `components` package, hence kfp,
+a core dependency) and is tested without running KFP.
 """
 
 from __future__ import annotations

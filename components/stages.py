@@ -271,12 +271,13 @@ def merge(
 
     from components.artifacts import linked, settings_from
     from fersynth import stages
+    from fersynth.errors import FersynthError
 
     links = {}  # every shard folder of every shard artifact, side by side as run_merge expects
     for artifact in shards:
         for folder in sorted((Path(artifact.path) / "shards").iterdir()):
             if f"shards/{folder.name}" in links:
-                raise ValueError(f"merge: {folder.name} comes from two shard artifacts")
+                raise FersynthError(f"merge: {folder.name} comes from two shard artifacts")
             links[f"shards/{folder.name}"] = folder
     with linked(links) as work:
         resolved = settings_from(settings.path, generate__data=data.path, generate__output=str(work))

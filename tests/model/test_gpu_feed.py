@@ -17,7 +17,10 @@ from fersynth.train.loop import device_settings, run_train
 from helpers import REPO, colour_dataset, tiny_train_settings
 
 
-def test_auto_settings_follow_the_device(tmp_path):
+def test_auto_settings_follow_the_device(tmp_path, monkeypatch):
+    from fersynth.train import loop
+
+    monkeypatch.setattr(loop, "c_compiler", lambda: "gcc")
     settings = tiny_train_settings(
         tmp_path, tmp_path / "m", workers="auto", cpu_threads="auto", compile="auto"
     )
@@ -29,6 +32,18 @@ def test_auto_settings_follow_the_device(tmp_path):
     assert cuda.workers == min(16, max(1, cores - 2))
     given = tiny_train_settings(tmp_path, tmp_path / "m", workers=3, cpu_threads=1, compile=False)
     assert device_settings(given, torch.device("cuda")) == given  # what a user sets stays
+    # A slim image has no C compiler for torch.compile's kernels: auto stays off, true is refused.
+    monkeypatch.setattr(loop, "c_compiler", lambda: None)
+    assert device_settings(settings, torch.device("cuda")).compile is False
+    with pytest.raises(FersynthError, match="train.compile: true, but no C compiler"):
+        loop.check_compiler(given.model_copy(update={"compile": True}))
+
+
+def test_a_row_with_nothing_to_train_is_skipped_before_any_device_is_asked_for(tmp_path):
+    data = colour_dataset(tmp_path / "ds", per_class=0, test_per_class=1)
+    settings = tiny_train_settings(data, tmp_path / "m", device="cuda:7")  # no such device here
+    result = run_train(settings, progress=False, skip_if_empty=True)
+    assert "no training images" in result.skipped
 
 
 def test_a_cpu_run_records_the_resolved_settings_and_trains_on_two_threads(tmp_path):

@@ -74,6 +74,7 @@ class TrainResult:
     best_metrics: dict[str, Any] | None
     images_per_second: float
     skipped: str | None = None  # why nothing was trained (`skip_if_empty`); None when it trained
+    settings: TrainSettings | None = None  # as run: the device's "auto" values resolved
 
 
 def validation_curve(output: Path, batch_size: int) -> list[dict[str, float]]:
@@ -243,7 +244,8 @@ def device_settings(settings: TrainSettings, device: torch.device) -> TrainSetti
     """`settings` with the "auto" values that depend on the device resolved (what the run saves
     in settings.json): on a CPU 2 torch threads (a table's bits depend on the thread count,
     docs/testing.md#reproducibility), 4 DataLoader workers and no torch.compile; on CUDA every
-    core for torch, the cores less two (at most 16) for the DataLoader, and torch.compile."""
+    core for torch, the cores less two (at most 16) for the DataLoader, and torch.compile when a
+    C compiler is there to build its kernels."""
     cuda = device.type == "cuda"
     update: dict[str, Any] = {}
     if settings.cpu_threads == "auto":
@@ -251,8 +253,24 @@ def device_settings(settings: TrainSettings, device: torch.device) -> TrainSetti
     if settings.workers == "auto":
         update["workers"] = min(16, max(1, (os.cpu_count() or 2) - 2)) if cuda else 4
     if settings.compile == "auto":
-        update["compile"] = cuda
+        update["compile"] = cuda and c_compiler() is not None
     return settings.model_copy(update=update)
+
+
+def c_compiler() -> str | None:
+    """The C compiler torch.compile's kernels are built with (Triton's launcher on CUDA,
+    Inductor's C++ on a CPU), or None when none is on PATH (a slim image has none)."""
+    return next((name for name in ("cc", "gcc", "clang") if shutil.which(name)), None)
+
+
+def check_compiler(settings: TrainSettings) -> None:
+    """`train.compile: true` with no C compiler would fail at the first step, after loading and
+    decoding: said at once instead. (`auto` just stays off without one.)"""
+    if settings.compile is True and c_compiler() is None:
+        raise FersynthError(
+            "train.compile: true, but no C compiler (cc, gcc, clang) is on PATH, and torch.compile "
+            "builds its kernels with one: install gcc, or set train.compile=false (or auto)"
+        )
 
 
 def run_train(
@@ -268,21 +286,6 @@ def run_train(
     dataset without training images (a synthetic-only set whose vote accepted nothing) writes a
     skipped record (fersynth.skipped) instead of failing. The device's "auto" settings are
     resolved first (`device_settings`), and torch runs on `cpu_threads` threads."""
-    device = pick_device(settings.device)
-    settings = device_settings(settings, device)
-    with torch_threads(settings.cpu_threads):
-        return _run_train(settings, device, seed, resume, force, progress, skip_if_empty)
-
-
-def _run_train(
-    settings: TrainSettings,
-    device: torch.device,
-    seed: int,
-    resume: bool,
-    force: bool,
-    progress: bool,
-    skip_if_empty: bool,
-) -> TrainResult:
     output = Path(settings.output)
     dataset = read_manifest(settings.data)
     train_frame, val_frame = split_validation(dataset.manifest)
@@ -304,6 +307,16 @@ def _run_train(
         settings_record = {"seed": seed, "train": settings}
         write_skipped(output, reason, settings_record, force=force or resume, data=str(settings.data))
         return TrainResult(output, 0, 0, None, 0.0, skipped=reason)
+    # The device only now: a row with nothing to train is recorded as skipped on any machine.
+    device = pick_device(settings.device)
+    settings = device_settings(settings, device)
+    check_compiler(settings)
+    with torch_threads(settings.cpu_threads):
+        return _train(settings, device, seed, resume, force, progress, dataset, train_frame, val_frame)
+
+
+def _train(settings, device, seed, resume, force, progress, dataset, train_frame, val_frame) -> TrainResult:
+    output = Path(settings.output)
     counts = [int((train_frame["label"] == name).sum()) for name in CLASSES]
     class_weights, weights_info = _mek_weights(settings, train_frame)
     resuming = _prepare_output(output, resume, force)
@@ -455,7 +468,7 @@ def _run_train(
         **weights_info,
     }
     atomic_write_text(output / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    return TrainResult(output, step, best.step, best.metrics, speed)
+    return TrainResult(output, step, best.step, best.metrics, speed, settings=settings)
 
 
 def _next_multiple(step: int, every: int) -> int:
