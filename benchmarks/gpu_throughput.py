@@ -117,9 +117,11 @@ class _Jpegs(Dataset):
     def __init__(self, folder: Path, transform) -> None:
         import pandas as pd
 
+        from fersynth.classes import CLASS_INDEX
+
         frame = pd.read_csv(folder / "manifest.csv")
         self.paths = [str(folder / p) for p in frame["path"]]
-        self.labels = [i % 7 for i in range(len(frame))]
+        self.labels = [CLASS_INDEX[label] for label in frame["label"]]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -134,10 +136,10 @@ def plain_loop(arch: str, px: int, size: Size, device, dtype, folder: Path | Non
     """A plain timm loop; on random device batches (`folder` None) or fed by a DataLoader."""
     from fersynth.settings import THESIS_MEAN, THESIS_STD
     from fersynth.train.data import train_transform
-    from fersynth.train.models import ModelSpec, create_model
+    from fersynth.train.models import ModelSpec, create_model, default_resize
 
     torch.manual_seed(0)
-    model = create_model(ModelSpec(arch, px, px * 8 // 7, THESIS_MEAN, THESIS_STD)).to(device)
+    model = create_model(ModelSpec(arch, px, default_resize(px), THESIS_MEAN, THESIS_STD)).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, "adamw", lr=5e-4, weight_decay=0.05)
     if folder is None:
@@ -145,7 +147,7 @@ def plain_loop(arch: str, px: int, size: Size, device, dtype, folder: Path | Non
         y = torch.randint(0, 7, (size.batch,), device=device)
         batches = iter(lambda: (x, y), None)
     else:
-        transform = train_transform(px, px * 8 // 7, True, 5.0, THESIS_MEAN, THESIS_STD)
+        transform = train_transform(px, default_resize(px), True, 5.0, THESIS_MEAN, THESIS_STD)
         loader = DataLoader(
             _Jpegs(folder, transform),
             batch_size=size.batch,
@@ -189,7 +191,6 @@ def fersynth_loop(arch: str, px: int, size: Size, device, folder: Path, work: Pa
         output=output,
         arch=arch,
         image_size=px,
-        resize=px * 8 // 7,
         batch_size=size.batch,
         steps=size.warmup + size.steps,
         warmup_steps=1,

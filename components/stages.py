@@ -192,11 +192,8 @@ def evaluate(
     mark_grid_row(results.path, name)
     results.metadata["grid_row"] = name
     for result in first:
-        for key, value in (
-            ("accuracy", result.metrics["accuracy"]),
-            ("mean_accuracy", result.metrics["mean_accuracy"]),
-        ):
-            metrics.log_metric(f"{result.name}.{key}", value)
+        for key in ("accuracy", "mean_accuracy"):
+            metrics.log_metric(f"{result.name}.{key}", result.metrics[key])
         for cls, value in result.metrics["per_class_accuracy"].items():
             if value is not None:
                 metrics.log_metric(f"{result.name}.accuracy.{cls}", value)

@@ -344,7 +344,8 @@ class TrainSettings(Strict):
     # (docs/testing.md#reproducibility); 0: torch's choice (OMP_NUM_THREADS, else every core);
     # auto: 2 on a CPU (reproducible tables), 0 on CUDA (every core feeds the GPU).
     cpu_threads: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
-    # torch.compile the training step (auto: on CUDA only; a CPU run compiles for minutes).
+    # torch.compile the training step (auto: on CUDA where a C compiler is on PATH; a CPU run
+    # compiles for minutes).
     compile: bool | Literal["auto"] = "auto"
     channels_last: bool = True
     log_every: Positive = 100
@@ -1248,6 +1249,19 @@ class Settings(Strict):
     def row_folder(self, key: str) -> Path:
         """A grid row's folder: one model folder per seed inside (`seed_folder`)."""
         return self.layout.model(key, on_original=key in self.experiment.grid.original)
+
+    def cross_set_ingest(self, name: str) -> IngestSettings:
+        """The ingest settings of cross-dataset test set `name`: this run's ingest settings with
+        the set's source, input and options (merged as `-S ingest.KEY=...` would be), written to
+        its test-set folder. Raises FersynthError for a bad option, naming the set."""
+        cross = self.experiment.cross_sets[name]
+        values = merge_mappings(self.ingest.model_dump(), cross.options)
+        values.update(source=cross.source, input=cross.input, output=self.layout.test_set(name))
+        try:
+            return IngestSettings.model_validate(values)
+        except ValidationError as exc:
+            problem = _format_errors("", exc).removeprefix(": ")
+            raise FersynthError(f"experiment.cross_sets.{name}: {problem}") from None
 
     def first_seed_folder(self, folder: Path) -> Path:
         """A row's folder (models or results) -> its first seed's; any other folder itself."""

@@ -37,11 +37,8 @@ def test_set(
     """One of the experiment's test sets into data/<experiment>/test_sets/<name>: the in-domain
     one is the ingested data's evaluation split; a cross-dataset one (experiment.cross_sets) is
     ingested from its own source with its own ingest options. Returns (folder, images)."""
-    from pydantic import ValidationError
-
     from fersynth.dataset import write_split_dataset
     from fersynth.ingest import run_ingest
-    from fersynth.settings import IngestSettings, merge_mappings
 
     experiment = settings.experiment
     output = settings.layout.test_set(name)
@@ -53,16 +50,7 @@ def test_set(
     if name not in experiment.cross_sets:
         known = ", ".join(experiment.test_sets())
         raise FersynthError(f"experiment: no test set {name!r} (test sets: {known})")
-    cross = experiment.cross_sets[name]
-    values = merge_mappings(settings.ingest.model_dump(), cross.options)  # as `-S ingest.KEY=` would
-    try:
-        ingest = IngestSettings.model_validate(
-            {**values, "source": cross.source, "input": cross.input, "output": output}
-        )
-    except ValidationError as exc:
-        problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise FersynthError(f"experiment.cross_sets.{name}: {problem}") from None
-    report = run_ingest(ingest, seed=settings.seed, force=force, progress=progress)
+    report = run_ingest(settings.cross_set_ingest(name), seed=settings.seed, force=force, progress=progress)
     return output, report.written
 
 

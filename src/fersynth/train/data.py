@@ -8,7 +8,6 @@ exactly the batches that an uninterrupted run sees, whatever the number of worke
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -133,15 +132,6 @@ def use_in_memory(choice: str, count: int, resize: int) -> bool:
     return choice == "always"
 
 
-@cache
-def _crop_grid(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(v, u): each output pixel's centre relative to the crop centre, in input pixels, made once
-    per size and device (size x size each)."""
-    centres = torch.arange(size, dtype=torch.float32, device=device) + 0.5 - size / 2
-    v, u = torch.meshgrid(centres, centres, indexing="ij")
-    return v, u
-
-
 class InMemoryBatches:
     """The training stream for data that fits in memory (FER2013's 48 px faces, the demo).
 
@@ -212,7 +202,9 @@ class InMemoryBatches:
         angle = (torch.rand(n, generator=generator) * 2 - 1) * self.rotation
         offsets = torch.randint(0, side - size + 1, (n, 2), generator=generator).float() + size / 2
         angle, offsets = angle.to(batch.device), offsets.to(batch.device)
-        v, u = _crop_grid(size, batch.device)
+        # Output pixel centres relative to the crop centre, in input pixels.
+        centres = torch.arange(size, dtype=torch.float32, device=batch.device) + 0.5 - size / 2
+        v, u = torch.meshgrid(centres, centres, indexing="ij")
         u, v = u.expand(n, size, size), v.expand(n, size, size)
         if flip is not None:
             u = torch.where(flip.to(batch.device).view(n, 1, 1), -u, u)

@@ -316,6 +316,8 @@ def run_train(
 
 
 def _train(settings, device, seed, resume, force, progress, dataset, train_frame, val_frame) -> TrainResult:
+    """`run_train` once its rows are known and its device settings resolved: setup, the loop of
+    `train_steps` between log, validation and checkpoint events, the best weights saved."""
     output = Path(settings.output)
     counts = [int((train_frame["label"] == name).sum()) for name in CLASSES]
     class_weights, weights_info = _mek_weights(settings, train_frame)

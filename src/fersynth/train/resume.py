@@ -5,9 +5,9 @@ Settings that only steer how the rest of the run goes may change on resume and a
 each named in the log and recorded in `settings.json` (`resumed_with_changes`): the learning
 rates and their schedule (the advice after a divergence is "lower train.lr"), the number of
 steps, the evaluation, checkpoint and log cadence, gradient clipping, precision, device, loader
-threads and torch.compile. Any other change would make the result a different run than its record says
-(another architecture, data, batch size, sampler, seed...): it is refused, naming the key and
-both values.
+threads and torch.compile. Any other change would make the result a different run than its
+record says (another architecture, data, batch size, sampler, seed...): it is refused, naming
+the key and both values.
 """
 
 from __future__ import annotations
