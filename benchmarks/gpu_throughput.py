@@ -14,7 +14,10 @@ Ratios: fersynth against the plain loader and against random batches, MEK agains
 
 Generation: GIF-SD's guided step (`GifSD.generate`) against diffusers' plain
 `StableDiffusionImg2ImgPipeline` on the same random components, seeds and settings (DDIM 50 x
-strength 0.1, scale 50, K outputs per seed): images/s and peak device memory, and their ratios.
+strength 0.1, scale 50, K outputs per seed): images/s and peak device memory, and their ratios;
+also the guided step over the whole batch at once (as before issue 32; fersynth takes it seed
+by seed) and without the decoder's gradient checkpointing (faster, more memory), so that one
+GPU run shows which default holds the targets.
 
 Full size where CUDA is present (batch 128, bf16, 100 px JPEGs, SD-1.5-sized components at
 512 px); `--tiny` (always on a CPU) measures the same things on ResNet-18-sized models at 32 px
@@ -64,7 +67,7 @@ class Size:
 FULL = Size(
     (("swin_tiny_patch4_window7_224", 224), ("resnet18", 224)), 128, 40, 10, 2048, 100, 14, 512, 4, 5, 2
 )
-TINY = Size((("resnet18", 32),), 8, 4, 2, 64, 40, 0, 64, 1, 2, 1)
+TINY = Size((("resnet18", 32),), 8, 4, 2, 64, 40, 0, 64, 2, 2, 1)
 
 
 def _sync(device: torch.device) -> None:
@@ -267,8 +270,23 @@ def generation(size: Size, device: torch.device, tiny: bool) -> dict:
                 output_type="np",
             )
 
+    def checkpointing(on: bool) -> None:
+        if hasattr(guided.vae, "enable_gradient_checkpointing"):
+            guided.vae.enable_gradient_checkpointing() if on else guided.vae.disable_gradient_checkpointing()
+
+    checkpointed = device.type == "cuda"  # GifBackend's own choice
+    # (name, run, guided step's seeds per pass, decoder checkpointing): the defaults, the step
+    # over the whole batch at once (before issue 32), and the step without checkpointing.
+    variants = [
+        ("plain_img2img", run_plain, None, checkpointed),
+        ("gif_sd_guided", run_guided, GifSD.guided_seeds_per_pass, checkpointed),
+        ("gif_sd_guided_whole_batch", run_guided, None, checkpointed),
+        ("gif_sd_guided_no_checkpointing", run_guided, GifSD.guided_seeds_per_pass, False),
+    ]
     measured = {}
-    for name, run in (("plain_img2img", run_plain), ("gif_sd_guided", run_guided)):
+    for name, run, seeds_per_pass, checkpointing_on in variants:
+        guided.guided_seeds_per_pass = seeds_per_pass
+        checkpointing(checkpointing_on)
         run(0)  # warm-up
         _sync(device)
         if device.type == "cuda":
@@ -280,12 +298,17 @@ def generation(size: Size, device: torch.device, tiny: bool) -> dict:
         elapsed = time.perf_counter() - started
         images = len(index) * size.gen_repeats
         measured[name] = {"images_per_s": round(images / elapsed, 3), "peak_memory_gib": _peak_gib(device)}
-    plain_speed, guided_speed = (measured[k]["images_per_s"] for k in ("plain_img2img", "gif_sd_guided"))
-    measured["time_ratio_guided_over_plain"] = round(plain_speed / guided_speed, 3)
+    reference = measured["plain_img2img"]
+    for name, _, _, _ in variants[1:]:
+        speed = measured[name]["images_per_s"]
+        measured[name]["time_ratio_over_plain"] = round(reference["images_per_s"] / speed, 3)
+        if device.type == "cuda":
+            measured[name]["memory_ratio_over_plain"] = round(
+                measured[name]["peak_memory_gib"] / reference["peak_memory_gib"], 3
+            )
+    measured["time_ratio_guided_over_plain"] = measured["gif_sd_guided"]["time_ratio_over_plain"]
     if device.type == "cuda":
-        measured["memory_ratio_guided_over_plain"] = round(
-            measured["gif_sd_guided"]["peak_memory_gib"] / measured["plain_img2img"]["peak_memory_gib"], 3
-        )
+        measured["memory_ratio_guided_over_plain"] = measured["gif_sd_guided"]["memory_ratio_over_plain"]
     return measured
 
 

@@ -554,7 +554,7 @@ class GenerateSettings(Strict):
     prompt_variants: bool = True  # GIF-style domain and adjective variants of the class prompt
     device: Device = "auto"
     cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads
-    half: bool = True  # on CUDA: fp16 UNet and text encoder, bf16 autocast VAE decode (gif-unclip: all fp16)
+    half: bool = True  # on CUDA: fp16 UNet and text encoder, bf16 autocast VAE (gif-unclip: all fp16)
     # Cross-class editing, per target class: {fear: {sources: [neutral, happy], strength: 0.6}};
     # K outputs per edited seed image, besides the within-class expansion of `classes`.
     edit: dict[str, EditSettings] = {}

@@ -292,12 +292,12 @@ def test_the_pipeline_runs_in_its_images_with_kfp_docker_runner(s3_env, mlflow_e
     from docker.types import Mount
     from kfp import local
     from mlflow import MlflowClient
-    from test_kfp_pipeline import DEMO, TINY, _data_project, check_pipeline_outputs, run_tiny_pipeline
 
     from fersynth.settings import load_settings
+    from pipeline_fixtures import DEMO, TINY, check_pipeline_outputs, data_project, run_tiny_pipeline
 
     work = shared_dir
-    repo = _data_project(work, s3_env)
+    repo = data_project(work, s3_env)
     root = work / "pipeline-root"
     root.mkdir()
     root.chmod(0o777)

@@ -370,6 +370,59 @@ def rewarded_per_call(monkeypatch) -> list[list[int]]:
     return rewarded
 
 
+def test_the_guided_step_seed_by_seed_is_the_whole_batchs_step():
+    """An output's S depends on its own seed's K outputs only, and the step's direction is the
+    sign of S's gradient: taking the step one seed (or two) at a time, so that the decoder's
+    activations of only those outputs are held at once, gives the whole batch's step."""
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(
+        torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(4, 3, 3, padding=1), torch.nn.Sigmoid()
+    )
+    head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 16))
+    classifier = torch.nn.Linear(16, 7)
+    passes: list[int] = []
+
+    def decode(latents):
+        passes.append(len(latents))
+        return decoder(latents)
+
+    def guide(images):
+        features = head(images)
+        return classifier(features), features
+
+    latents = torch.randn(9, 4, 8, 8)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    classes = torch.tensor([1] * 3 + [2] * 3 + [4] * 3)
+    seed_probs = torch.softmax(torch.randn(3, 7), dim=1)[groups]
+
+    def step(chunk):
+        generators = [torch.Generator().manual_seed(i) for i in range(9)]
+        return guided_latents(
+            latents,
+            decode,
+            guide,
+            seed_probs,
+            groups,
+            generators,
+            0.1,
+            0.5,
+            classes=classes,
+            chunk_groups=chunk,
+        )
+
+    whole = step(None)
+    assert passes == [9]
+    for chunk, expected in ((1, [3, 3, 3]), (2, [6, 3])):
+        passes.clear()
+        chunked = step(chunk)
+        assert passes == expected
+        assert torch.equal(chunked.latents, whole.latents) and torch.equal(chunked.stepped, whole.stepped)
+        assert torch.allclose(chunked.scores, whole.scores, atol=1e-6)
+        assert torch.equal(chunked.clipped, whole.clipped)
+    with pytest.raises(ValueError, match="chunk_groups"):
+        step(0)
+
+
 def test_tiny_stable_diffusion_round_trip_and_gif_sd(world, tmp_path, monkeypatch):
     from fersynth.generate import build_backend
     from fersynth.generate.backends import Batch, to_uint8
@@ -619,6 +672,37 @@ def test_cross_class_edits_with_the_prior_and_tiny_stable_diffusion(world, tmp_p
     strengths = {r["edit_from"]: r["strength"] for r in records}
     assert strengths == {"": 0.2, "happy": 0.7}  # each job its own strength, batches never mixed
     assert all("fear" in r["prompt"] or "fearful" in r["prompt"] for r in records)
+
+
+def test_gif_sd_takes_the_guided_step_one_seed_at_a_time_with_the_whole_batchs_outputs(world, tmp_path):
+    """gif-sd decodes 512 px images with gradients in its guided step: it holds one seed's K
+    outputs' decoder activations at a time, whatever seeds_per_batch is, and writes what a step
+    over the whole batch writes (same images, scores and clipped shares)."""
+    from fersynth.generate import build_backend
+    from fersynth.generate.backends import Batch
+    from helpers import face_like
+
+    config = sd_settings(
+        world, tmp_path / "gen", build_random(sample_size=64).save(tmp_path / "sd"), steps=10, strength=0.2
+    )
+    backend, size = build_backend(config, torch.device("cpu"))
+    assert backend.guided_seeds_per_pass == 1
+    decodes = calls_of(backend.vae, "decode")
+
+    def batch() -> Batch:
+        generators = [torch.Generator().manual_seed(s) for s in range(6)]
+        seeds = [face_like(i, size) for i in (3, 4)]
+        return Batch(seeds, ["fear", "sad"], [0, 0, 0, 1, 1, 1], generators, ["a photo of a face"] * 6)
+
+    by_seed = backend.generate(batch())
+    assert [args[0].shape[0] for args, _ in decodes] == [3, 3, 6]  # the step seed by seed, then all
+    backend.guided_seeds_per_pass = None
+    whole = backend.generate(batch())
+    assert [args[0].shape[0] for args, _ in decodes[3:]] == [6, 6]
+    for a, b in zip(by_seed.images, whole.images, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert by_seed.scores == pytest.approx(whole.scores, abs=1e-5)
+    assert by_seed.clipped == pytest.approx(whole.clipped, abs=1e-6)
 
 
 def test_outputs_and_records_do_not_depend_on_the_batch(world, tmp_path):

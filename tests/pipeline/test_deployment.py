@@ -33,7 +33,10 @@ def test_the_dockerfile_lints_clean_and_is_pinned_and_non_root():
     assert bases and re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", bases[0]), "base image pinned to a patch"
     assert ":latest" not in text
     assert "runtime_requirements.py /tmp/lock/requirements.lock" in text  # the lock make run installs
-    assert "pip install --no-deps -r /tmp/runtime.txt" in text
+    assert "--part cpu > /tmp/req/cpu.txt" in text and "--part gpu > /tmp/req/gpu.txt" in text
+    # One environment layer that both images start from (the build holds it once on disk).
+    starts = re.findall(r"^FROM (\S+) AS (cpu|cuda)$", text, re.M)
+    assert starts == [("environment", "cpu"), ("environment", "cuda")]
     # The proxy's CA reaches pip as a build secret only, never by COPY, ARG or ENV.
     assert "--mount=type=secret,id=ca_bundle" in text and not re.search(
         r"^(COPY|ARG|ENV).*(ca_bundle|\.crt|\.pem)", text, re.M | re.I
@@ -62,6 +65,21 @@ def test_the_images_install_the_lock_less_the_dev_tools():
     # Names are compared normalised (PEP 503): `Foo_Bar` in the extra drops `foo-bar==1` from the lock.
     project = '[project]\noptional-dependencies = {dev = ["Foo_Bar==1.0", "baz[extra]>=2"]}\n'
     assert runtime_lines("foo-bar==1.0\nbaz==2.1\nqux==3\n# note\n", project) == ["qux==3"]
+
+
+def test_the_cuda_image_adds_to_the_cpu_list_only_what_a_gpu_loads():
+    """--part cpu is every runtime line but Triton's; --part gpu is Triton and cuDNN (which the
+    CPU image installs less its engine libraries, and the CUDA image reinstalls whole)."""
+    sys.path.insert(0, str(ROOT / "docker"))
+    from runtime_requirements import runtime_lines
+
+    lock, project = (ROOT / "requirements.lock").read_text(), (ROOT / "pyproject.toml").read_text()
+    every, cpu, gpu = (runtime_lines(lock, project, part) for part in ("all", "cpu", "gpu"))
+    assert sorted(line.split("==")[0] for line in gpu) == ["nvidia-cudnn-cu13", "triton"]
+    assert set(every) == set(cpu) | set(gpu) and set(every) - set(cpu) == {"triton==3.8.0"}
+    assert "torch==2.14.1" in cpu and "nvidia-cublas==13.1.1.3" in cpu
+    with pytest.raises(ValueError, match="expected all, cpu or gpu"):
+        runtime_lines(lock, project, "tpu")
 
 
 def _render(overlay: str, tmp_path: Path) -> list[dict]:

@@ -14,11 +14,18 @@ import pytest
 import yaml
 
 from helpers import REPO
+from pipeline_fixtures import (
+    DEMO,
+    DVC,
+    TINY,
+    check_pipeline_outputs,
+    data_project,
+    run_command,
+    run_tiny_pipeline,
+)
 
 ROOT = REPO
-DEMO = ROOT / "profiles" / "demo.yaml"
 COMPILED = ROOT / "pipelines" / "compiled" / "demo.yaml"  # the demo profile's pipeline
-DVC = str(Path(sys.executable).parent / "dvc")
 sys.path.insert(0, str(ROOT))  # components/ and pipelines/ live beside the package
 
 
@@ -129,42 +136,6 @@ def test_the_grid_rows_are_the_profile_s_rows():
     ]
 
 
-def _run(*args: str, cwd: Path) -> str:
-    done = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ)
-    assert done.returncode == 0, f"{' '.join(args)}: {done.stderr[-2000:]}"
-    return done.stdout
-
-
-def _data_project(root: Path, s3) -> Path:
-    """A git + DVC project holding tiny raw demo data and a cross-dataset test set, pushed to
-    the S3 server: what `fetch_data` pulls at a revision."""
-    from fersynth.demo import write_demo_data
-    from fersynth.ingest import run_ingest
-    from fersynth.settings import DemoSettings, IngestSettings
-
-    s3.create_bucket("kfp-data")
-    repo = root / "project"
-    repo.mkdir()
-    _run("git", "init", "-q", cwd=repo)
-    _run("git", "config", "user.email", "ci@example.com", cwd=repo)
-    _run("git", "config", "user.name", "ci", cwd=repo)
-    _run(DVC, "init", "-q", cwd=repo)
-    write_demo_data(
-        DemoSettings(output=repo / "data" / "raw", train_size=56, test_size=28, image_size=40), progress=False
-    )
-    cross_raw = root / "cross_raw"
-    write_demo_data(
-        DemoSettings(output=cross_raw, seed=7, train_size=7, test_size=21, image_size=40), progress=False
-    )
-    run_ingest(IngestSettings(input=cross_raw, output=repo / "data" / "test_sets" / "cross"), progress=False)
-    _run(DVC, "add", "-q", "data/raw", "data/test_sets", cwd=repo)
-    _run(DVC, "remote", "add", "-d", "storage", "s3://kfp-data/dvc", cwd=repo)  # endpoint: AWS_ENDPOINT_URL
-    _run(DVC, "push", "-q", cwd=repo)
-    _run("git", "add", "-A", cwd=repo)
-    _run("git", "commit", "-q", "-m", "data", cwd=repo)
-    return repo
-
-
 def test_the_data_revision_is_resolved_uncached_and_keys_every_cached_step():
     """A moving `data_rev` (main) must not hit the cache of an older fetch: an uncached step
     resolves it to a commit, and the fetches and the settings every step reads take the commit."""
@@ -200,8 +171,8 @@ def test_a_new_commit_of_the_data_repository_is_what_the_next_run_fetches(s3_env
 
     import components
 
-    repo = _data_project(tmp_path, s3_env)
-    branch = _run("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=repo).strip()
+    repo = data_project(tmp_path, s3_env)
+    branch = run_command("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=repo).strip()
     ops = components.build("fersynth:test", "fersynth-cuda:test")
 
     def fetch_at(data_repo: str, data_rev: str):
@@ -224,19 +195,19 @@ def test_a_new_commit_of_the_data_repository_is_what_the_next_run_fetches(s3_env
         metadata = json.loads(executor.read_text())
         return json.dumps(metadata), files
 
-    first_meta, before = run("first")
-    first_commit = _run("git", "rev-parse", "HEAD", cwd=repo).strip()
+    first_meta, before = run_command("first")
+    first_commit = run_command("git", "rev-parse", "HEAD", cwd=repo).strip()
     assert first_commit in first_meta and before
 
     added = repo / "data" / "raw" / "new_labels.txt"  # new data lands on the branch
     added.write_text("new\n")
-    _run(DVC, "add", "-q", "data/raw", cwd=repo)
-    _run(DVC, "push", "-q", cwd=repo)
-    _run("git", "add", "-A", cwd=repo)
-    _run("git", "commit", "-q", "-m", "more data", cwd=repo)
-    second_commit = _run("git", "rev-parse", "HEAD", cwd=repo).strip()
+    run_command(DVC, "add", "-q", "data/raw", cwd=repo)
+    run_command(DVC, "push", "-q", cwd=repo)
+    run_command("git", "add", "-A", cwd=repo)
+    run_command("git", "commit", "-q", "-m", "more data", cwd=repo)
+    second_commit = run_command("git", "rev-parse", "HEAD", cwd=repo).strip()
 
-    second_meta, after = run("second")
+    second_meta, after = run_command("second")
     assert second_commit in second_meta and first_commit not in second_meta
     assert after == sorted([*before, "new_labels.txt"])
 
@@ -249,61 +220,6 @@ def test_a_failed_fetch_names_dvc_s_error_not_its_support_footer(tmp_path):
         fetch_data(str(tmp_path / "no-project"), "data/raw", "HEAD", tmp_path / "out")
     message = str(failed.value)
     assert "ERROR: failed to get 'data/raw'" in message and "Having any troubles" not in message
-
-
-TINY = [
-    "train.warmup_steps=1", "train.workers=0", "train.eval_every=2", "train.checkpoint_every=2",
-    "train.log_every=1", "train.lr=0.003", "evaluate.workers=0", "evaluate.batch_size=32",
-    "prior.steps=3", "prior.image_size=32", "prior.batch_size=8", "generate.max_seeds_per_class=1",
-    "generate.sizing=fixed",
-    "generate.k=2", "verify.fidelity_images_per_class=4", "verify.kid_subset_size=2",
-    "verify.min_probability=0.0", "verify.min_votes=1", "verify.workers=0",
-    "guard.workers=1", "ingest.workers=1", "quality.workers=1", "experiment.grid.seeds=[2048, 2049]",
-]  # fmt: skip
-
-
-def run_tiny_pipeline(repo: Path, image_tag: str, overrides: list[str]) -> None:
-    """The demo profile's pipeline on `_data_project`'s tiny data, under the runner that
-    `kfp.local.init` set: 4 steps of ResNet-18 at 32 px, two generation shards."""
-    from fersynth.settings import load_settings
-    from pipelines.fersynth_pipeline import build_pipeline
-
-    build_pipeline(load_settings(DEMO), image_tag)(
-        data_repo=str(repo),
-        data_rev="HEAD",
-        data_path="data/raw",
-        test_sets_path="data/test_sets",
-        source="rafdb",
-        train_arch="resnet18",
-        train_image_size=32,
-        train_steps=4,
-        train_batch_size=8,
-        generate_shards=2,
-        overrides=overrides,
-    )
-
-
-def check_pipeline_outputs(root: Path) -> None:
-    """What a tiny pipeline run under `root` must leave: every grid row trained and evaluated on
-    both test sets (the copy twins too), the two shards merged (7 classes x 1 seed x k=2 and
-    each output's copy twin, nothing lost or doubled), the report, and the best row registered."""
-    tables = sorted(root.rglob("comparisons/in_domain/comparison.csv"))
-    assert len(tables) == 1
-    table = tables[0].read_text()
-    from fersynth.settings import load_settings, row_label
-
-    for key, row in load_settings(DEMO).experiment.grid.rows().items():  # the copy twins too
-        assert f"\n{row_label(key, row)}," in table
-    assert sorted(root.rglob("comparisons/cross/comparison.csv"))
-    merged = [p for p in root.rglob("merge/*/dataset/manifest.csv")] or [
-        p for p in root.rglob("manifest.csv") if "merge" in str(p)
-    ]
-    assert merged and sum(1 for _ in merged[0].open()) - 1 == 2 * 14
-    assert merged[0].read_text().count(",copy,") == 14  # gen_kind of the copy twins
-    report = sorted(root.rglob("report/**/report.md"))
-    assert report and "What the synthetic data changed" in report[0].read_text()
-    status = json.loads(next(iter(sorted(root.rglob("register/**/outcome")))).read_text())
-    assert status["registered"] and status["metric"] == "in_domain.mean_accuracy"
 
 
 @pytest.mark.slow
@@ -351,9 +267,10 @@ def _local_run(root: Path, profile: dict) -> None:
     root.mkdir()
     (root / "params.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
-    _run("git", "init", "-q", cwd=root)
-    _run("git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "add", "-A", cwd=root)
-    _run("git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "lock", cwd=root)
+    run_command("git", "init", "-q", cwd=root)
+    identity = ["-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    run_command("git", *identity, "add", "-A", cwd=root)
+    run_command("git", *identity, "commit", "-qm", "lock", cwd=root)
     for command in (
         ["demo-data", "--set", "raw"],
         ["demo-data", "--set", "cross_raw"],
@@ -381,7 +298,7 @@ def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, mlflow_env, tmp_pat
     tags as a local run of the same profile through the CLI, against the real MLflow server."""
     from kfp import local
 
-    repo = _data_project(tmp_path, s3_env)
+    repo = data_project(tmp_path, s3_env)
     root = tmp_path / "pipeline-root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     run_tiny_pipeline(repo, "test", TINY)
@@ -393,7 +310,7 @@ def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, mlflow_env, tmp_pat
         "raw": {"train_size": 56, "test_size": 28, "image_size": 40},
         "cross_raw": {"seed": 7, "train_size": 7, "test_size": 21, "image_size": 40},
     }
-    profile["train"].update(arch="resnet18", image_size=32, steps=4, batch_size=8)
+    profile["train"].update(image_size=32, steps=4, batch_size=8)
     for pair in TINY:
         section, _, rest = pair.partition(".")
         key, _, value = rest.partition("=")
@@ -418,8 +335,9 @@ def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, mlflow_env, tmp_pat
         tags = run.data.tags
         assert tags["profile"] == "demo" and tags["grid_label"] == "Original_SL" and tags["git_commit"]
     # The pipeline's data_rev ("HEAD"), resolved to the data repository's commit.
-    assert kfp_run.data.tags["dvc_rev"] == _run("git", "rev-parse", "HEAD", cwd=repo).strip()
-    local_commit = _run("git", "log", "-1", "--format=%H", "--", "dvc.lock", cwd=tmp_path / "local").strip()
+    assert kfp_run.data.tags["dvc_rev"] == run_command("git", "rev-parse", "HEAD", cwd=repo).strip()
+    local = tmp_path / "local"
+    local_commit = run_command("git", "log", "-1", "--format=%H", "--", "dvc.lock", cwd=local).strip()
     assert local_run.data.tags["dvc_rev"] == local_commit  # the commit whose dvc.lock names the data
 
 

@@ -111,6 +111,9 @@ class GifBackend:
     """Shared part: seed probabilities, the guided step, decoding."""
 
     text_conditioned = False  # whether the outputs' prompts reach the model (else not recorded)
+    # Seed images whose K outputs the guided step decodes and backpropagates together (the
+    # decoder's activations of these are held at once); None: the whole batch.
+    guided_seeds_per_pass: int | None = None
 
     def __init__(
         self,
@@ -124,8 +127,9 @@ class GifBackend:
         seed_hflip: bool = True,
     ) -> None:
         self.vae = vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
-        # On CUDA the decoder runs under bf16 autocast, and the guided step recomputes its
-        # activations instead of storing them: at 512 px that step otherwise needs ~6 GiB/image.
+        # On CUDA (generate.half) the VAE runs under bf16 autocast, as diffusers' pipelines run
+        # it in half precision, and the guided step recomputes the decoder's activations instead
+        # of storing them: at 512 px that step otherwise needs ~6 GiB/image.
         self.low_precision = half and device.type == "cuda"
         if device.type == "cuda" and hasattr(self.vae, "enable_gradient_checkpointing"):
             self.vae.enable_gradient_checkpointing()
@@ -149,8 +153,9 @@ class GifBackend:
         """Scaled latents of each output's augmented seed (`views`: already drawn, else drawn
         here), one posterior sample per output from that output's generator."""
         views = (self.views(batch) if views is None else views) * 2 - 1
-        distribution = self.vae.encode(views).latent_dist
-        mean, std = distribution.mean, distribution.std
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.low_precision):
+            distribution = self.vae.encode(views).latent_dist
+        mean, std = distribution.mean.float(), distribution.std.float()
         noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in batch.generators]).to(
             self.device
         )
@@ -184,6 +189,7 @@ class GifBackend:
             self.step_size,
             self.eps,
             classes=rewarded_classes(batch, self.device),
+            chunk_groups=self.guided_seeds_per_pass,
         )
         with torch.no_grad():
             images = self.render(step.latents)
@@ -192,6 +198,9 @@ class GifBackend:
 
 class GifSD(GifBackend):
     text_conditioned = True
+    # The guided step seed by seed: Stable Diffusion's decoder at 512 px holds GiBs of
+    # activations per output, and seeds_per_batch batches the denoising, not this step.
+    guided_seeds_per_pass = 1
 
     def __init__(
         self,
@@ -226,8 +235,8 @@ class GifSD(GifBackend):
         self.steps, self.strength, self.scale = steps, strength, scale
 
     def latents(self, batch: Batch) -> torch.Tensor:
-        # The float32 VAE encodes each output's own augmented view of its seed, and the
-        # pipeline starts from those latents in the UNet's dtype.
+        # The VAE encodes each output's own augmented view of its seed (bf16 autocast on CUDA),
+        # and the pipeline starts from those latents in the UNet's dtype.
         init = self.encode(batch).to(self.pipe.unet.dtype)
         with torch.inference_mode():  # no gradient through the denoising; the GIF step needs its own
             result = self.pipe(

@@ -130,6 +130,20 @@ def clipped_fraction(stepped: torch.Tensor, base: torch.Tensor, eps: float) -> t
     return ((stepped - base).abs() > eps).flatten(1).float().mean(dim=1)
 
 
+def group_chunks(groups: torch.Tensor, chunk_groups: int | None) -> list[torch.Tensor]:
+    """The batch's row indices in runs of `chunk_groups` whole groups (sorted group ids), or all
+    rows at once (None). ValueError for a chunk of fewer than one group."""
+    if chunk_groups is None:
+        return [torch.arange(len(groups), device=groups.device)]
+    if chunk_groups < 1:
+        raise ValueError(f"chunk_groups = {chunk_groups}: at least one group per pass, or None")
+    ids = torch.unique(groups)
+    return [
+        torch.nonzero(torch.isin(groups, ids[start : start + chunk_groups])).squeeze(1)
+        for start in range(0, len(ids), chunk_groups)
+    ]
+
+
 def guided_latents(
     latents: torch.Tensor,
     decode: Callable[[torch.Tensor], torch.Tensor],
@@ -141,24 +155,39 @@ def guided_latents(
     eps: float = 0.1,
     *,
     classes: torch.Tensor,
+    chunk_groups: int | None = None,
 ) -> GifStep:
     """One signed-gradient ascent step on (z, b), projected onto the eps-ball around `latents`.
 
     `classes` (B,): each output's intended class, whose probability S_inf rewards (its seed's
     label, or an edit's target; never the guide's prediction on the seed).
     Gradients flow only through this step (decoder and guide), never into their weights.
+
+    `chunk_groups`: decode, score and backpropagate that many groups (seed images' K outputs)
+    at a time, so that the decoder's activations of only those outputs are held at once (a
+    512 px Stable Diffusion decoder's are GiBs per output); None: the whole batch at once.
+    The step is the same either way: an output's S depends on its own group only, and each
+    chunk's gradient is that of the whole batch's mean S. `decode` must treat rows alone.
     """
     base = latents.detach().float()
+    if classes.shape != base.shape[:1]:
+        raise ValueError(f"classes: one intended class per output ({len(base)}), got {tuple(classes.shape)}")
     # Per channel of a B x C x H x W latent ([C,1,1]), per dimension of a B x D embedding ([D]).
     z, b = draw_noise(generators, (base.shape[1],) + (1,) * (base.dim() - 2))
-    z, b = z.to(base.device).requires_grad_(True), b.to(base.device).requires_grad_(True)
-    with torch.enable_grad():
-        logits, features = guide(decode(perturb(base, z, b)))
-        scores = gif_scores(logits, features, seed_probabilities, groups, classes)
-        grad_z, grad_b = torch.autograd.grad(scores.mean(), [z, b])
+    z, b = z.to(base.device), b.to(base.device)
+    grad_z, grad_b = torch.zeros_like(z), torch.zeros_like(b)
+    scores = torch.zeros(len(base), device=base.device)
+    for rows in group_chunks(groups, chunk_groups):
+        z_rows, b_rows = z[rows].requires_grad_(True), b[rows].requires_grad_(True)
+        with torch.enable_grad():
+            logits, features = guide(decode(perturb(base[rows], z_rows, b_rows)))
+            chunk = gif_scores(logits, features, seed_probabilities[rows], groups[rows], classes[rows])
+            # The batch's mean S (the official code's objective), restricted to these rows' terms.
+            grad_z[rows], grad_b[rows] = torch.autograd.grad(chunk.sum() / len(base), [z_rows, b_rows])
+        scores[rows] = chunk.detach().float()
     with torch.no_grad():
         z_step = z + step_size * grad_z.sign()
         b_step = b + step_size * grad_b.sign()
         stepped = perturb(base, z_step, b_step)
         projected = torch.maximum(torch.minimum(stepped, base + eps), base - eps)
-    return GifStep(projected, scores.detach(), stepped, clipped_fraction(stepped, base, eps))
+    return GifStep(projected, scores, stepped, clipped_fraction(stepped, base, eps))
