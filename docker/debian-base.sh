@@ -6,8 +6,9 @@
 #
 # The same Debian release (bookworm) and Python minor version as the pinned
 # python:3.11.*-slim-bookworm, though with Debian's own patch release (3.11.2):
-# `debootstrap --variant=minbase`, then python3.11, its venv module and the public CA
-# certificates (as the slim image has), `python` linked to python3.11, and the apt lists removed.
+# `debootstrap --variant=minbase`, then python3.11, its venv module, its C headers and the
+# public CA certificates (as the slim image has; torch.compile builds against the headers),
+# `python` linked to python3.11, and the apt lists removed.
 # Needs root and debootstrap (installed from Debian when missing).
 set -euo pipefail
 DOCKER=${DOCKER:-docker}
@@ -30,7 +31,7 @@ trap 'rm -rf "$root"' EXIT
 echo "debian-base: debootstrap bookworm into $root (log: $log)" >&2
 {
   debootstrap --variant=minbase bookworm "$root" "$MIRROR"
-  chroot "$root" apt-get install -y -qq --no-install-recommends python3.11 python3.11-venv ca-certificates
+  chroot "$root" apt-get install -y -qq --no-install-recommends python3.11 python3.11-venv libpython3.11-dev ca-certificates
 } >>"$log" 2>&1 || { echo "debian-base: debootstrap failed: $log" >&2; exit 1; }
 ln -sf /usr/bin/python3.11 "$root/usr/local/bin/python"
 ln -sf /usr/bin/python3.11 "$root/usr/local/bin/python3"

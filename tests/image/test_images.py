@@ -285,6 +285,23 @@ def test_the_cpu_image_leaves_out_only_what_a_gpu_loads_and_the_cuda_image_has_i
         assert _offline(image, "python", "-c", probe).strip() == "[]", image
 
 
+def test_torch_compile_builds_its_kernels_in_the_cuda_image():
+    """train.compile is on by default on CUDA where a C compiler is on PATH: the CUDA image has
+    one (Triton's launchers, Inductor's CPU kernels), and a compiled function runs there as the
+    image's user, offline (here on the CPU, with Inductor's C++ kernels) and matches eager.
+    The CPU image, whose steps never compile, has none."""
+    compiler = "from fersynth.train.loop import c_compiler; "
+    probe = (
+        f"import json, torch; {compiler}"
+        "eager = lambda x: torch.sin(x) * 2 + x.sum(); x = torch.arange(6.0); "
+        "same = bool(torch.allclose(torch.compile(eager)(x), eager(x))); "
+        "print(json.dumps({'cc': c_compiler(), 'same': same}))"
+    )
+    cuda = json.loads(_offline(GPU_IMAGE, "python", "-c", probe).strip().splitlines()[-1])
+    assert cuda == {"cc": "cc", "same": True}
+    assert _offline(IMAGE, "python", "-c", f"{compiler}print(c_compiler())").strip() == "None"
+
+
 def test_the_pipeline_runs_in_its_images_with_kfp_docker_runner(s3_env, mlflow_env, shared_dir):
     """The compiled pipeline's steps, each in the image it ships in (kfp.local.DockerRunner),
     on the host's network for the loopback S3 and MLflow servers: every grid row is trained and
