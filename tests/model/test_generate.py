@@ -103,15 +103,9 @@ def test_prior_is_reproducible_and_trains_from_disk_when_too_big_for_memory(worl
         )
 
 
-def test_gif_step_stays_in_the_eps_ball_and_raises_the_score():
-    """`scores` is S at the perturbed latent s' before the step; the step ascends the batch's S
-    (first order, a small step), and the projection is the closest point of the eps-ball.
-
-    S on decode(projected) is above S before the step where the ball clips nothing (then the
-    projected latent is the stepped one). Where it clips, the projection moves the latent by
-    far more than the step (s' is s * (1 + z) + b, of the latent's own scale) and S there has
-    no order to S before the step: what holds then is that the projection is the per-entry
-    clamp of the stepped latent, and the step itself does not depend on eps."""
+def toy_decoder_and_guide():
+    """A 4-channel latent's toy decoder (x4 upsampling to RGB in [0, 1]) and a toy guide
+    (images -> logits over 7 classes, 16 features), seeded."""
     torch.manual_seed(0)
     decoder = torch.nn.Sequential(
         torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(4, 3, 3, padding=1), torch.nn.Sigmoid()
@@ -122,6 +116,20 @@ def test_gif_step_stays_in_the_eps_ball_and_raises_the_score():
     def guide(images):
         features = head(images)
         return classifier(features), features
+
+    return decoder, guide
+
+
+def test_gif_step_stays_in_the_eps_ball_and_raises_the_score():
+    """`scores` is S at the perturbed latent s' before the step; the step ascends the batch's S
+    (first order, a small step), and the projection is the closest point of the eps-ball.
+
+    S on decode(projected) is above S before the step where the ball clips nothing (then the
+    projected latent is the stepped one). Where it clips, the projection moves the latent by
+    far more than the step (s' is s * (1 + z) + b, of the latent's own scale) and S there has
+    no order to S before the step: what holds then is that the projection is the per-entry
+    clamp of the stepped latent, and the step itself does not depend on eps."""
+    decoder, guide = toy_decoder_and_guide()
 
     latents = torch.randn(6, 4, 8, 8)
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
@@ -374,21 +382,12 @@ def test_the_guided_step_seed_by_seed_is_the_whole_batchs_step():
     """An output's S depends on its own seed's K outputs only, and the step's direction is the
     sign of S's gradient: taking the step one seed (or two) at a time, so that the decoder's
     activations of only those outputs are held at once, gives the whole batch's step."""
-    torch.manual_seed(0)
-    decoder = torch.nn.Sequential(
-        torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(4, 3, 3, padding=1), torch.nn.Sigmoid()
-    )
-    head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 16))
-    classifier = torch.nn.Linear(16, 7)
+    decoder, guide = toy_decoder_and_guide()
     passes: list[int] = []
 
     def decode(latents):
         passes.append(len(latents))
         return decoder(latents)
-
-    def guide(images):
-        features = head(images)
-        return classifier(features), features
 
     latents = torch.randn(9, 4, 8, 8)
     groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])

@@ -182,7 +182,7 @@ def test_a_new_commit_of_the_data_repository_is_what_the_next_run_fetches(s3_env
     fetch_at.__annotations__ = {"data_repo": str, "data_rev": str}  # types, not this file's strings
     fetch_at = dsl.pipeline(name="fetch-at-a-revision")(fetch_at)
 
-    def run(name: str) -> tuple[str, list[str]]:
+    def run_pipeline(name: str) -> tuple[str, list[str]]:
         """One run in its own pipeline root: (the commit fetch was given, the files it fetched)."""
         root = tmp_path / name
         local.init(
@@ -195,7 +195,7 @@ def test_a_new_commit_of_the_data_repository_is_what_the_next_run_fetches(s3_env
         metadata = json.loads(executor.read_text())
         return json.dumps(metadata), files
 
-    first_meta, before = run_command("first")
+    first_meta, before = run_pipeline("first")
     first_commit = run_command("git", "rev-parse", "HEAD", cwd=repo).strip()
     assert first_commit in first_meta and before
 
@@ -207,7 +207,7 @@ def test_a_new_commit_of_the_data_repository_is_what_the_next_run_fetches(s3_env
     run_command("git", "commit", "-q", "-m", "more data", cwd=repo)
     second_commit = run_command("git", "rev-parse", "HEAD", cwd=repo).strip()
 
-    second_meta, after = run_command("second")
+    second_meta, after = run_pipeline("second")
     assert second_commit in second_meta and first_commit not in second_meta
     assert after == sorted([*before, "new_labels.txt"])
 
