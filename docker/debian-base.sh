@@ -12,7 +12,10 @@
 # Needs root and debootstrap (installed from Debian when missing).
 set -euo pipefail
 DOCKER=${DOCKER:-docker}
-IMAGE=${FERSYNTH_DEBIAN_BASE:-fersynth-local/python:3.11-bookworm}
+PACKAGES="python3.11 python3.11-venv libpython3.11-dev ca-certificates"
+# The tag names the package list, so that an engine keeping an older stand-in (one without
+# Python's headers, say) builds the new one instead of reusing it.
+IMAGE=${FERSYNTH_DEBIAN_BASE:-fersynth-local/python:3.11-bookworm-$(printf %s "$PACKAGES" | sha256sum | cut -c1-8)}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 if "$DOCKER" image inspect "$IMAGE" >/dev/null 2>&1; then
   echo "$IMAGE"
@@ -31,7 +34,7 @@ trap 'rm -rf "$root"' EXIT
 echo "debian-base: debootstrap bookworm into $root (log: $log)" >&2
 {
   debootstrap --variant=minbase bookworm "$root" "$MIRROR"
-  chroot "$root" apt-get install -y -qq --no-install-recommends python3.11 python3.11-venv libpython3.11-dev ca-certificates
+  chroot "$root" apt-get install -y -qq --no-install-recommends $PACKAGES
 } >>"$log" 2>&1 || { echo "debian-base: debootstrap failed: $log" >&2; exit 1; }
 ln -sf /usr/bin/python3.11 "$root/usr/local/bin/python"
 ln -sf /usr/bin/python3.11 "$root/usr/local/bin/python3"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from helpers import REPO
 
+sys.path.insert(0, str(REPO))  # `pipelines`, for run_tiny_pipeline, whichever way pytest starts
 DEMO = REPO / "profiles" / "demo.yaml"
 DVC = str(Path(sys.executable).parent / "dvc")
 

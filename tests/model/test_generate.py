@@ -1069,6 +1069,23 @@ def test_gif_prior_keeps_the_seeds_detail_that_the_prior_loses(world, tmp_path):
     assert kept_error < 12  # only the resizing to the prior's 32 px and back
 
 
+def test_backends_encode_in_low_precision_only_where_the_plain_pipeline_does(world, tmp_path):
+    """bf16 encoding (CUDA, generate.half) is gif-sd's alone, as diffusers' img2img encodes in
+    half precision; gif-prior and gif-ldm keep the float32 encoder their models were trained on.
+    gif-prior's render adds its batch's detail row for row, so it refuses a chunk of the batch."""
+    from fersynth.generate import build_backend
+    from fersynth.generate.backends import GifPrior, GifSD
+    from fersynth.generate.ldm import GifLatentDiffusion
+
+    assert GifSD.encode_low_precision and GifSD.guided_seeds_per_pass == 1
+    for backend in (GifPrior, GifLatentDiffusion):
+        assert not backend.encode_low_precision and backend.guided_seeds_per_pass is None
+    prior, _ = build_backend(settings(world, tmp_path / "prior"), torch.device("cpu"))
+    prior._detail = torch.zeros(4, 3, 32, 32)
+    with pytest.raises(ValueError, match="batch of 4 whole, got 2"):
+        prior.render(torch.zeros(2, 1))  # refused before anything is decoded
+
+
 def test_copy_twins_are_the_seed_views_the_gif_outputs_start_from_and_k_follows_the_need(world, tmp_path):
     from fersynth.augment import COPY_SUFFIX
     from fersynth.generate.backends import Batch, seed_views, to_tensor, to_uint8

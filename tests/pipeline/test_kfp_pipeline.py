@@ -336,8 +336,8 @@ def test_the_pipeline_runs_end_to_end_with_kfp_local(s3_env, mlflow_env, tmp_pat
         assert tags["profile"] == "demo" and tags["grid_label"] == "Original_SL" and tags["git_commit"]
     # The pipeline's data_rev ("HEAD"), resolved to the data repository's commit.
     assert kfp_run.data.tags["dvc_rev"] == run_command("git", "rev-parse", "HEAD", cwd=repo).strip()
-    local = tmp_path / "local"
-    local_commit = run_command("git", "log", "-1", "--format=%H", "--", "dvc.lock", cwd=local).strip()
+    local_dir = tmp_path / "local"
+    local_commit = run_command("git", "log", "-1", "--format=%H", "--", "dvc.lock", cwd=local_dir).strip()
     assert local_run.data.tags["dvc_rev"] == local_commit  # the commit whose dvc.lock names the data
 
 

@@ -114,6 +114,9 @@ class GifBackend:
     # Seed images whose K outputs the guided step decodes and backpropagates together (the
     # decoder's activations of these are held at once); None: the whole batch.
     guided_seeds_per_pass: int | None = None
+    # Whether the VAE encodes under the decoder's bf16 autocast (CUDA, generate.half). Off where
+    # a model was trained on the float32 encoder's latents (gif-ldm's UNet, the prior's).
+    encode_low_precision = False
 
     def __init__(
         self,
@@ -127,9 +130,9 @@ class GifBackend:
         seed_hflip: bool = True,
     ) -> None:
         self.vae = vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
-        # On CUDA (generate.half) the VAE runs under bf16 autocast, as diffusers' pipelines run
-        # it in half precision, and the guided step recomputes the decoder's activations instead
-        # of storing them: at 512 px that step otherwise needs ~6 GiB/image.
+        # On CUDA (generate.half) the decoder runs under bf16 autocast, as diffusers' pipelines
+        # run the VAE in half precision, and the guided step recomputes the decoder's activations
+        # instead of storing them: at 512 px that step otherwise needs ~6 GiB/image.
         self.low_precision = half and device.type == "cuda"
         if device.type == "cuda" and hasattr(self.vae, "enable_gradient_checkpointing"):
             self.vae.enable_gradient_checkpointing()
@@ -153,7 +156,8 @@ class GifBackend:
         """Scaled latents of each output's augmented seed (`views`: already drawn, else drawn
         here), one posterior sample per output from that output's generator."""
         views = (self.views(batch) if views is None else views) * 2 - 1
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.low_precision):
+        low = self.low_precision and self.encode_low_precision
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low):
             distribution = self.vae.encode(views).latent_dist
         mean, std = distribution.mean.float(), distribution.std.float()
         noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in batch.generators]).to(
@@ -201,6 +205,7 @@ class GifSD(GifBackend):
     # The guided step seed by seed: Stable Diffusion's decoder at 512 px holds GiBs of
     # activations per output, and seeds_per_batch batches the denoising, not this step.
     guided_seeds_per_pass = 1
+    encode_low_precision = True  # as diffusers' img2img encodes, in the UNet's half precision
 
     def __init__(
         self,
@@ -310,6 +315,9 @@ class GifPrior(GifBackend):
     def render(self, latents: torch.Tensor) -> torch.Tensor:
         if self._detail is None:
             return self.decode(latents)
+        # The batch's detail, row for row: this render cannot take a chunk of the batch.
+        if len(latents) != len(self._detail):
+            raise ValueError(f"gif-prior renders its batch of {len(self._detail)} whole, got {len(latents)}")
         return (self.decode(latents) + self._detail).clamp(0, 1)
 
 
