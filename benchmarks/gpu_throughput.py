@@ -271,8 +271,12 @@ def generation(size: Size, device: torch.device, tiny: bool) -> dict:
             )
 
     def checkpointing(on: bool) -> None:
-        if hasattr(guided.vae, "enable_gradient_checkpointing"):
-            guided.vae.enable_gradient_checkpointing() if on else guided.vae.disable_gradient_checkpointing()
+        if not hasattr(guided.vae, "enable_gradient_checkpointing"):
+            return
+        if on:
+            guided.vae.enable_gradient_checkpointing()
+        else:
+            guided.vae.disable_gradient_checkpointing()
 
     checkpointed = device.type == "cuda"  # GifBackend's own choice
     # (name, run, guided step's seeds per pass, decoder checkpointing): the defaults, the step

@@ -19,10 +19,12 @@ share their large layer instead of each holding its own copy of the environment:
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 import tomllib
 
+PARTS = ("all", "cpu", "gpu")
 # Triton, PyTorch's GPU kernel compiler (0.9 GB): nothing on a CPU imports it.
 GPU_ONLY = ("triton",)
 # cuDNN (nvidia-cudnn-cu12, -cu13, ...): the CPU image keeps only the core library.
@@ -40,7 +42,7 @@ def runtime_lines(lock_text: str, pyproject_text: str, part: str = "all") -> lis
     `part` picks the CPU image's lines (`cpu`), the CUDA image's additions (`gpu`) or all of
     them (`all`); ValueError for any other value.
     """
-    if part not in ("all", "cpu", "gpu"):
+    if part not in PARTS:
         raise ValueError(f"part {part!r}: expected all, cpu or gpu")
     dev = tomllib.loads(pyproject_text)["project"]["optional-dependencies"]["dev"]
     dev_names = {_name(d) for d in dev}
@@ -54,15 +56,14 @@ def runtime_lines(lock_text: str, pyproject_text: str, part: str = "all") -> lis
 
 
 def main(argv: list[str]) -> int:
-    part = "all"
-    if len(argv) == 4 and argv[2] == "--part":
-        part = argv[3]
-        argv = argv[:2]
-    if len(argv) != 2 or part not in ("all", "cpu", "gpu"):
-        print("usage: runtime_requirements.py REQUIREMENTS_LOCK PYPROJECT_TOML [--part all|cpu|gpu]", file=sys.stderr)
-        return 2
-    with open(argv[0], encoding="utf-8") as lock, open(argv[1], encoding="utf-8") as project:
-        print("\n".join(runtime_lines(lock.read(), project.read(), part)))
+    parser = argparse.ArgumentParser(description="Print requirements.lock less the dev extra's packages.")
+    parser.add_argument("lock", type=argparse.FileType(encoding="utf-8"), help="requirements.lock")
+    parser.add_argument("pyproject", type=argparse.FileType(encoding="utf-8"), help="pyproject.toml")
+    parser.add_argument(
+        "--part", choices=PARTS, default="all", help="cpu: the CPU image; gpu: the CUDA image's additions"
+    )
+    args = parser.parse_args(argv)
+    print("\n".join(runtime_lines(args.lock.read(), args.pyproject.read(), args.part)))
     return 0
 
 

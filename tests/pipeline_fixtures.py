@@ -13,7 +13,9 @@ from pathlib import Path
 
 from helpers import REPO
 
-sys.path.insert(0, str(REPO))  # `pipelines`, for run_tiny_pipeline, whichever way pytest starts
+# `pipelines` and `components` live beside the package: importable by this module's users,
+# whichever way pytest starts.
+sys.path.insert(0, str(REPO))
 DEMO = REPO / "profiles" / "demo.yaml"
 DVC = str(Path(sys.executable).parent / "dvc")
 

@@ -26,7 +26,6 @@ from pipeline_fixtures import (
 
 ROOT = REPO
 COMPILED = ROOT / "pipelines" / "compiled" / "demo.yaml"  # the demo profile's pipeline
-sys.path.insert(0, str(ROOT))  # components/ and pipelines/ live beside the package
 
 
 def committed_tag() -> str:
