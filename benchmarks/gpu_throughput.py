@@ -9,15 +9,21 @@ precision and optimiser step (timm AdamW, autocast, gradient clipping 5):
   transforms (resize, random crop, flip, rotation 5, normalise), the way most projects feed;
 - `fersynth_in_memory`, `fersynth_loader`: `fersynth train` (`run_train`) on the same images,
   its in-memory path and its DataLoader path, images/s of its log windows after the first;
-- `fersynth_mek`: the same in-memory run with MEK.
-Ratios: fersynth against the plain loader and against random batches, MEK against SL.
+- `fersynth_mek`: the same in-memory run with MEK;
+- `fersynth_sl_double_batch`: SL in memory at twice the batch, as many images per step as MEK
+  forwards (the batch and its mirror).
+Ratios: fersynth against the plain loader and against random batches; MEK against SL, per
+image and per forwarded image (MEK's step against SL's on the same 2B images: what the class
+activation maps and the consistency loss add beyond the mirrored view).
 
 Generation: GIF-SD's guided step (`GifSD.generate`) against diffusers' plain
 `StableDiffusionImg2ImgPipeline` on the same random components, seeds and settings (DDIM 50 x
 strength 0.1, scale 50, K outputs per seed): images/s and peak device memory, and their ratios;
 also the guided step over the whole batch at once (as before issue 32; fersynth takes it seed
-by seed) and without the decoder's gradient checkpointing (faster, more memory), so that one
-GPU run shows which default holds the targets.
+by seed), and with the decoder's activations recomputed (gradient checkpointing) and stored,
+beside the defaults' own choice (by memory: generate/checkpointing.py) and the bytes a guided pass's
+activations take (counted on the meta device), so that one GPU run shows which holds the
+targets.
 
 Full size where CUDA is present (batch 128, bf16, 100 px JPEGs, SD-1.5-sized components at
 512 px); `--tiny` (always on a CPU) measures the same things on ResNet-18-sized models at 32 px
@@ -189,7 +195,7 @@ def fersynth_loop(arch: str, px: int, size: Size, device, folder: Path, work: Pa
     from fersynth.train.loop import SPEED_FILE, run_train
 
     output = work / f"{arch}_{'_'.join(f'{k}-{v}' for k, v in changes.items())}"
-    settings = TrainSettings(
+    values = dict(
         data=folder,
         output=output,
         arch=arch,
@@ -203,8 +209,8 @@ def fersynth_loop(arch: str, px: int, size: Size, device, folder: Path, work: Pa
         workers=size.workers,
         device=str(device),
         precision="bf16" if device.type == "cuda" else "fp32",
-        **changes,
     )
+    settings = TrainSettings(**{**values, **changes})
     result = run_train(settings, force=True, progress=False)
     windows = [json.loads(line) for line in (output / SPEED_FILE).read_text().splitlines() if line]
     measured = [w["images_per_s"] for w in windows[1:]] or [result.images_per_second]
@@ -221,6 +227,7 @@ def generation(size: Size, device: torch.device, tiny: bool) -> dict:
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from fersynth.generate.backends import Batch, GifSD, make_prompts
+    from fersynth.generate.checkpointing import saved_activation_bytes
     from fersynth.generate.components import build_random, sd15_sized
     from fersynth.generate.guide import FerGuide
     from fersynth.settings import THESIS_MEAN, THESIS_STD
@@ -270,27 +277,19 @@ def generation(size: Size, device: torch.device, tiny: bool) -> dict:
                 output_type="np",
             )
 
-    def checkpointing(on: bool) -> None:
-        if not hasattr(guided.vae, "enable_gradient_checkpointing"):
-            return
-        if on:
-            guided.vae.enable_gradient_checkpointing()
-        else:
-            guided.vae.disable_gradient_checkpointing()
-
-    checkpointed = device.type == "cuda"  # GifBackend's own choice
-    # (name, run, guided step's seeds per pass, decoder checkpointing): the defaults, the step
-    # over the whole batch at once (before issue 32), and the step without checkpointing.
+    # (name, run, guided step's seeds per pass, decoder checkpointing: None lets the backend
+    # choose by memory, as by default): the defaults, the step over the whole batch at once
+    # (before issue 32), and the step with the decoder's activations recomputed and stored.
     variants = [
-        ("plain_img2img", run_plain, None, checkpointed),
-        ("gif_sd_guided", run_guided, GifSD.guided_seeds_per_pass, checkpointed),
-        ("gif_sd_guided_whole_batch", run_guided, None, checkpointed),
+        ("plain_img2img", run_plain, None, None),
+        ("gif_sd_guided", run_guided, GifSD.guided_seeds_per_pass, None),
+        ("gif_sd_guided_whole_batch", run_guided, None, None),
+        ("gif_sd_guided_checkpointing", run_guided, GifSD.guided_seeds_per_pass, True),
         ("gif_sd_guided_no_checkpointing", run_guided, GifSD.guided_seeds_per_pass, False),
     ]
     measured = {}
-    for name, run, seeds_per_pass, checkpointing_on in variants:
-        guided.guided_seeds_per_pass = seeds_per_pass
-        checkpointing(checkpointing_on)
+    for name, run, seeds_per_pass, checkpointing in variants:
+        guided.guided_seeds_per_pass, guided.checkpointing = seeds_per_pass, checkpointing
         run(0)  # warm-up
         _sync(device)
         if device.type == "cuda":
@@ -302,6 +301,14 @@ def generation(size: Size, device: torch.device, tiny: bool) -> dict:
         elapsed = time.perf_counter() - started
         images = len(index) * size.gen_repeats
         measured[name] = {"images_per_s": round(images / elapsed, 3), "peak_memory_gib": _peak_gib(device)}
+        if run is run_guided:
+            measured[name]["decoder_checkpointed"] = guided.checkpointed
+    # What a guided pass's decoder activations take stored (counted on the meta device).
+    side = size.gen_size // 2 ** (len(guided.vae.config.block_out_channels) - 1)
+    for label, outputs in (("one_seed", size.gen_k), ("whole_batch", size.gen_k * size.gen_seeds)):
+        latent = (outputs, guided.vae.config.latent_channels, side, side)
+        counted = saved_activation_bytes(guided.vae, latent, guided.vae_dtype)
+        measured[f"decoder_activations_gib_{label}"] = round(counted / 2**30, 3)
     reference = measured["plain_img2img"]
     for name, _, _, _ in variants[1:]:
         speed = measured[name]["images_per_s"]
@@ -326,11 +333,12 @@ def _attempt(results: dict, key: str, function, *args, **kwargs) -> None:
     print(key, json.dumps(results[key]), flush=True)
 
 
-def _ratio(results: dict, top: str, bottom: str) -> float | None:
+def _ratio(results: dict, top: str, bottom: str, scale: float = 1.0) -> float | None:
+    """`scale` x top's images/s over bottom's; None where either measurement failed."""
     a, b = results.get(top, {}), results.get(bottom, {})
     if "images_per_s" not in a or "images_per_s" not in b:
         return None
-    return round(a["images_per_s"] / b["images_per_s"], 3)
+    return round(scale * a["images_per_s"] / b["images_per_s"], 3)
 
 
 def run(tiny: bool) -> dict:
@@ -360,6 +368,8 @@ def run(tiny: bool) -> dict:
                 "fersynth_in_memory": {"in_memory": "always"},
                 "fersynth_loader": {"in_memory": "never"},
                 "fersynth_mek": {"in_memory": "always", "method": "mek"},
+                # SL on as many images per step as MEK forwards (the batch and its mirror)
+                "fersynth_sl_double_batch": {"in_memory": "always", "batch_size": 2 * size.batch},
             }
             for key, changes in variants.items():
                 _attempt(runs, key, fersynth_loop, arch, px, size, device, folder, work, **changes)
@@ -370,6 +380,11 @@ def run(tiny: bool) -> dict:
                     runs, "fersynth_in_memory", "random_batches"
                 ),
                 "mek_over_sl": _ratio(runs, "fersynth_mek", "fersynth_in_memory"),
+                # MEK's step against SL's step on the same 2B forwarded images: what the class
+                # activation maps and the consistency loss cost beyond the mirrored view itself.
+                "mek_over_sl_same_forwarded_images": _ratio(
+                    runs, "fersynth_mek", "fersynth_sl_double_batch", 2.0
+                ),
             }
             result["training"][f"{arch}_{px}"] = runs
     _attempt(result, "generation", generation, size, device, tiny)

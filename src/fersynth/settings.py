@@ -554,7 +554,9 @@ class GenerateSettings(Strict):
     prompt_variants: bool = True  # GIF-style domain and adjective variants of the class prompt
     device: Device = "auto"
     cpu_threads: Annotated[int, Field(ge=0)] = 2  # as train.cpu_threads
-    half: bool = True  # on CUDA: fp16 UNet and text encoder, bf16 autocast VAE (gif-unclip: all fp16)
+    # On CUDA: fp16 UNet and text encoder; gif-sd's VAE in bf16, gif-prior's and gif-ldm's decoder
+    # under bf16 autocast (float32 weights and encoder); gif-unclip all in fp16.
+    half: bool = True
     # Cross-class editing, per target class: {fear: {sources: [neutral, happy], strength: 0.6}};
     # K outputs per edited seed image, besides the within-class expansion of `classes`.
     edit: dict[str, EditSettings] = {}

@@ -704,6 +704,91 @@ def test_gif_sd_takes_the_guided_step_one_seed_at_a_time_with_the_whole_batchs_o
     assert by_seed.clipped == pytest.approx(whole.clipped, abs=1e-6)
 
 
+def test_decoder_checkpointing_is_counted_on_the_meta_device_and_leaves_the_outputs_alone(world, tmp_path):
+    """The guided step stores the decoder's activations or recomputes them by their bytes, which
+    checkpointing.py counts on a weightless meta twin: the count is what a real backward saves, bf16
+    halves it, and the outputs are the same either way."""
+    from fersynth.generate import build_backend
+    from fersynth.generate.backends import Batch
+    from fersynth.generate.checkpointing import saved_activation_bytes, should_checkpoint
+    from helpers import face_like
+
+    vae = build_random(sample_size=64, vae_channels=(8, 16, 16, 16)).vae.eval().requires_grad_(False)
+    for dtype in (torch.float32, torch.bfloat16):
+        saved: dict[int, torch.Tensor] = {}
+
+        def keep(tensor, saved=saved):
+            saved[id(tensor)] = tensor
+            return tensor
+
+        latent = torch.randn(3, 4, 8, 8, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            vae.to(dtype).decode(latent.to(dtype))
+        real = sum(t.numel() * t.element_size() for t in saved.values())
+        # Equal but for the attention, whose kernel (and what it saves) the device chooses.
+        assert saved_activation_bytes(vae, (3, 4, 8, 8), dtype) == pytest.approx(real, rel=0.02)
+    half, full = (saved_activation_bytes(vae, (3, 4, 8, 8), d) for d in (torch.bfloat16, torch.float32))
+    assert half == pytest.approx(full / 2, rel=0.02)
+    assert saved_activation_bytes(torch.nn.Conv2d(4, 3, 1), (1, 4, 8, 8), torch.float32) is None
+    assert should_checkpoint(None, 10**12) and should_checkpoint(6, 10) and not should_checkpoint(5, 10)
+
+    config = sd_settings(
+        world, tmp_path / "gen", build_random(sample_size=64).save(tmp_path / "sd"), steps=10, strength=0.2
+    )
+    backend, size = build_backend(config, torch.device("cpu"))
+
+    def batch() -> Batch:
+        generators = [torch.Generator().manual_seed(s) for s in range(4)]
+        seeds = [face_like(i, size) for i in (3, 4)]
+        return Batch(seeds, ["fear", "sad"], [0, 0, 1, 1], generators, ["a photo of a face"] * 4)
+
+    stored = backend.generate(batch())
+    assert backend.checkpointed is False  # a CPU stores them
+    backend.checkpointing = True
+    recomputed = backend.generate(batch())
+    assert backend.checkpointed is True and backend.vae.is_gradient_checkpointing
+    for a, b in zip(stored.images, recomputed.images, strict=True):
+        assert np.array_equal(a, b)
+    assert stored.scores == pytest.approx(recomputed.scores, abs=1e-6)
+
+
+def test_gif_sd_runs_its_vae_in_bf16_and_gif_prior_keeps_float32_weights(world, tmp_path):
+    """On CUDA with generate.half, gif-sd holds its VAE in bf16 (`bf16_vae`), as diffusers' img2img
+    holds it in half precision: encoder and decoder in bf16, with no float32 GroupNorm between
+    them. Here on a CPU (where the backend picks float32) the VAE is put in bf16 as the
+    constructor does on CUDA: the outputs stay those of float32 to a grey level, and GIF's
+    step still gets its gradient through the bf16 decoder."""
+    from fersynth.generate import build_backend
+    from fersynth.generate.backends import Batch, GifPrior, GifSD
+    from fersynth.generate.ldm import GifLatentDiffusion
+    from helpers import face_like
+
+    assert GifSD.bf16_vae and not GifPrior.bf16_vae and not GifLatentDiffusion.bf16_vae
+    config = sd_settings(
+        world, tmp_path / "gen", build_random(sample_size=64).save(tmp_path / "sd"), steps=10, strength=0.2
+    )
+    backend, size = build_backend(config, torch.device("cpu"))
+    assert backend.vae_dtype == torch.float32 and backend.vae.dtype == torch.float32
+
+    def batch() -> Batch:
+        generators = [torch.Generator().manual_seed(s) for s in range(3)]
+        return Batch([face_like(3, size)], ["fear"], [0, 0, 0], generators, ["a photo of a face"] * 3)
+
+    full = backend.generate(batch())
+    backend.vae_dtype = torch.bfloat16
+    backend.vae.to(torch.bfloat16)
+    decodes = calls_of(backend.vae, "decode")
+    half = backend.generate(batch())
+    assert [args[0].dtype for args, _ in decodes] == [torch.bfloat16] * 2  # the guided pass, the final
+    differences = [
+        np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(full.images, half.images, strict=True)
+    ]
+    assert max(differences) < 2.0, differences  # 0.5-0.6 grey levels when written
+    assert half.scores == pytest.approx(full.scores, abs=1e-3)
+    # The signed step's directions survive bf16: the projection clips about the same entries.
+    assert half.clipped == pytest.approx(full.clipped, abs=0.05) and min(half.clipped) > 0.1
+
+
 def test_outputs_and_records_do_not_depend_on_the_batch(world, tmp_path):
     """Two seeds per batch or one: the same images and the same records (score, clipped share)."""
     one = run_generate(settings(world, tmp_path / "one", seeds_per_batch=1), progress=False)
@@ -1069,17 +1154,16 @@ def test_gif_prior_keeps_the_seeds_detail_that_the_prior_loses(world, tmp_path):
     assert kept_error < 12  # only the resizing to the prior's 32 px and back
 
 
-def test_backends_encode_in_low_precision_only_where_the_plain_pipeline_does(world, tmp_path):
-    """bf16 encoding (CUDA, generate.half) is gif-sd's alone, as diffusers' img2img encodes in
-    half precision; gif-prior and gif-ldm keep the float32 encoder their models were trained on.
-    gif-prior's render adds its batch's detail row for row, so it refuses a chunk of the batch."""
+def test_only_gif_sd_steps_seed_by_seed_and_gif_prior_renders_its_batch_whole(world, tmp_path):
+    """gif-sd takes the guided step one seed at a time; gif-prior and gif-ldm step the batch at
+    once. gif-prior's render adds its batch's detail row for row, so it refuses a chunk."""
     from fersynth.generate import build_backend
     from fersynth.generate.backends import GifPrior, GifSD
     from fersynth.generate.ldm import GifLatentDiffusion
 
-    assert GifSD.encode_low_precision and GifSD.guided_seeds_per_pass == 1
+    assert GifSD.guided_seeds_per_pass == 1
     for backend in (GifPrior, GifLatentDiffusion):
-        assert not backend.encode_low_precision and backend.guided_seeds_per_pass is None
+        assert backend.guided_seeds_per_pass is None
     prior, _ = build_backend(settings(world, tmp_path / "prior"), torch.device("cpu"))
     prior._detail = torch.zeros(4, 3, 32, 32)
     with pytest.raises(ValueError, match="batch of 4 whole, got 2"):

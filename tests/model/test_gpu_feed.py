@@ -85,13 +85,25 @@ def test_the_throughput_benchmark_runs_at_its_tiny_size(tmp_path):
     result = json.loads(output.read_text())
     assert result["size"] == "tiny"
     runs = result["training"]["resnet18_32"]
-    for key in ("random_batches", "plain_loader", "fersynth_in_memory", "fersynth_loader", "fersynth_mek"):
+    trained = ("fersynth_in_memory", "fersynth_loader", "fersynth_mek", "fersynth_sl_double_batch")
+    for key in ("random_batches", "plain_loader", *trained):
         assert runs[key]["images_per_s"] > 0, (key, runs[key])
     assert runs["fersynth_in_memory"]["cpu_threads"] == 2
     assert all(value > 0 for value in runs["ratios"].values()), runs["ratios"]
     generation = result["generation"]
-    guided = ("gif_sd_guided", "gif_sd_guided_whole_batch", "gif_sd_guided_no_checkpointing")
+    guided = {  # each variant's decoder checkpointing (a CPU stores the activations by default)
+        "gif_sd_guided": False,
+        "gif_sd_guided_whole_batch": False,
+        "gif_sd_guided_checkpointing": True,
+        "gif_sd_guided_no_checkpointing": False,
+    }
     assert generation["plain_img2img"]["images_per_s"] > 0
-    for key in guided:
+    for key, checkpointed in guided.items():
         assert generation[key]["images_per_s"] > 0 and generation[key]["time_ratio_over_plain"] > 0, key
+        assert generation[key]["decoder_checkpointed"] is checkpointed, key
+    one, whole = (
+        generation["decoder_activations_gib_one_seed"],
+        generation["decoder_activations_gib_whole_batch"],
+    )
+    assert one > 0 and whole == pytest.approx(one * result["config"]["gen_seeds"], rel=0.05)
     assert generation["time_ratio_guided_over_plain"] == generation["gif_sd_guided"]["time_ratio_over_plain"]

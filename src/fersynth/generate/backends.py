@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fersynth.classes import CLASS_INDEX
+from fersynth.generate.checkpointing import available_bytes, saved_activation_bytes, should_checkpoint
 from fersynth.generate.gif import Guide, guided_latents
 from fersynth.generate.prompts import prompt
 
@@ -114,9 +115,16 @@ class GifBackend:
     # Seed images whose K outputs the guided step decodes and backpropagates together (the
     # decoder's activations of these are held at once); None: the whole batch.
     guided_seeds_per_pass: int | None = None
-    # Whether the VAE encodes under the decoder's bf16 autocast (CUDA, generate.half). Off where
-    # a model was trained on the float32 encoder's latents (gif-ldm's UNet, the prior's).
-    encode_low_precision = False
+    # Whether the VAE itself is held in bf16 on CUDA with generate.half (its weights, encoder and
+    # decoder), as diffusers' pipelines hold it in half precision. Off where a model was trained
+    # on the float32 encoder's latents (gif-ldm's UNet, the prior's): there the weights stay
+    # float32 and only the decoder runs under bf16 autocast, whose float32 GroupNorms double
+    # the activations the guided step holds.
+    bf16_vae = False
+    # The decoder's gradient checkpointing in the guided step: None decides it per pass from
+    # the activations' bytes and the device's free memory (CUDA; generate/checkpointing.py), a bool
+    # forces it. Either way the outputs are the same.
+    checkpointing: bool | None = None
 
     def __init__(
         self,
@@ -129,13 +137,13 @@ class GifBackend:
         seed_rotation: float = 15.0,
         seed_hflip: bool = True,
     ) -> None:
-        self.vae = vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
-        # On CUDA (generate.half) the decoder runs under bf16 autocast, as diffusers' pipelines
-        # run the VAE in half precision, and the guided step recomputes the decoder's activations
-        # instead of storing them: at 512 px that step otherwise needs ~6 GiB/image.
+        # On CUDA (generate.half) the VAE runs in bf16, as diffusers' pipelines run it in half
+        # precision: its own weights in bf16 (`bf16_vae`), else the decoder under autocast.
         self.low_precision = half and device.type == "cuda"
-        if device.type == "cuda" and hasattr(self.vae, "enable_gradient_checkpointing"):
-            self.vae.enable_gradient_checkpointing()
+        self.vae_dtype = torch.bfloat16 if self.low_precision and self.bf16_vae else torch.float32
+        self.vae = vae.to(device=device, dtype=self.vae_dtype).eval().requires_grad_(False)
+        self._activation_bytes: dict[tuple[int, ...], int | None] = {}  # per guided pass's shape
+        self.checkpointed: bool | None = None  # the last guided pass's choice (None: none yet)
         self.guide = guide
         self.device = device
         self.step_size = step_size
@@ -147,18 +155,37 @@ class GifBackend:
         return seed_views(batch, to_tensor(batch.seeds, self.device), self.seed_rotation, self.seed_hflip)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.low_precision):
-            images = self.vae.decode(latents / self.scaling).sample
+        """Images in [0, 1] (B x 3 x H x W, float32) of scaled latents (B x C x h x w); with
+        gradients where `latents` carry them (the guided step), checkpointed or not
+        (`checkpointing`)."""
+        if latents.requires_grad and torch.is_grad_enabled():
+            self._choose_checkpointing(tuple(latents.shape))
+        autocast = self.low_precision and self.vae_dtype == torch.float32
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            images = self.vae.decode((latents / self.scaling).to(self.vae_dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _choose_checkpointing(self, shape: tuple[int, ...]) -> None:
+        """Store the decoder's activations for this guided pass where they fit, else recompute
+        them (generate/checkpointing.py); never on a CPU, unless `checkpointing` forces it."""
+        if not hasattr(self.vae, "enable_gradient_checkpointing"):
+            return
+        on = self.checkpointing
+        if on is None and self.device.type == "cuda":
+            if shape not in self._activation_bytes:
+                self._activation_bytes[shape] = saved_activation_bytes(self.vae, shape, self.vae_dtype)
+            on = should_checkpoint(self._activation_bytes[shape], available_bytes(self.device))
+        on = bool(on)
+        if on != self.checkpointed:
+            (self.vae.enable_gradient_checkpointing if on else self.vae.disable_gradient_checkpointing)()
+        self.checkpointed = on
 
     @torch.no_grad()
     def encode(self, batch: Batch, views: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled latents of each output's augmented seed (`views`: already drawn, else drawn
         here), one posterior sample per output from that output's generator."""
         views = (self.views(batch) if views is None else views) * 2 - 1
-        low = self.low_precision and self.encode_low_precision
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low):
-            distribution = self.vae.encode(views).latent_dist
+        distribution = self.vae.encode(views.to(self.vae_dtype)).latent_dist
         mean, std = distribution.mean.float(), distribution.std.float()
         noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in batch.generators]).to(
             self.device
@@ -205,7 +232,7 @@ class GifSD(GifBackend):
     # The guided step seed by seed: Stable Diffusion's decoder at 512 px holds GiBs of
     # activations per output, and seeds_per_batch batches the denoising, not this step.
     guided_seeds_per_pass = 1
-    encode_low_precision = True  # as diffusers' img2img encodes, in the UNet's half precision
+    bf16_vae = True  # as diffusers' img2img holds its VAE, in half precision
 
     def __init__(
         self,
@@ -240,8 +267,8 @@ class GifSD(GifBackend):
         self.steps, self.strength, self.scale = steps, strength, scale
 
     def latents(self, batch: Batch) -> torch.Tensor:
-        # The VAE encodes each output's own augmented view of its seed (bf16 autocast on CUDA),
-        # and the pipeline starts from those latents in the UNet's dtype.
+        # The VAE encodes each output's own augmented view of its seed (in bf16 on CUDA), and
+        # the pipeline starts from those latents in the UNet's dtype.
         init = self.encode(batch).to(self.pipe.unet.dtype)
         with torch.inference_mode():  # no gradient through the denoising; the GIF step needs its own
             result = self.pipe(
