@@ -39,7 +39,8 @@ WINDOW = 25
 
 
 def code_commit() -> str:
-    """The git commit of the fersynth that this process imported (`-dirty` with local edits)."""
+    """The git commit of the fersynth that this process imported (`-dirty` with local edits:
+    commit first, so that the record names the code it measured)."""
     source = Path(fersynth.__file__).resolve().parent
     described = subprocess.run(
         ["git", "describe", "--always", "--dirty", "--abbrev=12"],
@@ -76,14 +77,14 @@ def main() -> int:
         run_train(train, seed=settings.seeds[0], force=True, progress=False)
         seconds = time.perf_counter() - started
         lines = (Path(scratch) / ROW / SPEED_FILE).read_text().splitlines()
+        # The settings as run (their "auto" values resolved, where the code has any).
+        ran = json.loads((Path(scratch) / ROW / "settings.json").read_text())["train"]
     windows = [json.loads(line)["images_per_s"] for line in lines if line]
     record = {
         "label": args.label,
         "code": code_commit(),
         "row": ROW,
-        "recipe": {
-            k: getattr(train, k) for k in ("arch", "in_chans", "image_size", "batch_size", "cpu_threads")
-        },
+        "recipe": {k: ran[k] for k in ("arch", "in_chans", "image_size", "batch_size", "cpu_threads")},
         "steps": args.steps,
         "windows_images_per_s": windows,
         "images_per_s": round(sum(windows[1:]) / len(windows[1:]), 1),

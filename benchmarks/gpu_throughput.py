@@ -289,7 +289,7 @@ def generation(size: Size, device: torch.device, tiny: bool) -> dict:
     ]
     measured = {}
     for name, run, seeds_per_pass, checkpointing in variants:
-        guided.guided_seeds_per_pass, guided.checkpointing = seeds_per_pass, checkpointing
+        guided.guided_seeds_per_pass, guided.force_checkpointing = seeds_per_pass, checkpointing
         run(0)  # warm-up
         _sync(device)
         if device.type == "cuda":
@@ -302,13 +302,15 @@ def generation(size: Size, device: torch.device, tiny: bool) -> dict:
         images = len(index) * size.gen_repeats
         measured[name] = {"images_per_s": round(images / elapsed, 3), "peak_memory_gib": _peak_gib(device)}
         if run is run_guided:
-            measured[name]["decoder_checkpointed"] = guided.checkpointed
+            measured[name]["decoder_checkpointed"] = guided.last_pass_checkpointed
     # What a guided pass's decoder activations take stored (counted on the meta device).
     side = size.gen_size // 2 ** (len(guided.vae.config.block_out_channels) - 1)
     for label, outputs in (("one_seed", size.gen_k), ("whole_batch", size.gen_k * size.gen_seeds)):
         latent = (outputs, guided.vae.config.latent_channels, side, side)
-        counted = saved_activation_bytes(guided.vae, latent, guided.vae_dtype)
-        measured[f"decoder_activations_gib_{label}"] = round(counted / 2**30, 3)
+        measured[f"decoder_activations_bytes_{label}"] = saved_activation_bytes(
+            guided.vae, latent, guided.vae_dtype
+        )
+    _attempt(measured, "outputs", same_outputs, guided, batch)
     reference = measured["plain_img2img"]
     for name, _, _, _ in variants[1:]:
         speed = measured[name]["images_per_s"]
@@ -321,6 +323,37 @@ def generation(size: Size, device: torch.device, tiny: bool) -> dict:
     if device.type == "cuda":
         measured["memory_ratio_guided_over_plain"] = measured["gif_sd_guided"]["memory_ratio_over_plain"]
     return measured
+
+
+def same_outputs(guided, batch) -> dict:
+    """One batch generated again with the decoder's activations recomputed and stored (the same
+    images are expected), and with the VAE as before issue 32 (float32 weights, the decoder
+    under bf16 autocast on CUDA) against the defaults (bf16 weights on CUDA): grey levels of
+    the written images, GIF's scores and the clipped shares."""
+    from fersynth.generate.backends import GifSD
+
+    guided.guided_seeds_per_pass = GifSD.guided_seeds_per_pass
+
+    def generate(checkpointing: bool, dtype: torch.dtype):
+        torch.nn.Module.to(guided.vae, dtype)  # torch's own `to`: diffusers' warns on every cast
+        guided.vae_dtype, guided.force_checkpointing = dtype, checkpointing
+        out = guided.generate(batch(99))
+        return np.stack(out.images).astype(np.int16), np.array(out.scores), np.array(out.clipped)
+
+    default = guided.vae_dtype
+    recomputed = generate(True, default)
+    stored = generate(False, default)
+    before = generate(True, torch.float32)  # recomputed: float32 activations would not fit stored
+    torch.nn.Module.to(guided.vae, default)  # back to the defaults
+    guided.vae_dtype, guided.force_checkpointing = default, None
+    return {
+        "checkpointing_max_grey_difference": int(np.abs(recomputed[0] - stored[0]).max()),
+        "vae_dtype": str(default),
+        "before_issue_32_mean_grey_difference": round(float(np.abs(before[0] - stored[0]).mean()), 3),
+        "before_issue_32_max_score_difference": round(float(np.abs(before[1] - stored[1]).max()), 5),
+        "before_issue_32_clipped_share": [round(float(v), 4) for v in before[2]],
+        "clipped_share": [round(float(v), 4) for v in stored[2]],
+    }
 
 
 def _attempt(results: dict, key: str, function, *args, **kwargs) -> None:

@@ -704,21 +704,19 @@ def test_gif_sd_takes_the_guided_step_one_seed_at_a_time_with_the_whole_batchs_o
     assert by_seed.clipped == pytest.approx(whole.clipped, abs=1e-6)
 
 
-def test_decoder_checkpointing_is_counted_on_the_meta_device_and_leaves_the_outputs_alone(world, tmp_path):
-    """The guided step stores the decoder's activations or recomputes them by their bytes, which
-    checkpointing.py counts on a weightless meta twin: the count is what a real backward saves, bf16
-    halves it, and the outputs are the same either way."""
-    from fersynth.generate import build_backend
-    from fersynth.generate.backends import Batch
+def test_the_decoders_activations_are_counted_on_the_meta_device_as_a_real_backward_saves():
+    """checkpointing.py counts the bytes the guided step's decoder would store on a weightless
+    meta twin: what a real backward saves (the weights left out), half of it in bf16."""
     from fersynth.generate.checkpointing import saved_activation_bytes, should_checkpoint
-    from helpers import face_like
 
     vae = build_random(sample_size=64, vae_channels=(8, 16, 16, 16)).vae.eval().requires_grad_(False)
+    weights = {id(p) for p in vae.parameters()}
     for dtype in (torch.float32, torch.bfloat16):
         saved: dict[int, torch.Tensor] = {}
 
         def keep(tensor, saved=saved):
-            saved[id(tensor)] = tensor
+            if id(tensor) not in weights:
+                saved[id(tensor)] = tensor
             return tensor
 
         latent = torch.randn(3, 4, 8, 8, requires_grad=True)
@@ -732,38 +730,86 @@ def test_decoder_checkpointing_is_counted_on_the_meta_device_and_leaves_the_outp
     assert saved_activation_bytes(torch.nn.Conv2d(4, 3, 1), (1, 4, 8, 8), torch.float32) is None
     assert should_checkpoint(None, 10**12) and should_checkpoint(6, 10) and not should_checkpoint(5, 10)
 
+
+def test_the_guided_step_stores_or_recomputes_by_memory_with_the_same_outputs(world, tmp_path, monkeypatch):
+    """Per guided pass the decoder's activations are stored where they take at most half of the
+    device's available memory, else recomputed (counted once per pass shape); a CPU, whose
+    memory the backend does not read, stores them. A stored pass that still runs out of memory
+    is taken again recomputing, from the same draws. The outputs are the same every way."""
+    import fersynth.generate.backends as backends
+    from fersynth.generate import build_backend
+    from fersynth.generate.backends import Batch
+    from helpers import face_like
+
     config = sd_settings(
         world, tmp_path / "gen", build_random(sample_size=64).save(tmp_path / "sd"), steps=10, strength=0.2
     )
     backend, size = build_backend(config, torch.device("cpu"))
+    monkeypatch.setattr(backends, "saved_activation_bytes", backends.saved_activation_bytes)  # restored after
+    counts = calls_of(backends, "saved_activation_bytes")
 
     def batch() -> Batch:
         generators = [torch.Generator().manual_seed(s) for s in range(4)]
         seeds = [face_like(i, size) for i in (3, 4)]
         return Batch(seeds, ["fear", "sad"], [0, 0, 1, 1], generators, ["a photo of a face"] * 4)
 
+    last_block = calls_of(backend.vae.decoder.up_blocks[-1], "forward")
     stored = backend.generate(batch())
-    assert backend.checkpointed is False  # a CPU stores them
-    backend.checkpointing = True
-    recomputed = backend.generate(batch())
-    assert backend.checkpointed is True and backend.vae.is_gradient_checkpointing
-    for a, b in zip(stored.images, recomputed.images, strict=True):
-        assert np.array_equal(a, b)
-    assert stored.scores == pytest.approx(recomputed.scores, abs=1e-6)
+    assert backend.last_pass_checkpointed is False and not counts  # a CPU: stored, nothing counted
+    assert len(last_block) == 3  # two guided passes (a seed each), the final decode
+
+    from fersynth.generate.checkpointing import saved_activation_bytes
+
+    needed = saved_activation_bytes(backend.vae, (2, 4, 8, 8), torch.float32)
+    for available, recomputed in ((4 * needed, False), (needed, True), (2 * needed, False)):
+        backend.available_memory = lambda available=available: available
+        before = len(last_block)
+        out = backend.generate(batch())
+        assert backend.last_pass_checkpointed is recomputed, available
+        assert backend.vae.is_gradient_checkpointing is recomputed
+        assert len(last_block) - before == (5 if recomputed else 3)  # again in each backward
+        assert all(np.array_equal(a, b) for a, b in zip(stored.images, out.images, strict=True))
+        assert out.scores == pytest.approx(stored.scores, abs=1e-6)
+    assert len(counts) == 1  # one pass shape: counted once
+
+    # Memory taken by someone else between the reading and the pass: the stored pass runs out,
+    # and the step is taken again recomputing, with the draws it started from.
+    block = backend.vae.decoder.up_blocks[-1]
+    forward = block.forward
+
+    def short_of_memory(*args, **kwargs):
+        if torch.is_grad_enabled() and not backend.vae.is_gradient_checkpointing:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    block.forward = short_of_memory
+    backend.available_memory = lambda: 10**15
+    retried = backend.generate(batch())
+    assert backend.last_pass_checkpointed is True
+    assert all(np.array_equal(a, b) for a, b in zip(stored.images, retried.images, strict=True))
+    backend.generate(batch())  # that pass shape is recomputed from then on, memory or not
+    assert backend.last_pass_checkpointed is True
+    backend.force_checkpointing = False
+    with pytest.raises(torch.OutOfMemoryError):  # forced to store: no second try
+        backend.generate(batch())
 
 
 def test_gif_sd_runs_its_vae_in_bf16_and_gif_prior_keeps_float32_weights(world, tmp_path):
     """On CUDA with generate.half, gif-sd holds its VAE in bf16 (`bf16_vae`), as diffusers' img2img
     holds it in half precision: encoder and decoder in bf16, with no float32 GroupNorm between
-    them. Here on a CPU (where the backend picks float32) the VAE is put in bf16 as the
-    constructor does on CUDA: the outputs stay those of float32 to a grey level, and GIF's
+    them. Here on a CPU (where the backend picks float32) the VAE is put in bf16, the dtype
+    the constructor picks on CUDA: the outputs stay those of float32 to a grey level, and GIF's
     step still gets its gradient through the bf16 decoder."""
     from fersynth.generate import build_backend
-    from fersynth.generate.backends import Batch, GifPrior, GifSD
+    from fersynth.generate.backends import Batch, GifPrior, GifSD, vae_dtype
     from fersynth.generate.ldm import GifLatentDiffusion
     from helpers import face_like
 
     assert GifSD.bf16_vae and not GifPrior.bf16_vae and not GifLatentDiffusion.bf16_vae
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert vae_dtype(True, cuda, GifSD.bf16_vae) == torch.bfloat16
+    for half, device, bf16 in ((False, cuda, True), (True, cpu, True), (True, cuda, GifPrior.bf16_vae)):
+        assert vae_dtype(half, device, bf16) == torch.float32, (half, device, bf16)
     config = sd_settings(
         world, tmp_path / "gen", build_random(sample_size=64).save(tmp_path / "sd"), steps=10, strength=0.2
     )

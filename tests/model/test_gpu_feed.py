@@ -102,8 +102,12 @@ def test_the_throughput_benchmark_runs_at_its_tiny_size(tmp_path):
         assert generation[key]["images_per_s"] > 0 and generation[key]["time_ratio_over_plain"] > 0, key
         assert generation[key]["decoder_checkpointed"] is checkpointed, key
     one, whole = (
-        generation["decoder_activations_gib_one_seed"],
-        generation["decoder_activations_gib_whole_batch"],
+        generation["decoder_activations_bytes_one_seed"],
+        generation["decoder_activations_bytes_whole_batch"],
     )
     assert one > 0 and whole == pytest.approx(one * result["config"]["gen_seeds"], rel=0.05)
+    outputs = generation["outputs"]  # a CPU: float32 both ways, so no difference at all
+    assert outputs["checkpointing_max_grey_difference"] == 0 and outputs["vae_dtype"] == "torch.float32"
+    assert outputs["before_issue_32_mean_grey_difference"] == 0
+    assert outputs["before_issue_32_clipped_share"] == outputs["clipped_share"]
     assert generation["time_ratio_guided_over_plain"] == generation["gif_sd_guided"]["time_ratio_over_plain"]

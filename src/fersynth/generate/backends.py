@@ -91,6 +91,13 @@ def seed_views(batch: Batch, seeds: torch.Tensor, max_rotation: float, hflip: bo
     )
 
 
+def vae_dtype(half: bool, device: torch.device, bf16_vae: bool) -> torch.dtype:
+    """The dtype a backend holds its VAE's weights in: bf16 on CUDA with `generate.half` where the
+    backend keeps its VAE in half precision (`GifBackend.bf16_vae`: gif-sd), else float32 (a
+    CPU; gif-prior and gif-ldm, whose decoder then runs under bf16 autocast on CUDA)."""
+    return torch.bfloat16 if half and device.type == "cuda" and bf16_vae else torch.float32
+
+
 def rewarded_classes(batch: Batch, device: torch.device | str = "cpu") -> torch.Tensor:
     """Per output (B,), the class S_inf rewards: its intended class `batch.labels[seed]`, the
     seed's own label for an expansion within its class and the target for an edit. Never the
@@ -118,13 +125,14 @@ class GifBackend:
     # Whether the VAE itself is held in bf16 on CUDA with generate.half (its weights, encoder and
     # decoder), as diffusers' pipelines hold it in half precision. Off where a model was trained
     # on the float32 encoder's latents (gif-ldm's UNet, the prior's): there the weights stay
-    # float32 and only the decoder runs under bf16 autocast, whose float32 GroupNorms double
-    # the activations the guided step holds.
+    # float32 and only the decoder runs under bf16 autocast, which runs GroupNorm in float32 and
+    # so stores the normalised activations of the guided step in float32.
     bf16_vae = False
-    # The decoder's gradient checkpointing in the guided step: None decides it per pass from
-    # the activations' bytes and the device's free memory (CUDA; generate/checkpointing.py), a bool
-    # forces it. Either way the outputs are the same.
-    checkpointing: bool | None = None
+    # The decoder's gradient checkpointing in the guided step, for the Python API (the
+    # throughput benchmark sets it): None decides it per pass from the activations' bytes and
+    # the device's available memory (CUDA; generate/checkpointing.py), a bool forces it. Either
+    # way the outputs are the same.
+    force_checkpointing: bool | None = None
 
     def __init__(
         self,
@@ -137,13 +145,15 @@ class GifBackend:
         seed_rotation: float = 15.0,
         seed_hflip: bool = True,
     ) -> None:
-        # On CUDA (generate.half) the VAE runs in bf16, as diffusers' pipelines run it in half
-        # precision: its own weights in bf16 (`bf16_vae`), else the decoder under autocast.
         self.low_precision = half and device.type == "cuda"
-        self.vae_dtype = torch.bfloat16 if self.low_precision and self.bf16_vae else torch.float32
+        self.vae_dtype = vae_dtype(half, device, self.bf16_vae)
         self.vae = vae.to(device=device, dtype=self.vae_dtype).eval().requires_grad_(False)
-        self._activation_bytes: dict[tuple[int, ...], int | None] = {}  # per guided pass's shape
-        self.checkpointed: bool | None = None  # the last guided pass's choice (None: none yet)
+        # Per guided pass's (shape, dtype): its stored activations' bytes, counted once; and the
+        # passes that ran out of memory with them stored, recomputed from then on.
+        self._activation_bytes: dict[tuple, int | None] = {}
+        self._recompute: set[tuple] = set()
+        self._last_pass: tuple | None = None
+        self.last_pass_checkpointed: bool | None = None  # None: no guided pass yet
         self.guide = guide
         self.device = device
         self.step_size = step_size
@@ -156,8 +166,8 @@ class GifBackend:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (B x 3 x H x W, float32) of scaled latents (B x C x h x w); with
-        gradients where `latents` carry them (the guided step), checkpointed or not
-        (`checkpointing`)."""
+        gradients where `latents` carry them (the guided step), the decoder's activations stored
+        or recomputed (`_choose_checkpointing`)."""
         if latents.requires_grad and torch.is_grad_enabled():
             self._choose_checkpointing(tuple(latents.shape))
         autocast = self.low_precision and self.vae_dtype == torch.float32
@@ -165,20 +175,32 @@ class GifBackend:
             images = self.vae.decode((latents / self.scaling).to(self.vae_dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    def available_memory(self) -> int | None:
+        """Bytes the device can still give this process (CUDA), None on other devices."""
+        return available_bytes(self.device) if self.device.type == "cuda" else None
+
     def _choose_checkpointing(self, shape: tuple[int, ...]) -> None:
         """Store the decoder's activations for this guided pass where they fit, else recompute
-        them (generate/checkpointing.py); never on a CPU, unless `checkpointing` forces it."""
+        them (generate/checkpointing.py); stored where the device's memory is not known (a CPU),
+        recomputed for a pass that ran out of memory stored; `force_checkpointing` overrides."""
         if not hasattr(self.vae, "enable_gradient_checkpointing"):
             return
-        on = self.checkpointing
-        if on is None and self.device.type == "cuda":
-            if shape not in self._activation_bytes:
-                self._activation_bytes[shape] = saved_activation_bytes(self.vae, shape, self.vae_dtype)
-            on = should_checkpoint(self._activation_bytes[shape], available_bytes(self.device))
+        key = (shape, self.vae_dtype)
+        on = self.force_checkpointing
+        if on is None:
+            available = self.available_memory()
+            if key in self._recompute:
+                on = True
+            elif available is not None:
+                if key not in self._activation_bytes:
+                    # float32 weights under autocast (gif-prior, gif-ldm) count as float32: an
+                    # upper bound, which errs towards recomputing.
+                    self._activation_bytes[key] = saved_activation_bytes(self.vae, shape, self.vae_dtype)
+                on = should_checkpoint(self._activation_bytes[key], available)
         on = bool(on)
-        if on != self.checkpointed:
+        if on != self.last_pass_checkpointed:
             (self.vae.enable_gradient_checkpointing if on else self.vae.disable_gradient_checkpointing)()
-        self.checkpointed = on
+        self._last_pass, self.last_pass_checkpointed = key, on
 
     @torch.no_grad()
     def encode(self, batch: Batch, views: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,18 +232,38 @@ class GifBackend:
             seed_probabilities = self.guide(seeds)[0].float().softmax(dim=1)
         index = torch.tensor(batch.seed_index, device=self.device)
         latents = self.latents(batch)
-        step = guided_latents(
-            latents,
-            self.render,
-            self.guide,
-            seed_probabilities[index],
-            index,
-            batch.generators,
-            self.step_size,
-            self.eps,
-            classes=rewarded_classes(batch, self.device),
-            chunk_groups=self.guided_seeds_per_pass,
-        )
+        states = [g.get_state() for g in batch.generators]  # the step's own draws start here
+        for attempt in range(2):
+            try:
+                step = guided_latents(
+                    latents,
+                    self.render,
+                    self.guide,
+                    seed_probabilities[index],
+                    index,
+                    batch.generators,
+                    self.step_size,
+                    self.eps,
+                    classes=rewarded_classes(batch, self.device),
+                    chunk_groups=self.guided_seeds_per_pass,
+                )
+                break
+            except torch.OutOfMemoryError:
+                # A pass that stored its activations by the memory reading and still ran out
+                # (another process took memory since): once more, recomputing them.
+                if (
+                    attempt
+                    or self.force_checkpointing is not None
+                    or self.last_pass_checkpointed is not False
+                ):
+                    raise
+                self._recompute.add(self._last_pass)
+            # Out of the handler, whose traceback held the failed pass's activations: free them
+            # and draw the step's z and b again from where they were (the same outputs).
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            for generator, state in zip(batch.generators, states, strict=True):
+                generator.set_state(state)
         with torch.no_grad():
             images = self.render(step.latents)
         return Generated(to_uint8(images), step.scores.tolist(), step.clipped.tolist())
