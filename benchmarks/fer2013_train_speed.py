@@ -39,17 +39,16 @@ WINDOW = 25
 
 
 def code_commit() -> str:
-    """The git commit of the fersynth that this process imported (`-dirty` with local edits:
-    commit first, so that the record names the code it measured)."""
+    """The git commit of the fersynth package that this process imported, `-dirty` where the
+    package's own files have local edits (this script's results file is not the code)."""
     source = Path(fersynth.__file__).resolve().parent
-    described = subprocess.run(
-        ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-        cwd=source,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return described.stdout.strip() or "unknown"
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--", ".") else "")
 
 
 def main() -> int:
