@@ -75,6 +75,7 @@ def main() -> int:
         started = time.perf_counter()
         run_train(train, seed=settings.seeds[0], force=True, progress=False)
         seconds = time.perf_counter() - started
+        # Read here, not through a newer helper: the script also runs the code from before.
         lines = (Path(scratch) / ROW / SPEED_FILE).read_text().splitlines()
         # The settings as run (their "auto" values resolved, where the code has any).
         ran = json.loads((Path(scratch) / ROW / "settings.json").read_text())["train"]

@@ -188,10 +188,9 @@ class GifBackend:
         key = (shape, self.vae_dtype)
         on = self.force_checkpointing
         if on is None:
-            available = self.available_memory()
-            if key in self._recompute:
-                on = True
-            elif available is not None:
+            on = key in self._recompute
+            available = None if on else self.available_memory()
+            if available is not None:
                 if key not in self._activation_bytes:
                     # float32 weights under autocast (gif-prior, gif-ldm) count as float32: an
                     # upper bound, which errs towards recomputing.
